@@ -1,0 +1,3 @@
+from headforge.cli import main
+
+main()

@@ -1,0 +1,10 @@
+"""`headforge bench`: one JSON line of measurements, each against a same-run reference."""
+
+from __future__ import annotations
+
+import typer
+
+
+def bench(quick: bool = typer.Option(False, "--quick", help="A run under 60 s.")) -> None:
+    """Measure headforge against references in the same run; print one JSON line."""
+    raise typer.Exit(1)

@@ -1,0 +1,104 @@
+"""The data contract every stage shares: one `Head` record per detected head.
+
+Coordinates: unless a field says otherwise, 2D positions are in original-image pixels
+(x right, y down, origin at the top-left corner of the top-left pixel, after EXIF orientation).
+3D landmark z is on the same pixel scale as x, larger z further from the camera (MediaPipe's
+convention).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+FloatArray = NDArray[np.float32]
+IntArray = NDArray[np.int32]
+
+
+@dataclass
+class DecodedImage:
+    """An upload decoded to RGB8, with what was done to get there."""
+
+    rgb: NDArray[np.uint8]  # (H, W, 3)
+    source_format: str  # "JPEG", "PNG", ...
+    source_mode: str  # PIL mode before conversion: "RGB", "L", "CMYK", "I;16", "RGBA", ...
+    exif_orientation: int = 1  # the EXIF orientation tag that was applied (1 = none)
+
+    @property
+    def width(self) -> int:
+        return int(self.rgb.shape[1])
+
+    @property
+    def height(self) -> int:
+        return int(self.rgb.shape[0])
+
+
+@dataclass
+class Detection:
+    """A face box from the detector, in original-image pixels."""
+
+    box: FloatArray  # (4,) x0, y0, x1, y1
+    score: float
+    # (6, 2) MediaPipe keypoints: right eye, left eye, nose tip, mouth center,
+    # right ear tragion, left ear tragion (subject's right/left).
+    keypoints: FloatArray
+
+
+@dataclass
+class Pose:
+    """Head pose in degrees, AFLW2000 convention, plus the rigid fit it came from."""
+
+    yaw: float
+    pitch: float
+    roll: float
+    rotation: FloatArray  # (3, 3) canonical head frame -> image frame
+    translation: FloatArray  # (3,) in image pixels
+    scale: float  # canonical units -> pixels
+
+
+@dataclass
+class Mesh:
+    """A triangle mesh with per-vertex UVs.
+
+    `vertices` are in the image frame (pixels, same convention as landmarks) unless a stage
+    documents otherwise. `uv_faces` is set when UV seams split vertices (FLAME, templates):
+    then `uvs` is indexed by `uv_faces`, otherwise by `faces`.
+    """
+
+    vertices: FloatArray  # (V, 3)
+    faces: IntArray  # (F, 3), counter-clockwise seen from outside
+    uvs: FloatArray  # (T, 2) in [0, 1], v up (OpenGL/glTF-after-flip convention documented by package stage)
+    uv_faces: IntArray | None = None  # (F, 3) or None when uvs are per-vertex
+    topology: str = "facemesh468"
+
+
+@dataclass
+class Splats:
+    """Surface-bound 2D Gaussians (linear values; the PLY writer applies logs and logits)."""
+
+    means: FloatArray  # (N, 3)
+    normals: FloatArray  # (N, 3)
+    colors: FloatArray  # (N, 3) RGB in [0, 1]
+    opacities: FloatArray  # (N,) in (0, 1)
+    scales: FloatArray  # (N, 3) linear, third axis along the normal (epsilon)
+    rotations: FloatArray  # (N, 4) unit quaternion w, x, y, z
+
+
+@dataclass
+class Head:
+    """Everything known about one head; stages fill fields in order."""
+
+    index: int
+    detection: Detection
+    landmarks_2d: FloatArray | None = None  # (K, 2)
+    landmarks_3d: FloatArray | None = None  # (K, 3)
+    landmark_score: float | None = None
+    pose: Pose | None = None
+    params: dict[str, Any] = field(default_factory=dict)  # model parameters (FLAME, ...)
+    mesh: Mesh | None = None
+    texture: NDArray[np.uint8] | None = None  # (S, S, 3) RGB
+    splats: Splats | None = None
+    artifacts: dict[str, str] = field(default_factory=dict)  # kind -> file name
