@@ -22,3 +22,10 @@ def asset_dir() -> Path:
 
 
 PACKAGE_ASSETS = Path(__file__).parent / "assets"
+
+MEDIAPIPE_VERSION = "0.10.21"
+
+
+def tflite_source_dir() -> Path:
+    """Where `headforge models pull` extracts the original `.tflite` files from the mediapipe wheel."""
+    return model_repository() / "source" / f"mediapipe-{MEDIAPIPE_VERSION}"
