@@ -63,8 +63,8 @@ class Pose:
 class Mesh:
     """A triangle mesh with per-vertex UVs.
 
-    `vertices` are in the image frame (pixels, same convention as landmarks) unless a stage
-    documents otherwise. `uv_faces` is set when UV seams split vertices (FLAME, templates):
+    `vertices` are in the frame the owning field names (`Head.mesh_image`: image pixels;
+    `Head.mesh`: head frame in meters). `uv_faces` is set when UV seams split vertices (FLAME, templates):
     then `uvs` is indexed by `uv_faces`, otherwise by `faces`.
     """
 
@@ -98,7 +98,8 @@ class Head:
     landmark_score: float | None = None
     pose: Pose | None = None
     params: dict[str, Any] = field(default_factory=dict)  # model parameters (FLAME, ...)
-    mesh: Mesh | None = None
+    mesh_image: Mesh | None = None  # the mesh in the image frame (pixels), for texturing and previews
+    mesh: Mesh | None = None  # the exported mesh, in the head frame (meters, +Y up, face toward +Z)
     texture: NDArray[np.uint8] | None = None  # (S, S, 3) RGB
     splats: Splats | None = None
     artifacts: dict[str, str] = field(default_factory=dict)  # kind -> file name
