@@ -1,7 +1,79 @@
-"""`headforge models ...` commands."""
+"""`headforge models ...` commands: fetch/convert the default networks, list the model repository."""
 
 from __future__ import annotations
 
+import json
+
 import typer
 
-app = typer.Typer(help="models commands", no_args_is_help=True)
+app = typer.Typer(
+    help="Manage the model repository (default networks, exported models).", no_args_is_help=True
+)
+
+
+@app.command("pull")
+def pull(
+    force: bool = typer.Option(
+        False, "--force", help="Re-fetch, re-extract and re-export even if up to date."
+    ),
+    tensorrt: bool = typer.Option(
+        False, "--tensorrt", help="Also build fp16 TensorRT engines (needs the `tensorrt` package and a GPU)."
+    ),
+) -> None:
+    """Fetch the pinned mediapipe wheel, import its face networks, export them to ONNX (idempotent).
+
+    The wheel and the extracted .tflite files are sha256-checked; each network is loaded into its
+    PyTorch module and exported with a parity check into the model repository.
+
+    Offline installs: set HEADFORGE_MEDIAPIPE_WHEEL=/path/to/mediapipe-0.10.21-cp311-cp311-manylinux_2_28_x86_64.whl.
+    """
+    from headforge.config import model_repository
+    from headforge.models.pull import DEFAULT_MODELS, DEFAULT_VERSION
+    from headforge.models.pull import pull as run_pull
+
+    report = run_pull(force=force, log=lambda line: typer.echo(line, err=True))
+    if tensorrt:
+        from headforge.export.repository import entry_dir
+        from headforge.export.tensorrt import add_engine_to_entry
+
+        for model in DEFAULT_MODELS:
+            plan = add_engine_to_entry(entry_dir(model.name, DEFAULT_VERSION))
+            typer.echo(f"built {plan}", err=True)
+    state = "updated" if report.changed else "already up to date"
+    typer.echo(
+        f"models {state}: {model_repository()} ({', '.join(m.name for m in DEFAULT_MODELS)} @ {DEFAULT_VERSION})"
+    )
+
+
+@app.command("list")
+def list_models(
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document instead of a table."),
+) -> None:
+    """List the model repository's entries with their versions, formats and integrity."""
+    from headforge.config import model_repository
+    from headforge.export.repository import list_entries
+
+    entries = list_entries()
+    rows = [
+        {
+            "name": entry.name,
+            "version": entry.version,
+            "format": entry.manifest.get("format"),
+            "intact": entry.is_intact(),
+            "model_sha256": entry.manifest.get("model_sha256"),
+            "max_rel_error": entry.manifest.get("parity", {}).get("max_rel_error"),
+            "tensorrt": "tensorrt" in entry.manifest,
+            "path": str(entry.directory),
+        }
+        for entry in entries
+    ]
+    if as_json:
+        typer.echo(json.dumps({"repository": str(model_repository()), "models": rows}, indent=2))
+        return
+    if not rows:
+        typer.echo(f"no models in {model_repository()}; run `headforge models pull`")
+        return
+    for row in rows:
+        status = "ok" if row["intact"] else "CORRUPT (run `headforge models pull`)"
+        extra = " +tensorrt" if row["tensorrt"] else ""
+        typer.echo(f"{row['name']:28s} {row['version']:24s} {row['format']}{extra}  {status}")

@@ -57,9 +57,22 @@ class FileTooLargeError(InputError):
     http_status = 413
 
 
+class UnreadableFileError(InputError):
+    """A local input path that does not exist or cannot be read (CLI)."""
+
+    code = "unreadable_file"
+
+
 class TooManyFilesError(InputError):
     code = "too_many_files"
     http_status = 413
+
+
+class InvalidImageError(InputError):
+    """An in-memory image that is not an (H, W, 3) uint8 RGB array, or too small to use."""
+
+    code = "invalid_image"
+    http_status = 422
 
 
 class InvalidOptionError(InputError):
@@ -94,8 +107,101 @@ class ModelFetchError(HeadforgeError):
     transient = True
 
 
+class ModelExportError(HeadforgeError):
+    """Exporting a module (ONNX, TensorRT) failed, or its outputs drifted past the parity bound."""
+
+    code = "model_export_failed"
+    http_status = 500
+
+
 class AssetError(HeadforgeError):
     """An operator-supplied asset (FLAME pickle, template) is malformed or unsafe."""
 
     code = "invalid_asset"
+    http_status = 422
+
+
+# --- Service errors (HTTP API) ---
+
+
+class UnauthorizedError(HeadforgeError):
+    """Missing or unknown API key."""
+
+    code = "unauthorized"
+    http_status = 401
+
+
+class NotFoundError(HeadforgeError):
+    """No such job, batch, artifact or route visible to this caller."""
+
+    code = "not_found"
+    http_status = 404
+
+
+class MethodNotAllowedError(HeadforgeError):
+    code = "method_not_allowed"
+    http_status = 405
+
+
+class RateLimitedError(HeadforgeError):
+    """Too many requests for this API key; `details.retry_after` says when to retry."""
+
+    code = "rate_limited"
+    http_status = 429
+
+
+class TooManyQueuedError(HeadforgeError):
+    """This API key already has the maximum number of unfinished jobs."""
+
+    code = "too_many_queued"
+    http_status = 429
+
+
+class IdempotencyConflictError(HeadforgeError):
+    """An `Idempotency-Key` was reused with a different request body."""
+
+    code = "idempotency_conflict"
+    http_status = 409
+
+
+class JobNotFinishedError(HeadforgeError):
+    """The job has no artifacts yet (still queued or running)."""
+
+    code = "job_not_finished"
+    http_status = 409
+
+
+class WebhookRefusedError(InputError):
+    """The webhook URL is malformed or points at a loopback/private address."""
+
+    code = "webhook_url_refused"
+    http_status = 422
+
+
+class ServiceUnavailableError(HeadforgeError):
+    """The broker or the job store cannot be reached right now."""
+
+    code = "service_unavailable"
+    http_status = 503
+    transient = True
+
+
+class JobTimeoutError(HeadforgeError):
+    """The job ran past the worker's time limit."""
+
+    code = "job_timeout"
+    http_status = 500
+
+
+class WorkerLostError(HeadforgeError):
+    """The job was retried after worker crashes more times than allowed."""
+
+    code = "worker_lost"
+    http_status = 500
+
+
+class InvalidLandmarksError(InputError):
+    """Landmarks handed to a geometry stage have the wrong shape or non-finite values."""
+
+    code = "invalid_landmarks"
     http_status = 422

@@ -28,7 +28,9 @@ pip install -q -e ".[dev]"
 # Front end (static assets shipped in the package) and the glTF validator, from the lockfile.
 if [ -f web/package-lock.json ]; then
   (cd web && npm ci --no-audit --no-fund --loglevel=error && npm run build --silent)
+  export HEADFORGE_REQUIRE_BROWSER=1  # tests/browser fail, not skip, if chromium or the build is missing
 fi
+(cd tools/gltf && npm ci --no-audit --no-fund --loglevel=error)
 
 # Default networks: fetched from the pinned mediapipe wheel, converted and exported to ONNX.
 headforge models pull

@@ -1,0 +1,77 @@
+"""The model repository: `<root>/<name>/<version>/model.onnx` (or `model.plan`) + `manifest.json`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from headforge.config import model_repository
+
+MANIFEST = "manifest.json"
+MANIFEST_SCHEMA_VERSION = 1
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def entry_dir(name: str, version: str, root: Path | None = None) -> Path:
+    return (root or model_repository()) / name / version
+
+
+def write_json_atomic(path: Path, document: dict[str, Any]) -> None:
+    """Write JSON through a temp file and rename, so readers never see a half-written manifest."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=".manifest-", suffix=".json")
+    with os.fdopen(handle, "w") as stream:
+        json.dump(document, stream, indent=2, sort_keys=True)
+        stream.write("\n")
+    os.replace(temp, path)
+
+
+@dataclass(frozen=True)
+class RepositoryEntry:
+    name: str
+    version: str
+    directory: Path
+    manifest: dict[str, Any]
+
+    @property
+    def model_path(self) -> Path:
+        return self.directory / str(self.manifest.get("model_file", "model.onnx"))
+
+    def is_intact(self) -> bool:
+        """The model file exists and its sha256 matches the manifest."""
+        path = self.model_path
+        return path.is_file() and sha256_file(path) == self.manifest.get("model_sha256")
+
+
+def read_entry(name: str, version: str, root: Path | None = None) -> RepositoryEntry | None:
+    """The entry, or None when it is absent or its manifest is unreadable."""
+    directory = entry_dir(name, version, root)
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return RepositoryEntry(name, version, directory, manifest) if isinstance(manifest, dict) else None
+
+
+def list_entries(root: Path | None = None) -> list[RepositoryEntry]:
+    """Every entry with a readable manifest, sorted by name then version."""
+    root = root or model_repository()
+    entries = []
+    if root.is_dir():
+        for manifest in sorted(root.glob(f"*/*/{MANIFEST}")):
+            entry = read_entry(manifest.parent.parent.name, manifest.parent.name, root)
+            if entry is not None:
+                entries.append(entry)
+    return entries

@@ -1,0 +1,255 @@
+"""Decode stage: upload bytes → upright RGB8 pixels, or a clear error with a stable code.
+
+Accepted: JPEG (including MPO from phone cameras), PNG, WebP, BMP and TIFF; the first frame of
+multi-frame files. The EXIF orientation tag is applied, and every pixel mode is converted to RGB8:
+grayscale and palette are expanded, CMYK converted, 16-bit and 32-bit samples scaled to 8 bits, and
+alpha composited over white (a transparent background reads as a plain studio backdrop to the face
+detector, where dropping alpha would expose whatever colour the encoder left under it).
+
+The pixel limit (decompression bombs) is checked from the header, before any pixel is decoded.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import struct
+import warnings
+from typing import NamedTuple
+
+import numpy as np
+from numpy.typing import NDArray
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from headforge.errors import (
+    EmptyFileError,
+    NotAnImageError,
+    TooManyPixelsError,
+    TruncatedImageError,
+)
+from headforge.pipeline.types import DecodedImage
+
+DEFAULT_MAX_PIXELS = 40_000_000
+MAX_PIXELS_ENV = "HEADFORGE_MAX_IMAGE_PIXELS"
+
+# Pillow format name -> the name we report. MPO is the multi-picture JPEG many phones write.
+SUPPORTED_FORMATS = {
+    "JPEG": "JPEG",
+    "MPO": "JPEG",
+    "PNG": "PNG",
+    "WEBP": "WEBP",
+    "BMP": "BMP",
+    "TIFF": "TIFF",
+}
+
+EXIF_ORIENTATION_TAG = 0x0112
+_SWAPS_AXES = {5, 6, 7, 8}
+
+
+class ImageProbe(NamedTuple):
+    """What the header says: format and upright size (after EXIF orientation)."""
+
+    format: str
+    width: int
+    height: int
+
+
+def max_pixels_from_env() -> int:
+    """The pixel limit: `HEADFORGE_MAX_IMAGE_PIXELS` when set, else 40 megapixels."""
+    raw = os.environ.get(MAX_PIXELS_ENV)
+    if not raw:
+        return DEFAULT_MAX_PIXELS
+    try:
+        value = int(raw)
+    except ValueError:
+        return DEFAULT_MAX_PIXELS
+    return value if value > 0 else DEFAULT_MAX_PIXELS
+
+
+def probe_image(data: bytes, max_pixels: int | None = None) -> ImageProbe:
+    """Validate format and size from the header only (no pixel decoding); raise like `decode_image`."""
+    image, _caught = _open(data, max_pixels)
+    with image:
+        orientation = _orientation(image)
+        width, height = image.size
+    if orientation in _SWAPS_AXES:
+        width, height = height, width
+    return ImageProbe(SUPPORTED_FORMATS[str(image.format)], width, height)
+
+
+def decode_image(data: bytes, max_pixels: int | None = None) -> DecodedImage:
+    """Decode `data` to upright RGB8; raise `EmptyFileError`, `NotAnImageError`,
+    `TruncatedImageError` or `TooManyPixelsError`."""
+    image, caught = _open(data, max_pixels)
+    with image:
+        source_format = SUPPORTED_FORMATS[str(image.format)]
+        source_mode = image.mode
+        orientation = _orientation(image)
+        try:
+            with warnings.catch_warnings(record=True) as load_warnings:
+                warnings.simplefilter("always")
+                if source_format == "PNG":
+                    _verify_png_checksums(data)
+                image.load()
+        except (OSError, SyntaxError, ValueError, EOFError, struct.error) as error:
+            _raise_decode_error(data, error, caught + list(load_warnings))
+        upright = _apply_orientation(image, orientation)
+        rgb = _to_rgb8(upright)
+    return DecodedImage(
+        rgb=rgb, source_format=source_format, source_mode=source_mode, exif_orientation=orientation
+    )
+
+
+def _open(data: bytes, max_pixels: int | None) -> tuple[Image.Image, list[warnings.WarningMessage]]:
+    """Open lazily (header only) and enforce format and pixel limit."""
+    if not data:
+        raise EmptyFileError("the file is empty")
+    limit = max_pixels if max_pixels is not None else max_pixels_from_env()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            image = Image.open(io.BytesIO(data), formats=None)
+        except Image.DecompressionBombError as error:
+            claimed = re.search(r"\((\d+) pixels\)", str(error))
+            details: dict[str, int] = {"max_pixels": limit}
+            if claimed:
+                details["pixels"] = int(claimed.group(1))
+            raise TooManyPixelsError(
+                f"the image has too many pixels to decode safely (over the {limit / 1e6:.1f} MP limit)",
+                details=details,
+            ) from error
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error) as error:
+            _raise_decode_error(data, error, list(caught))
+    if image.format not in SUPPORTED_FORMATS:
+        found = image.format
+        image.close()
+        raise NotAnImageError(
+            f"unsupported image format {found}; use JPEG, PNG, WebP, BMP or TIFF",
+            details={"format": found, "supported": sorted(set(SUPPORTED_FORMATS.values()))},
+        )
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        image.close()
+        raise NotAnImageError(
+            "the image header gives an empty size", details={"width": width, "height": height}
+        )
+    if width * height > limit:
+        image.close()
+        raise TooManyPixelsError(
+            f"the image is {width}x{height} = {width * height / 1e6:.1f} MP, over the {limit / 1e6:.1f} MP limit",
+            details={"width": width, "height": height, "pixels": width * height, "max_pixels": limit},
+        )
+    return image, list(caught)
+
+
+def _verify_png_checksums(data: bytes) -> None:
+    """Check every PNG chunk's CRC (Pillow's decoder skips them, so corrupt IDAT data would decode to noise)."""
+    with Image.open(io.BytesIO(data)) as checker:
+        checker.verify()
+
+
+def _raise_decode_error(data: bytes, error: BaseException, caught: list[warnings.WarningMessage]) -> None:
+    """Turn a Pillow failure into `TruncatedImageError` or `NotAnImageError`."""
+    signature = _signature_format(data)
+    if signature is None:
+        raise NotAnImageError(
+            "the file is not an image headforge can read (JPEG, PNG, WebP, BMP, TIFF)"
+        ) from error
+    if _looks_truncated(data, signature, error, caught):
+        raise TruncatedImageError(
+            f"the {signature} file ends early (truncated upload?)",
+            details={"format": signature, "bytes": len(data)},
+        ) from error
+    raise NotAnImageError(
+        f"the {signature} file is corrupt: {error}", details={"format": signature, "reason": str(error)}
+    ) from error
+
+
+def _signature_format(data: bytes) -> str | None:
+    """The format named by the file's magic bytes, if it is one we accept."""
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    if data.startswith(b"BM"):
+        return "BMP"
+    if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "TIFF"
+    return None
+
+
+def _looks_truncated(
+    data: bytes, signature: str, error: BaseException, caught: list[warnings.WarningMessage]
+) -> bool:
+    """Whether a failed decode is explained by missing bytes at the end of the file."""
+    messages = [str(error), *(str(w.message) for w in caught)]
+    if any("truncat" in m.lower() for m in messages) or isinstance(error, EOFError):
+        return True
+    if signature == "PNG":
+        return b"IEND" not in data[-16:]
+    if signature == "WEBP" and len(data) >= 8:
+        return len(data) < struct.unpack("<I", data[4:8])[0] + 8
+    if signature == "BMP" and len(data) >= 6:
+        return len(data) < struct.unpack("<I", data[2:6])[0]
+    if signature == "JPEG":
+        return b"\xff\xd9" not in data[-64:]
+    if signature == "TIFF":
+        return _tiff_first_directory_missing(data)
+    return False
+
+
+def _tiff_first_directory_missing(data: bytes) -> bool:
+    """Whether a classic TIFF's first image directory lies (partly) past the end of the data."""
+    if len(data) < 8 or data[2:4] not in (b"*\x00", b"\x00*"):
+        return len(data) < 16
+    order = "<" if data[:2] == b"II" else ">"
+    offset = struct.unpack(order + "I", data[4:8])[0]
+    if offset + 2 > len(data):
+        return True
+    entries = struct.unpack(order + "H", data[offset : offset + 2])[0]
+    return offset + 2 + 12 * entries + 4 > len(data)
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag (1..8), 1 when absent or invalid."""
+    try:
+        value = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
+    except Exception:  # malformed EXIF must not fail the upload; treat as upright
+        return 1
+    return int(value) if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _apply_orientation(image: Image.Image, orientation: int) -> Image.Image:
+    """Rotate/flip pixels so the image is upright."""
+    if orientation == 1:
+        return image
+    transposed = ImageOps.exif_transpose(image)
+    return transposed if transposed is not None else image
+
+
+def _to_rgb8(image: Image.Image) -> NDArray[np.uint8]:
+    """Any Pillow mode → contiguous (H, W, 3) uint8."""
+    mode = image.mode
+    if mode == "RGB":
+        return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        samples = np.asarray(image).astype(np.float64)
+        # 16-bit files arrive as I;16 or (older Pillow) as I with values up to 65535.
+        peak = 65535.0 if (mode != "I" or samples.max(initial=0) > 255) else 255.0
+        gray = np.clip(np.rint(samples * (255.0 / peak)), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=2))
+    if mode == "F":
+        samples = np.asarray(image, dtype=np.float64)
+        scale = 255.0 if samples.max(initial=0) <= 1.0 else 1.0
+        gray = np.clip(np.rint(samples * scale), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=2))
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info)
+    if has_alpha:
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32)
+        alpha = rgba[..., 3:4] / 255.0
+        composited = rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)
+        return np.ascontiguousarray(np.clip(np.rint(composited), 0, 255).astype(np.uint8))
+    return np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))

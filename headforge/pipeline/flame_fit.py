@@ -1,0 +1,297 @@
+"""Fit FLAME to the landmark stage's 3D landmarks (image pixels, z on the x scale).
+
+Model of one head, with FLAME's neck and eyes at rest:
+    X_k(β, ψ, a)  FLAME landmark k (barycentric on the mesh) with shape β, expression ψ, jaw a
+    y_k           = s · R · X_k + t                          (scaled orthographic, image frame)
+Steps:
+1. Umeyama: the closed-form similarity (s, R, t) from the neutral head's landmarks to the targets.
+2. Levenberg–Marquardt over (δR, t, log s, β, ψ, a), all heads at once (batched normal equations),
+   minimising Σ_k ‖W (y_k − target_k)‖² / (s₀ σ)² + ‖β‖² + ‖ψ‖² + ‖a‖² / σ_jaw²
+   (σ: landmark noise in meters on the head; W down-weights MediaPipe's less reliable depth).
+The Jacobian is exact for the rigid part, β and ψ (the landmarks are linear in them once the
+jaw rotation is fixed) and uses central differences for the 3 jaw angles.
+Only the ~300 vertices under the landmarks are evaluated while fitting; the full mesh is built once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from headforge.errors import InvalidLandmarksError, PipelineUnavailableError
+from headforge.models.flame_import import FlameAsset
+
+F64 = NDArray[np.float64]
+JAW = 2  # FLAME joint index of the jaw
+JAW_FEATURES = slice(9 * (JAW - 1), 9 * JAW)  # its 9 pose-corrective features
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    num_shape: int = 100
+    num_expression: int = 50
+    landmark_sigma_m: float = 0.002  # landmark noise, meters on the head
+    jaw_sigma_rad: float = 0.3
+    depth_weight: float = 0.5  # weight of the z residual relative to x and y
+    max_iterations: int = 12
+    tolerance: float = 1e-7  # relative cost decrease that ends the fit
+
+
+@dataclass
+class FlameFit:
+    """One head's fit. `rotation`, `translation`, `scale` map FLAME's frame (meters) to the image
+    frame (pixels, z on the x scale): image = scale · rotation · X + translation."""
+
+    shape: F64  # (num_shape,)
+    expression: F64  # (num_expression,)
+    jaw_pose: F64  # (3,) axis-angle
+    rotation: F64  # (3, 3)
+    translation: F64  # (3,)
+    scale: float
+    residual_px: float  # mean 2D distance between fitted and target landmarks
+    iterations: int
+
+
+def rodrigues(axis_angle: F64) -> F64:
+    """Axis-angles (..., 3) to rotation matrices (..., 3, 3)."""
+    angle = np.linalg.norm(axis_angle, axis=-1, keepdims=True)
+    safe = np.where(angle < 1e-12, 1.0, angle)
+    axis = axis_angle / safe
+    skew = _skew(axis)
+    sin = np.sin(angle)[..., None]
+    cos = np.cos(angle)[..., None]
+    return np.eye(3) + sin * skew + (1.0 - cos) * (skew @ skew)
+
+
+def _skew(v: F64) -> F64:
+    zeros = np.zeros_like(v[..., 0])
+    return np.stack(
+        [zeros, -v[..., 2], v[..., 1], v[..., 2], zeros, -v[..., 0], -v[..., 1], v[..., 0], zeros], axis=-1
+    ).reshape(*v.shape[:-1], 3, 3)
+
+
+def umeyama(source: F64, target: F64) -> tuple[float, F64, F64]:
+    """Closed-form similarity with target ≈ s · R · source + t (proper rotation)."""
+    mu_source, mu_target = source.mean(axis=0), target.mean(axis=0)
+    centered_source, centered_target = source - mu_source, target - mu_target
+    covariance = centered_target.T @ centered_source / len(source)
+    u, singular, vt = np.linalg.svd(covariance)
+    correction = np.eye(3)
+    if np.linalg.det(u) * np.linalg.det(vt) < 0:
+        correction[2, 2] = -1.0
+    rotation = u @ correction @ vt
+    variance = (centered_source**2).sum() / len(source)
+    scale = float((singular * np.diag(correction)).sum() / variance)
+    translation = mu_target - scale * rotation @ mu_source
+    return scale, rotation, translation
+
+
+class FlameLandmarkModel:
+    """FLAME restricted to the MediaPipe landmark embedding, plus the full-mesh evaluation."""
+
+    def __init__(self, asset: FlameAsset, num_shape: int = 100, num_expression: int = 50) -> None:
+        if asset.mp_face_idx is None or asset.mp_bary is None or asset.mp_landmark_indices is None:
+            raise PipelineUnavailableError(
+                "the FLAME asset has no MediaPipe landmark embedding; re-import it with --landmarks (see docs/flame.md)"
+            )
+        self.asset = asset
+        self.num_shape, self.num_expression = num_shape, num_expression
+        self.landmark_indices = asset.mp_landmark_indices.astype(np.int64)
+        corners = asset.faces[asset.mp_face_idx].astype(np.int64)  # (K, 3)
+        bary = asset.mp_bary.astype(np.float64)  # (K, 3)
+        dirs = self._linear_dirs(corners)  # (K, 3 corners, 3, nz)
+        jaw_weight = asset.weights[corners, JAW].astype(np.float64)  # (K, 3)
+        template = asset.v_template[corners].astype(np.float64)
+        pose_dirs = asset.posedirs[corners][..., JAW_FEATURES].astype(np.float64)  # (K, 3, 3, 9)
+        weighted = bary * jaw_weight
+        # A_k = Σ b v_posed and B_k = Σ b w v_posed, each affine in z = [β, ψ] and f = vec(R − I).
+        self.a_const = np.einsum("kc,kcd->kd", bary, template)
+        self.a_dirs = np.einsum("kc,kcdz->kdz", bary, dirs)
+        self.a_pose = np.einsum("kc,kcdf->kdf", bary, pose_dirs)
+        self.b_const = np.einsum("kc,kcd->kd", weighted, template)
+        self.b_dirs = np.einsum("kc,kcdz->kdz", weighted, dirs)
+        self.b_pose = np.einsum("kc,kcdf->kdf", weighted, pose_dirs)
+        self.omega = weighted.sum(axis=1)  # (K,)
+        jaw_row = asset.j_regressor[JAW].astype(np.float64)
+        self.jaw_const = jaw_row @ asset.v_template.astype(np.float64)
+        full_dirs = np.concatenate(
+            [asset.shapedirs[:, :, :num_shape], asset.exprdirs[:, :, :num_expression]], axis=2
+        ).astype(np.float64)
+        self.jaw_dirs = np.einsum("v,vdz->dz", jaw_row, full_dirs)  # (3, nz)
+
+    def _linear_dirs(self, vertex_ids: NDArray[np.int64]) -> F64:
+        shape = self.asset.shapedirs[vertex_ids][..., : self.num_shape]
+        expression = self.asset.exprdirs[vertex_ids][..., : self.num_expression]
+        return np.concatenate([shape, expression], axis=-1).astype(np.float64)
+
+    @property
+    def num_linear(self) -> int:
+        return self.num_shape + self.num_expression
+
+    def landmarks(self, z: F64, jaw: F64) -> F64:
+        """FLAME-frame landmarks (B, K, 3) for linear coefficients z (B, nz) and jaw (B, 3)."""
+        rotation = rodrigues(jaw)  # (B, 3, 3)
+        feature = (rotation - np.eye(3)).reshape(-1, 9)
+        a = self.a_const + np.einsum("kdz,bz->bkd", self.a_dirs, z) + np.einsum("kdf,bf->bkd", self.a_pose, feature)
+        b = self.b_const + np.einsum("kdz,bz->bkd", self.b_dirs, z) + np.einsum("kdf,bf->bkd", self.b_pose, feature)
+        joint = self.jaw_const + z @ self.jaw_dirs.T  # (B, 3)
+        lever = b - self.omega[None, :, None] * joint[:, None, :]
+        return a + np.einsum("bij,bkj->bki", rotation - np.eye(3), lever)
+
+    def landmark_dirs(self, jaw: F64) -> F64:
+        """∂X/∂z (B, K, 3, nz) at the given jaw rotation."""
+        delta = rodrigues(jaw) - np.eye(3)
+        lever = self.b_dirs[None] - self.omega[None, :, None, None] * self.jaw_dirs[None, None]
+        return self.a_dirs[None] + np.einsum("bij,bkjz->bkiz", delta, lever)
+
+    def vertices(self, z: F64, jaw: F64) -> F64:
+        """Full FLAME-frame vertices (B, 5023, 3), neck and eyes at rest."""
+        asset = self.asset
+        shape, expression = z[:, : self.num_shape], z[:, self.num_shape :]
+        v_shaped = (
+            asset.v_template[None].astype(np.float64)
+            + np.einsum("vdl,bl->bvd", asset.shapedirs[:, :, : self.num_shape], shape)
+            + np.einsum("vdl,bl->bvd", asset.exprdirs[:, :, : self.num_expression], expression)
+        )
+        rotation = rodrigues(jaw)
+        delta = rotation - np.eye(3)
+        feature = delta.reshape(-1, 9)
+        v_posed = v_shaped + np.einsum("vdf,bf->bvd", asset.posedirs[..., JAW_FEATURES], feature)
+        joint = np.einsum("v,bvd->bd", asset.j_regressor[JAW].astype(np.float64), v_shaped)
+        lever = v_posed - joint[:, None, :]
+        return v_posed + asset.weights[None, :, JAW, None] * np.einsum("bij,bvj->bvi", delta, lever)
+
+
+def _residuals(
+    model: FlameLandmarkModel,
+    targets: F64,
+    scale0: F64,
+    settings: FitSettings,
+    rotation: F64,
+    translation: F64,
+    log_scale: F64,
+    z: F64,
+    jaw: F64,
+) -> tuple[F64, F64]:
+    """Stacked residuals (B, 3K + nz + 3) and the FLAME-frame landmarks (B, K, 3)."""
+    points = model.landmarks(z, jaw)
+    image = np.exp(log_scale)[:, None, None] * np.einsum("bij,bkj->bki", rotation, points) + translation[:, None]
+    weights = np.array([1.0, 1.0, settings.depth_weight])
+    data = ((image - targets) * weights).reshape(len(z), -1) / (scale0[:, None] * settings.landmark_sigma_m)
+    prior = np.concatenate([z, jaw / settings.jaw_sigma_rad], axis=1)
+    return np.concatenate([data, prior], axis=1), points
+
+
+def _jacobian(
+    model: FlameLandmarkModel,
+    scale0: F64,
+    settings: FitSettings,
+    rotation: F64,
+    log_scale: F64,
+    z: F64,
+    jaw: F64,
+    points: F64,
+) -> F64:
+    """∂residuals/∂(δω, t, log s, z, jaw): (B, 3K + nz + 3, 7 + nz + 3)."""
+    batch, count = points.shape[:2]
+    nz = model.num_linear
+    scale = np.exp(log_scale)
+    rotated = np.einsum("bij,bkj->bki", rotation, points)  # (B, K, 3)
+    blocks = np.zeros((batch, count, 3, 10 + nz))
+    blocks[..., 0:3] = -scale[:, None, None, None] * _skew(rotated)
+    blocks[..., 3:6] = np.eye(3)
+    blocks[..., 6] = scale[:, None, None] * rotated
+    blocks[..., 7 : 7 + nz] = scale[:, None, None, None] * np.einsum(
+        "bij,bkjz->bkiz", rotation, model.landmark_dirs(jaw)
+    )
+    step = 1e-5
+    for axis in range(3):
+        offset = np.zeros(3)
+        offset[axis] = step
+        difference = model.landmarks(z, jaw + offset) - model.landmarks(z, jaw - offset)
+        blocks[..., 7 + nz + axis] = scale[:, None, None] * np.einsum("bij,bkj->bki", rotation, difference) / (2 * step)
+    weights = np.array([1.0, 1.0, settings.depth_weight])
+    blocks *= weights[None, None, :, None] / (scale0[:, None, None, None] * settings.landmark_sigma_m)
+    prior = np.zeros((batch, nz + 3, 10 + nz))
+    prior[:, np.arange(nz), 7 + np.arange(nz)] = 1.0
+    prior[:, nz + np.arange(3), 7 + nz + np.arange(3)] = 1.0 / settings.jaw_sigma_rad
+    return np.concatenate([blocks.reshape(batch, count * 3, -1), prior], axis=1)
+
+
+def fit_flame(
+    model: FlameLandmarkModel, landmarks_3d: F64, settings: FitSettings | None = None
+) -> list[FlameFit]:
+    """Fit every head at once. `landmarks_3d` is (B, 468 or 478, 3) in image pixels."""
+    settings = settings or FitSettings(num_shape=model.num_shape, num_expression=model.num_expression)
+    landmarks_3d = np.asarray(landmarks_3d, dtype=np.float64)
+    if landmarks_3d.ndim != 3 or landmarks_3d.shape[2] != 3 or landmarks_3d.shape[1] <= model.landmark_indices.max():
+        raise InvalidLandmarksError(f"expected MediaPipe landmarks of shape (B, 468, 3), got {landmarks_3d.shape}")
+    if not np.all(np.isfinite(landmarks_3d)):
+        raise InvalidLandmarksError("landmarks contain NaN or infinite values")
+    targets = landmarks_3d[:, model.landmark_indices]
+    batch, nz = len(targets), model.num_linear
+    if batch == 0:
+        return []
+    z = np.zeros((batch, nz))
+    jaw = np.zeros((batch, 3))
+    neutral = model.landmarks(z[:1], jaw[:1])[0]
+    rotation = np.empty((batch, 3, 3))
+    translation = np.empty((batch, 3))
+    scale0 = np.empty(batch)
+    for head in range(batch):
+        scale0[head], rotation[head], translation[head] = umeyama(neutral, targets[head])
+    if np.any(scale0 <= 0):
+        raise InvalidLandmarksError("the landmarks are degenerate (they collapse to a point)")
+    log_scale = np.log(scale0)
+    damping = np.full(batch, 1e-3)
+    residuals, points = _residuals(model, targets, scale0, settings, rotation, translation, log_scale, z, jaw)
+    cost = (residuals**2).sum(axis=1)
+    active = np.ones(batch, dtype=bool)
+    iterations = np.zeros(batch, dtype=int)
+    for _ in range(settings.max_iterations):
+        if not active.any():
+            break
+        jacobian = _jacobian(model, scale0, settings, rotation, log_scale, z, jaw, points)
+        transposed = jacobian.transpose(0, 2, 1)
+        hessian = transposed @ jacobian
+        gradient = (transposed @ residuals[..., None])[..., 0]
+        diagonal = np.einsum("bii->bi", hessian)
+        damped = hessian + (damping[:, None] * (diagonal + 1e-9))[:, :, None] * np.eye(hessian.shape[1])
+        step = -np.linalg.solve(damped, gradient[..., None])[..., 0]
+        step[~active] = 0.0
+        new_rotation = rodrigues(step[:, 0:3]) @ rotation
+        new_translation = translation + step[:, 3:6]
+        new_log_scale = log_scale + step[:, 6]
+        new_z = z + step[:, 7 : 7 + nz]
+        new_jaw = jaw + step[:, 7 + nz :]
+        new_residuals, new_points = _residuals(
+            model, targets, scale0, settings, new_rotation, new_translation, new_log_scale, new_z, new_jaw
+        )
+        new_cost = (new_residuals**2).sum(axis=1)
+        better = (new_cost < cost) & active
+        converged = better & ((cost - new_cost) < settings.tolerance * cost)
+        rotation[better], translation[better], log_scale[better] = new_rotation[better], new_translation[better], new_log_scale[better]
+        z[better], jaw[better], points[better], residuals[better] = new_z[better], new_jaw[better], new_points[better], new_residuals[better]
+        cost[better] = new_cost[better]
+        iterations[active] += 1
+        damping = np.where(better, damping / 3.0, damping * 4.0)
+        active &= ~converged & (damping < 1e8)
+
+    scale = np.exp(log_scale)
+    fitted = scale[:, None, None] * np.einsum("bij,bkj->bki", rotation, points) + translation[:, None]
+    residual_px = np.linalg.norm(fitted[..., :2] - targets[..., :2], axis=-1).mean(axis=1)
+    return [
+        FlameFit(
+            shape=z[head, : model.num_shape].copy(),
+            expression=z[head, model.num_shape :].copy(),
+            jaw_pose=jaw[head].copy(),
+            rotation=rotation[head].copy(),
+            translation=translation[head].copy(),
+            scale=float(scale[head]),
+            residual_px=float(residual_px[head]),
+            iterations=int(iterations[head]),
+        )
+        for head in range(batch)
+    ]

@@ -1,0 +1,132 @@
+"""The `flame` pipeline's fit stage: FLAME fitted to the face-mesh landmarks, as `Head` fields.
+
+Fills, for each head: `mesh_image` (FLAME's 5023 vertices in image pixels, z on the x scale, with
+FLAME's UVs and seams), `mesh` (head frame: meters, +Y up, face toward +Z, FLAME's own origin),
+`pose` (from the fitted rotation) and `params` (FLAME shape, expression, jaw/neck/eye poses, the
+similarity to the image and the fit's residual in pixels). Texture and splats are the default
+pipeline's stages, which take any topology.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from headforge.errors import InvalidLandmarksError, PipelineUnavailableError
+from headforge.models.flame_import import (
+    FlameAsset,
+    flame_asset_path,
+    flame_available,
+    flame_unavailable_reason,
+    load_flame_asset,
+)
+from headforge.pipeline.flame_fit import FitSettings, FlameFit, FlameLandmarkModel, fit_flame
+from headforge.pipeline.types import Head, Mesh, Pose
+
+__all__ = ["fit_flame_head", "fit_flame_heads", "flame_available", "flame_unavailable_reason", "load_model"]
+
+TOPOLOGY = "flame5023"
+
+
+@lru_cache(maxsize=2)
+def _cached_model(path: str, mtime_ns: int, size: int) -> FlameLandmarkModel:
+    return FlameLandmarkModel(load_flame_asset(Path(path)))
+
+
+def load_model(path: Path | None = None) -> FlameLandmarkModel:
+    """The imported asset, ready to fit; cached per process until the file changes."""
+    path = path or flame_asset_path()
+    reason = flame_unavailable_reason(path)
+    if reason is not None:
+        raise PipelineUnavailableError(f"pipeline 'flame' is unavailable: {reason}", details={"pipeline": "flame"})
+    stat = path.stat()
+    return _cached_model(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+def fit_flame_heads(
+    heads: list[Head],
+    rgb_shape: tuple[int, ...],
+    asset: FlameAsset | FlameLandmarkModel | None = None,
+    settings: FitSettings | None = None,
+) -> None:
+    """Fit FLAME to every head's `landmarks_3d` in one batch and fill their meshes, pose and params."""
+    if not heads:
+        return
+    if asset is None:
+        model = load_model()
+    elif isinstance(asset, FlameLandmarkModel):
+        model = asset
+    else:
+        model = FlameLandmarkModel(asset)
+    if model.asset.uvs is None or model.asset.uv_faces is None:
+        raise PipelineUnavailableError("the FLAME asset has no UVs; re-import it with --uv (see docs/flame.md)")
+    for head in heads:
+        if head.landmarks_3d is None:
+            raise InvalidLandmarksError(f"head {head.index} has no 3D landmarks to fit FLAME to")
+    fits = fit_flame(model, np.stack([np.asarray(head.landmarks_3d, np.float64) for head in heads]), settings)
+    coefficients = np.stack([np.concatenate([fit.shape, fit.expression]) for fit in fits])
+    vertices = model.vertices(coefficients, np.stack([fit.jaw_pose for fit in fits]))
+    for head, fit, head_vertices in zip(heads, fits, vertices, strict=True):
+        _fill_head(head, fit, head_vertices, model.asset, rgb_shape)
+
+
+def fit_flame_head(head: Head, rgb: NDArray[np.uint8]) -> None:
+    """The runner's per-head hook (`PIPELINES["flame"].fit`)."""
+    fit_flame_heads([head], rgb.shape)
+
+
+def _fill_head(
+    head: Head, fit: FlameFit, vertices: NDArray[np.float64], asset: FlameAsset, rgb_shape: tuple[int, ...]
+) -> None:
+    from headforge.pipeline.pose import rotation_to_angles
+
+    assert asset.uvs is not None and asset.uv_faces is not None
+    image_vertices = fit.scale * vertices @ fit.rotation.T + fit.translation
+    if not np.all(np.isfinite(image_vertices)):
+        raise InvalidLandmarksError(f"the FLAME fit diverged for head {head.index}")
+    head.mesh_image = Mesh(
+        vertices=image_vertices.astype(np.float32),
+        faces=asset.faces,
+        uvs=asset.uvs,
+        uv_faces=asset.uv_faces,
+        topology=TOPOLOGY,
+    )
+    head.mesh = Mesh(
+        vertices=vertices.astype(np.float32),
+        faces=asset.faces,
+        uvs=asset.uvs,
+        uv_faces=asset.uv_faces,
+        topology=TOPOLOGY,
+    )
+    yaw, pitch, roll = rotation_to_angles(fit.rotation)
+    head.pose = Pose(
+        yaw=yaw,
+        pitch=pitch,
+        roll=roll,
+        rotation=fit.rotation.astype(np.float32),
+        translation=fit.translation.astype(np.float32),
+        scale=float(fit.scale),
+    )
+    head.params = flame_params_document(fit, rgb_shape)
+
+
+def flame_params_document(fit: FlameFit, rgb_shape: tuple[int, ...]) -> dict[str, Any]:
+    """`result.json`'s `params` for a FLAME head (plain lists and floats)."""
+    return {
+        "image_size": [int(rgb_shape[1]), int(rgb_shape[0])],
+        "model": "flame",
+        "shape": fit.shape.astype(np.float32).tolist(),
+        "expression": fit.expression.astype(np.float32).tolist(),
+        "jaw_pose": fit.jaw_pose.astype(np.float32).tolist(),
+        "neck_pose": [0.0, 0.0, 0.0],
+        "eye_pose": [0.0] * 6,
+        "rotation": fit.rotation.astype(np.float32).tolist(),
+        "translation_px": fit.translation.astype(np.float32).tolist(),
+        "scale_px_per_m": float(fit.scale),
+        "fit_residual_px": float(fit.residual_px),
+        "fit_iterations": int(fit.iterations),
+    }

@@ -1,0 +1,487 @@
+"""The pipeline runner: image bytes → every artifact on disk, plus the `result.json` document.
+
+decode ► detect + landmarks ► fit (pipeline-specific: pose, mesh) ► texture ► splats ► package ►
+preview ► result. The CLI, the Celery worker and the benchmarks all call `reconstruct_image`.
+
+Pipelines are rows of `PIPELINES`: a name and the function that turns a `Head` with landmarks
+into a posed mesh. Adding one (e.g. FLAME) is one entry:
+
+    PIPELINES["flame"] = PipelineEntry(
+        name="flame",
+        fit="headforge.pipeline.flame_fit:fit_flame",        # (head, rgb) -> None
+        description="FLAME head fitted to the face-mesh landmarks",
+        missing="headforge.models.flame:missing_reason",      # () -> str | None, optional
+    )
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+import headforge
+from headforge.errors import (
+    HeadforgeError,
+    InvalidOptionError,
+    PipelineUnavailableError,
+    UnknownPipelineError,
+)
+from headforge.models.runtime import DefaultNetworks
+from headforge.pipeline.package import WrittenFile, encode_png, json_bytes, write_atomic, write_head_files
+from headforge.pipeline.types import DecodedImage, Head
+
+RESULT_SCHEMA_VERSION = 1
+ALL_OUTPUTS = frozenset({"glb", "obj", "splats", "preview"})
+MIN_TEXTURE_SIZE = 512
+MAX_TEXTURE_SIZE = 4096
+MAX_SPLATS = 1_000_000
+MAX_HEADS_LIMIT = 64
+
+Progress = Callable[[str, float], None]
+FitFunction = Callable[[Head, NDArray[np.uint8]], None]
+
+# Files this runner writes; stale ones from an earlier run into the same folder are removed.
+_ARTIFACT_NAME = re.compile(
+    r"^(h\d+(\.glb|\.obj|\.mtl|_texture\.png|_splats\.ply)|preview\.png|result\.json)$"
+)
+
+
+@dataclass(frozen=True)
+class PipelineEntry:
+    """One named pipeline: `fit` ("module:function") fills `pose`, `mesh_image`, `mesh` and `params`
+    of a `Head` that has landmarks; `missing` ("module:function", optional) returns why the
+    pipeline cannot run here (e.g. FLAME files absent), or None when it can."""
+
+    name: str
+    fit: str
+    description: str
+    missing: str | None = None
+    symmetry: str | None = None  # "module:function" () -> (V,) mirror vertex map, for texture filling
+
+
+PIPELINES: dict[str, PipelineEntry] = {
+    "facemesh": PipelineEntry(
+        name="facemesh",
+        fit="headforge.pipeline.run:fit_facemesh",
+        description="MediaPipe face detection and 468-point face mesh, fixed triangulation and UVs",
+        symmetry="headforge.pipeline.run:facemesh_symmetry",
+    ),
+    "flame": PipelineEntry(
+        name="flame",
+        fit="headforge.pipeline.flame_stage:fit_flame_head",
+        description="FLAME head (5023 vertices, FLAME UVs) fitted to the face-mesh landmarks; needs imported FLAME files",
+        missing="headforge.models.flame_import:flame_unavailable_reason",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ReconstructOptions:
+    """What to build. `outputs` picks artifacts among glb, obj (+ mtl + texture png), splats, preview."""
+
+    pipeline: str = "facemesh"
+    texture_size: int = 1024
+    splats: int = 8192
+    max_heads: int | None = None
+    outputs: frozenset[str] = ALL_OUTPUTS
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "outputs", frozenset(self.outputs))
+
+    def validate(self) -> None:
+        """Raise `InvalidOptionError` / `UnknownPipelineError` for out-of-range values."""
+        if self.pipeline not in PIPELINES:
+            raise UnknownPipelineError(
+                f"unknown pipeline {self.pipeline!r}; available: {', '.join(sorted(PIPELINES))}",
+                details={"pipeline": self.pipeline, "available": sorted(PIPELINES)},
+            )
+        _check_int("texture_size", self.texture_size, MIN_TEXTURE_SIZE, MAX_TEXTURE_SIZE)
+        _check_int("splats", self.splats, 0, MAX_SPLATS)
+        if self.max_heads is not None:
+            _check_int("max_heads", self.max_heads, 1, MAX_HEADS_LIMIT)
+        _check_int("seed", self.seed, 0, 2**32 - 1)
+        unknown = sorted(set(self.outputs) - ALL_OUTPUTS)
+        if unknown:
+            raise InvalidOptionError(
+                f"unknown outputs {unknown}; choose among {sorted(ALL_OUTPUTS)}",
+                details={"outputs": unknown, "allowed": sorted(ALL_OUTPUTS)},
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pipeline": self.pipeline,
+            "texture_size": self.texture_size,
+            "splats": self.splats,
+            "max_heads": self.max_heads,
+            "outputs": sorted(self.outputs),
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ReconstructOptions:
+        """Options from JSON-like input (API form fields, Celery payloads); unknown keys are refused."""
+        known = {"pipeline", "texture_size", "splats", "max_heads", "outputs", "seed"}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise InvalidOptionError(f"unknown options {unknown}", details={"unknown": unknown})
+        arguments = dict(values)
+        if "outputs" in arguments:
+            outputs = arguments["outputs"]
+            if isinstance(outputs, str):
+                outputs = [part.strip() for part in outputs.split(",") if part.strip()]
+            arguments["outputs"] = frozenset(outputs)
+        options = cls(**arguments)
+        options.validate()
+        return options
+
+
+def _check_int(name: str, value: object, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidOptionError(
+            f"{name} must be an integer from {low} to {high}, got {value!r}",
+            details={"option": name, "value": value if isinstance(value, int | float | str) else repr(value)},
+        )
+
+
+def pipeline_missing_reason(name: str) -> str | None:
+    """Why pipeline `name` cannot run in this deployment, or None when it can."""
+    entry = PIPELINES.get(name)
+    if entry is None:
+        return f"unknown pipeline {name!r}"
+    if entry.missing is None:
+        return None
+    reason: str | None = _resolve(entry.missing)()
+    return reason
+
+
+def _resolve(reference: str) -> Callable[..., Any]:
+    module_name, _, attribute = reference.partition(":")
+    function: Callable[..., Any] = getattr(importlib.import_module(module_name), attribute)
+    return function
+
+
+def facemesh_symmetry() -> NDArray[np.int32]:
+    """The face mesh's vertex -> mirror-vertex map."""
+    from headforge.pipeline.topology import load_topology
+
+    return load_topology().mirror
+
+
+def fit_facemesh(head: Head, rgb: NDArray[np.uint8]) -> None:
+    """The default pipeline's fit: the 468 landmarks are the mesh; pose from a rigid fit."""
+    from headforge.pipeline.pose import estimate_pose, to_head_frame
+    from headforge.pipeline.topology import NUM_VERTICES, build_image_mesh
+
+    if head.landmarks_3d is None:
+        raise ValueError("fit_facemesh needs landmarks_3d")
+    landmarks = head.landmarks_3d[:NUM_VERTICES]
+    head.mesh_image = build_image_mesh(landmarks)
+    head.pose = estimate_pose(landmarks)
+    head.mesh = to_head_frame(head.mesh_image, head.pose)
+
+
+@dataclass
+class _Timer:
+    """Accumulates wall time per stage, in milliseconds, in first-seen order."""
+
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = (time.perf_counter() - start) * 1000.0
+            with self._lock:
+                self.timings_ms[name] = self.timings_ms.get(name, 0.0) + elapsed
+
+
+def reconstruct_image(
+    data: bytes,
+    filename: str,
+    options: ReconstructOptions,
+    out_dir: Path,
+    progress: Progress | None = None,
+    *,
+    networks: DefaultNetworks | None = None,
+) -> dict[str, Any]:
+    """Decode `data`, reconstruct every head, write all artifacts atomically into `out_dir`, and
+    return the `result.json` document (also written there, last). Raises `HeadforgeError`s."""
+    from headforge.pipeline.decode import decode_image
+    from headforge.pipeline.landmarks import find_heads
+
+    options.validate()
+    report = progress or (lambda _stage, _fraction: None)
+    timer = _Timer()
+    started = time.perf_counter()
+    entry = PIPELINES[options.pipeline]
+    reason = pipeline_missing_reason(options.pipeline)
+    if reason is not None:
+        raise PipelineUnavailableError(
+            f"pipeline {options.pipeline!r} is unavailable: {reason}", details={"pipeline": options.pipeline}
+        )
+    fit: FitFunction = _resolve(entry.fit)
+    symmetry = np.asarray(_resolve(entry.symmetry)(), dtype=np.int32) if entry.symmetry else None
+
+    report("decode", 0.0)
+    with timer.stage("decode"):
+        decoded = decode_image(data)
+    report("models", 0.05)
+    with timer.stage("models"):
+        if networks is None:
+            from headforge.models.runtime import load_default_networks
+
+            networks = load_default_networks()
+    report("detect_landmarks", 0.1)
+    with timer.stage("detect_landmarks"):
+        heads = find_heads(decoded.rgb, networks, max_heads=options.max_heads)
+
+    notes: list[str] = []
+    if not heads:
+        notes.append("no face found in the image; nothing to reconstruct")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    kept: list[Head] = []
+    coverages: list[float] = []
+    per_head = 0.75 / max(len(heads), 1)
+    # Encoding PNGs and writing files runs on worker threads (zlib and OpenCV release the GIL) while
+    # the next head or the preview is computed; the stage timings are each job's own wall time.
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="headforge-package") as pool:
+        jobs: list[Future[list[tuple[WrittenFile, int | None]]]] = []
+        for position, head in enumerate(heads):
+            base = 0.15 + position * per_head
+            try:
+                report("fit", base)
+                with timer.stage("fit"):
+                    fit(head, decoded.rgb)
+                report("texture", base + 0.25 * per_head)
+                with timer.stage("texture"):
+                    head.texture, coverage = _build_texture(decoded.rgb, head, options.texture_size, symmetry)
+                if options.splats > 0:
+                    report("splats", base + 0.5 * per_head)
+                    with timer.stage("splats"):
+                        head.splats = _build_splats(
+                            head, options.splats, _head_seed(options.seed, head.index)
+                        )
+            except HeadforgeError as error:
+                if error.http_status >= 500 or isinstance(error, PipelineUnavailableError):
+                    raise
+                notes.append(f"head {head.index} skipped: [{error.code}] {error.message}")
+                continue
+            report("package", base + 0.7 * per_head)
+            head.index = len(kept)
+            kept.append(head)
+            coverages.append(coverage)
+            jobs.append(pool.submit(_package_head, head, out_dir, options.outputs, timer))
+
+        if "preview" in options.outputs:
+            report("preview", 0.9)
+            with timer.stage("preview"):
+                from headforge.pipeline.preview import compose_preview
+
+                preview = compose_preview(decoded.rgb, kept)
+            jobs.append(pool.submit(_write_preview, preview, out_dir, timer))
+        written = [item for job in jobs for item in job.result()]
+
+    report("result", 0.97)
+    with timer.stage("result"):
+        _remove_stale_artifacts(out_dir, {file.name for file, _ in written} | {"result.json"})
+        timings = {name: round(value, 3) for name, value in timer.timings_ms.items()}
+        timings["total"] = round((time.perf_counter() - started) * 1000.0, 3)
+        document = {
+            "schema_version": RESULT_SCHEMA_VERSION,
+            "headforge_version": headforge.__version__,
+            "pipeline": options.pipeline,
+            "options": options.to_dict(),
+            "source": {
+                "filename": filename,
+                "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+            },
+            "image": _image_document(decoded),
+            "heads": [_head_document(head, coverage) for head, coverage in zip(kept, coverages, strict=True)],
+            "artifacts": [
+                {
+                    "name": file.name,
+                    "kind": file.kind,
+                    "head": index,
+                    "bytes": file.size,
+                    "sha256": file.sha256,
+                }
+                for file, index in written
+            ],
+            "notes": notes,
+            "timings_ms": timings,
+            "models": describe_networks(networks),
+        }
+        write_atomic(out_dir / "result.json", json_bytes(document))
+    report("done", 1.0)
+    return document
+
+
+def _package_head(
+    head: Head, out_dir: Path, outputs: frozenset[str], timer: _Timer
+) -> list[tuple[WrittenFile, int | None]]:
+    """Encode the texture once and write the head's GLB, OBJ + MTL + PNG and splat PLY."""
+    with timer.stage("package"):
+        texture_png = encode_png(head.texture) if head.texture is not None else None
+        files = write_head_files(head.mesh, texture_png, head.splats, f"h{head.index}", out_dir, outputs)
+    head.artifacts = {file.kind: file.name for file in files}
+    return [(file, head.index) for file in files]
+
+
+def _write_preview(
+    preview: NDArray[np.uint8], out_dir: Path, timer: _Timer
+) -> list[tuple[WrittenFile, int | None]]:
+    with timer.stage("preview_encode"):
+        return [(write_atomic(out_dir / "preview.png", encode_png(preview)), None)]
+
+
+def _head_seed(seed: int, index: int) -> int:
+    """A per-head seed derived from the job seed, stable across runs."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def _build_texture(
+    rgb: NDArray[np.uint8], head: Head, size: int, symmetry: NDArray[np.int32] | None
+) -> tuple[NDArray[np.uint8], float]:
+    """The head's texture and the share of its UV-island texels seen in the photo (directly or mirrored)."""
+    from headforge.pipeline.geometry import cached_uv_raster
+    from headforge.pipeline.texture import unwrap_texture
+
+    mesh = head.mesh_image
+    if mesh is None:
+        raise ValueError("texture needs head.mesh_image")
+    if symmetry is not None and len(symmetry) != len(mesh.vertices):
+        symmetry = None
+    texture, coverage = unwrap_texture(rgb, mesh, size, symmetry=symmetry)
+    uv_faces = mesh.faces if mesh.uv_faces is None else mesh.uv_faces
+    islands = cached_uv_raster(mesh.uvs, uv_faces, size).island_mask
+    seen = float(coverage[islands].mean()) if islands.any() else 0.0
+    return texture, seen
+
+
+def _build_splats(head: Head, count: int, seed: int) -> Any:
+    from headforge.pipeline.splats import sample_splats
+
+    if head.mesh is None or head.texture is None:
+        raise ValueError("splats need head.mesh and head.texture")
+    return sample_splats(head.mesh, head.texture, count, seed=seed)
+
+
+def _remove_stale_artifacts(out_dir: Path, keep: set[str]) -> None:
+    """Delete artifact files an earlier run left in `out_dir` that this run did not write."""
+    for path in out_dir.iterdir():
+        if path.is_file() and _ARTIFACT_NAME.match(path.name) and path.name not in keep:
+            path.unlink(missing_ok=True)
+
+
+def _rounded(array: Any, decimals: int) -> list[Any]:
+    values: list[Any] = np.round(np.asarray(array, dtype=np.float64), decimals).tolist()
+    return values
+
+
+def _image_document(decoded: DecodedImage) -> dict[str, Any]:
+    return {
+        "width": decoded.width,
+        "height": decoded.height,
+        "format": decoded.source_format,
+        "mode": decoded.source_mode,
+        "exif_orientation": decoded.exif_orientation,
+    }
+
+
+def _head_document(head: Head, texture_coverage: float) -> dict[str, Any]:
+    pose = head.pose
+    mesh = head.mesh
+    return {
+        "index": head.index,
+        "box": _rounded(head.detection.box, 2),
+        "score": round(float(head.detection.score), 5),
+        "keypoints": _rounded(head.detection.keypoints, 2),
+        "landmark_score": None if head.landmark_score is None else round(float(head.landmark_score), 5),
+        "pose": None
+        if pose is None
+        else {
+            "yaw": round(float(pose.yaw), 3),
+            "pitch": round(float(pose.pitch), 3),
+            "roll": round(float(pose.roll), 3),
+            "rotation": _rounded(pose.rotation, 6),
+            "translation": _rounded(pose.translation, 3),
+            "scale": round(float(pose.scale), 4),
+        },
+        "landmarks_2d": _rounded(head.landmarks_2d if head.landmarks_2d is not None else np.zeros((0, 2)), 2),
+        "landmarks_3d": _rounded(head.landmarks_3d if head.landmarks_3d is not None else np.zeros((0, 3)), 2),
+        "params": _jsonable(head.params),
+        "mesh": None
+        if mesh is None
+        else {"topology": mesh.topology, "vertices": len(mesh.vertices), "faces": len(mesh.faces)},
+        "texture_size": None if head.texture is None else int(head.texture.shape[0]),
+        "texture_coverage": round(texture_coverage, 4),
+        "splats": 0 if head.splats is None else len(head.splats.means),
+        "artifacts": dict(sorted(head.artifacts.items())),
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    """numpy arrays and scalars → plain JSON values (floats rounded to 6 decimals)."""
+    if isinstance(value, dict):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, np.ndarray):
+        if np.issubdtype(value.dtype, np.floating):
+            return _rounded(value, 6)
+        return value.tolist()
+    if isinstance(value, np.floating | float):
+        return round(float(value), 6)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def describe_networks(networks: DefaultNetworks) -> list[dict[str, Any]]:
+    """Name, version and sha256 of each network, from the model repository manifests (ONNX
+    Runtime backends) or the model files themselves (other backends)."""
+    described = []
+    for network in (networks.short_range, networks.full_range, networks.face_landmark, networks.iris):
+        path = getattr(network, "path", None)
+        described.append(_describe_model_file(str(network.name), str(path) if path is not None else None))
+    return described
+
+
+@lru_cache(maxsize=32)
+def _describe_model_file(name: str, path_text: str | None) -> dict[str, Any]:
+    if path_text is None:
+        return {"name": name, "version": "unknown", "sha256": None, "format": "unknown"}
+    path = Path(path_text)
+    manifest_path = path.parent / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError):
+        manifest = None
+    if isinstance(manifest, dict):
+        return {
+            "name": str(manifest.get("name", name)),
+            "version": path.parent.name,
+            "sha256": manifest.get("model_sha256"),
+            "format": str(manifest.get("format", path.suffix.lstrip("."))),
+        }
+    digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    return {"name": name, "version": "file", "sha256": digest, "format": path.suffix.lstrip(".")}

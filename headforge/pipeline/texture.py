@@ -1,0 +1,272 @@
+"""Texture: unwrap the photo into the mesh's UV layout.
+
+1. Rasterize the UV layout once per (layout, size): each texel knows its triangle and barycentrics.
+2. Each texel's surface point projects into the photo (the image-frame mesh is in pixels); sample it
+   bilinearly.
+3. Visibility: the triangle must face the camera, and the point must be the nearest surface in a
+   coarse image-space z-buffer. Grazing triangles get little weight.
+4. Texels the camera does not see well take the photo at their mirror point (same barycentrics on the
+   mirrored vertices), when a symmetric vertex map is given.
+5. What is still unseen inside the islands is inpainted with OpenCV; everything outside the islands
+   is filled by push-pull so that texture filtering never pulls black across seams.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import cv2
+import numpy as np
+import scipy.sparse as sp
+from numpy.typing import NDArray
+
+from headforge.errors import InvalidOptionError
+from headforge.pipeline.geometry import UVRaster, cached_uv_raster, triangle_cross, vertex_normals
+from headforge.pipeline.types import Mesh
+
+MIN_TEXTURE_SIZE = 512
+MAX_TEXTURE_SIZE = 4096
+# Facing weight ramps from 0 to 1 between these cosines of the angle between normal and view ray.
+GRAZING_COS, CLEAR_COS = 0.1, 0.45
+# Texels whose blended weight stays under this are treated as unseen and inpainted.
+MIN_WEIGHT = 0.05
+ZBUFFER_CELLS = 160  # z-buffer resolution along the mesh's longer projected side
+ZBUFFER_SAMPLES_PER_CELL = 6
+# Depth slack in cell sizes: a point may lie this far behind the nearest sample of its cell and still
+# count as that surface (samples sit anywhere in the cell, so slack grows with the depth slope).
+ZBUFFER_BASE_TOLERANCE = 1.0
+ZBUFFER_SLOPE_TOLERANCE = 1.5
+MAX_SLOPE = 8.0
+PUSH_PULL_SIZE = 256  # the fill outside the islands is computed at most this wide
+INPAINT_MAX_TEXELS = 40_000  # larger holes are inpainted on a downscaled copy
+INPAINT_RADIUS = 3
+_CROSS = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
+
+
+def check_texture_size(size: int) -> int:
+    """Texture side in texels: an integer from 512 to 4096."""
+    if isinstance(size, bool) or not isinstance(size, int | np.integer) or not (
+        MIN_TEXTURE_SIZE <= int(size) <= MAX_TEXTURE_SIZE
+    ):
+        raise InvalidOptionError(
+            f"texture size must be an integer from {MIN_TEXTURE_SIZE} to {MAX_TEXTURE_SIZE}, got {size!r}",
+            details={"texture_size": str(size)},
+        )
+    return int(size)
+
+
+@dataclass(frozen=True)
+class _TexelPlan:
+    """Per (layout, faces, mirror map, size): the UV raster and sparse barycentric matrices that turn
+    vertex positions into the surface point (and mirror point) behind every covered texel."""
+
+    raster: UVRaster
+    triangles: NDArray[np.int64]  # (N,) triangle per covered texel
+    own: sp.csr_matrix  # (N, V): texel point = own @ vertices
+    mirrored: sp.csr_matrix | None  # (N, V): the same barycentrics on the mirrored vertices
+
+
+@lru_cache(maxsize=4)
+def _cached_plan(uvs: bytes, uv_faces: bytes, faces: bytes, mirror: bytes, vertex_count: int, size: int) -> _TexelPlan:
+    raster = cached_uv_raster(np.frombuffer(uvs, np.float64).reshape(-1, 2), np.frombuffer(uv_faces, np.int64).reshape(-1, 3), size)
+    triangles = raster.texel_triangles().astype(np.int64)
+    corners = np.frombuffer(faces, np.int64).reshape(-1, 3)[triangles]
+    count = len(triangles)
+    indptr = np.arange(0, 3 * count + 1, 3)
+    weights = raster.barycentric.reshape(-1)
+    own = sp.csr_matrix((weights, corners.reshape(-1), indptr), shape=(count, vertex_count))
+    mirrored = None
+    if mirror:
+        mirror_map = np.frombuffer(mirror, np.int64)
+        mirrored = sp.csr_matrix((weights, mirror_map[corners].reshape(-1), indptr), shape=(count, vertex_count))
+    return _TexelPlan(raster, triangles, own, mirrored)
+
+
+def texel_plan(mesh: Mesh, size: int, symmetry: NDArray[np.integer] | None) -> _TexelPlan:
+    """The cached `_TexelPlan` for this mesh's topology at this texture size."""
+    uvs = np.ascontiguousarray(mesh.uvs, dtype=np.float64)
+    faces = np.ascontiguousarray(mesh.faces, dtype=np.int64)
+    uv_faces = faces if mesh.uv_faces is None else np.ascontiguousarray(mesh.uv_faces, dtype=np.int64)
+    mirror = b"" if symmetry is None else np.ascontiguousarray(symmetry, dtype=np.int64).tobytes()
+    return _cached_plan(uvs.tobytes(), uv_faces.tobytes(), faces.tobytes(), mirror, len(mesh.vertices), size)
+
+
+def _facing(vertices: NDArray[np.float64], faces: NDArray[np.int64]) -> NDArray[np.float32]:
+    """Per vertex: a weight for how squarely the surface faces the camera there (image frame: the camera
+    looks along +z). Smooth vertex normals, so weights blend across triangles."""
+    normals = vertex_normals(vertices, faces)
+    return np.clip((-normals[:, 2] - GRAZING_COS) / (CLEAR_COS - GRAZING_COS), 0.0, 1.0).astype(np.float32)
+
+
+def _depth_slope(vertices: NDArray[np.float64], faces: NDArray[np.int64]) -> NDArray[np.float32]:
+    """Per triangle: |dz/dxy| of its plane in the image frame, capped, for the z-buffer tolerance."""
+    cross = triangle_cross(vertices, faces)
+    slope = np.divide(
+        np.linalg.norm(cross[:, :2], axis=1), np.abs(cross[:, 2]), out=np.full(len(faces), MAX_SLOPE), where=cross[:, 2] != 0
+    )
+    return np.minimum(slope, MAX_SLOPE).astype(np.float32)
+
+
+class _ZBuffer:
+    """Nearest depth per coarse image cell, from dense samples of the surface."""
+
+    def __init__(self, samples: NDArray[np.float32], vertices: NDArray[np.float32]):
+        self.low = vertices[:, :2].min(0) - 1.0
+        extent = float((vertices[:, :2].max(0) + 1.0 - self.low).max())
+        self.cell = np.float32(max(extent / ZBUFFER_CELLS, 1e-6))
+        self.columns = ZBUFFER_CELLS + 2
+        self.depth = np.full(self.columns * self.columns, np.inf, dtype=np.float32)
+        np.minimum.at(self.depth, self._cells(samples), samples[:, 2])
+
+    def _cells(self, points: NDArray[np.float32]) -> NDArray[np.int64]:
+        ij = ((points[:, :2] - self.low) / self.cell).astype(np.int64)
+        return ij[:, 1] * self.columns + ij[:, 0]
+
+    def visible(self, points: NDArray[np.float32], slope: NDArray[np.float32]) -> NDArray[np.bool_]:
+        """Points within a slope-scaled tolerance of the nearest surface in their cell."""
+        tolerance = self.cell * (ZBUFFER_BASE_TOLERANCE + ZBUFFER_SLOPE_TOLERANCE * slope)
+        return points[:, 2] - tolerance <= self.depth[self._cells(points)]
+
+
+def _sample(rgb: NDArray[np.uint8], points: NDArray[np.float32]) -> NDArray[np.float32]:
+    """Bilinear photo colors at image positions (pixel centers at +0.5); black outside the photo."""
+    count = len(points)
+    side = int(np.ceil(np.sqrt(max(count, 1))))
+    padded = np.full((side * side, 2), -10.0, dtype=np.float32)
+    padded[:count] = points[:, :2] - 0.5
+    grid = padded.reshape(side, side, 2)
+    colors = cv2.remap(rgb, grid[..., 0], grid[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+    return colors.reshape(-1, 3)[:count].astype(np.float32)
+
+
+def push_pull_fill(colors: NDArray[np.float32], weights: NDArray[np.float32]) -> NDArray[np.float32]:
+    """Fill every texel of weight 0 from its surroundings through a weighted image pyramid (push-pull);
+    texels of weight 1 keep their colors. Weights in between blend."""
+    levels: list[tuple[NDArray[np.float32], NDArray[np.float32]]] = []
+    premultiplied = colors * weights[..., None]
+    weight = weights.astype(np.float32)
+    while True:
+        levels.append((premultiplied, weight))
+        height, width = weight.shape
+        if height <= 1 and width <= 1:
+            break
+        size = (max(1, (width + 1) // 2), max(1, (height + 1) // 2))
+        premultiplied = cv2.resize(premultiplied, size, interpolation=cv2.INTER_AREA).reshape(size[1], size[0], 3)
+        weight = cv2.resize(weight, size, interpolation=cv2.INTER_AREA).reshape(size[1], size[0])
+    filled = np.zeros_like(levels[-1][0])
+    for premultiplied, weight in reversed(levels):
+        height, width = weight.shape
+        coarse = cv2.resize(filled, (width, height), interpolation=cv2.INTER_LINEAR).reshape(height, width, 3)
+        covered = np.clip(weight, 0.0, 1.0)[..., None]
+        mean = np.divide(premultiplied, weight[..., None], out=np.zeros_like(premultiplied), where=weight[..., None] > 0)
+        filled = covered * mean + (1.0 - covered) * coarse
+    return filled
+
+
+def _fill_outside(texture: NDArray[np.float32], coverage: NDArray[np.bool_]) -> NDArray[np.float32]:
+    """Push-pull fill of uncovered texels, computed at most PUSH_PULL_SIZE wide and upsampled."""
+    size = texture.shape[0]
+    small = min(size, PUSH_PULL_SIZE)
+    weight = coverage.astype(np.float32)
+    if small < size:
+        premultiplied = cv2.resize(texture * weight[..., None], (small, small), interpolation=cv2.INTER_AREA)
+        weight_small = cv2.resize(weight, (small, small), interpolation=cv2.INTER_AREA)
+        mean = np.divide(premultiplied, weight_small[..., None], out=np.zeros_like(premultiplied), where=weight_small[..., None] > 0)
+        fill = cv2.resize(push_pull_fill(mean, weight_small), (size, size), interpolation=cv2.INTER_LINEAR)
+    else:
+        fill = push_pull_fill(texture, weight)
+    return np.where(coverage[..., None], texture, fill)
+
+
+def _inpaint(texture: NDArray[np.uint8], holes: NDArray[np.bool_]) -> NDArray[np.uint8]:
+    """cv2.inpaint (Telea) over `holes`; big holes are done on a downscaled copy and upsampled."""
+    count = int(holes.sum())
+    if count == 0:
+        return texture
+    size = texture.shape[0]
+    factor = 1
+    while count / (factor * factor) > INPAINT_MAX_TEXELS and size // (factor * 2) >= 64:
+        factor *= 2
+    if factor == 1:
+        return cv2.inpaint(texture, holes.astype(np.uint8), INPAINT_RADIUS, cv2.INPAINT_TELEA)
+    small_size = (size // factor, size // factor)
+    small = cv2.resize(texture, small_size, interpolation=cv2.INTER_AREA)
+    small_holes = cv2.resize(holes.astype(np.float32), small_size, interpolation=cv2.INTER_AREA) > 0
+    patched = cv2.inpaint(small, small_holes.astype(np.uint8), INPAINT_RADIUS, cv2.INPAINT_TELEA)
+    upsampled = cv2.resize(patched, (size, size), interpolation=cv2.INTER_LINEAR)
+    result = texture.copy()
+    result[holes] = upsampled[holes]
+    return result
+
+
+def unwrap_texture(
+    rgb: NDArray[np.uint8],
+    mesh_image: Mesh,
+    size: int = 1024,
+    symmetry: NDArray[np.integer] | None = None,
+) -> tuple[NDArray[np.uint8], NDArray[np.bool_]]:
+    """The photo unwrapped into the mesh's UV layout.
+
+    `mesh_image` is in image pixels (x right, y down, z away from the camera); any topology works, with
+    per-vertex UVs or `uv_faces` seams. `symmetry` maps each vertex to its mirror image (omit it for
+    meshes without one: unseen texels are then all inpainted).
+    Returns the texture (S, S, 3) uint8, row 0 at v = 1, and the coverage mask (S, S) bool: texels
+    colored from the photo (directly or through the mirror), as opposed to inpainted or outside the
+    UV islands.
+    """
+    size = check_texture_size(size)
+    rgb = np.asarray(rgb)
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise InvalidOptionError("unwrap_texture needs an RGB uint8 image (H, W, 3)", details={"shape": list(rgb.shape)})
+    vertices = np.asarray(mesh_image.vertices, dtype=np.float32)
+    faces = np.asarray(mesh_image.faces, dtype=np.int64)
+    if symmetry is not None and np.shape(symmetry) != (len(vertices),):
+        raise InvalidOptionError(
+            f"symmetry map must have one entry per vertex ({len(vertices)}), got shape {np.shape(symmetry)}"
+        )
+    plan = texel_plan(mesh_image, size, symmetry)
+    raster = plan.raster
+    points = np.asarray(plan.own @ vertices, dtype=np.float32)
+    stride = max(1, len(points) // (ZBUFFER_CELLS * ZBUFFER_CELLS * ZBUFFER_SAMPLES_PER_CELL))
+    zbuffer = _ZBuffer(np.concatenate([points[::stride], vertices]), vertices)
+    height, width = rgb.shape[:2]
+
+    vertices64 = vertices.astype(np.float64)
+    facing = _facing(vertices64, faces)
+
+    def visible(at: NDArray[np.float32], slope: NDArray[np.float32]) -> NDArray[np.bool_]:
+        inside = (at[:, 0] >= 0) & (at[:, 0] <= width) & (at[:, 1] >= 0) & (at[:, 1] <= height)
+        return zbuffer.visible(at, slope[plan.triangles]) & inside
+
+    own_weight = np.asarray(plan.own @ facing, dtype=np.float32) * visible(points, _depth_slope(vertices64, faces))
+    colors = _sample(rgb, points)
+    total = own_weight
+    if plan.mirrored is not None:
+        mirror_points = np.asarray(plan.mirrored @ vertices, dtype=np.float32)
+        # The mirror point's surface faces the camera as its own vertices' normals do.
+        mirror_slope = _depth_slope(vertices64, np.asarray(symmetry, dtype=np.int64)[faces])
+        mirror_weight = np.asarray(plan.mirrored @ facing, dtype=np.float32) * visible(mirror_points, mirror_slope)
+        mirror_weight *= 1.0 - own_weight
+        seen = np.flatnonzero(mirror_weight > 0)
+        mirror_colors = _sample(rgb, mirror_points[seen])
+        own_part = own_weight[seen, None]
+        mirror_part = mirror_weight[seen, None]
+        colors[seen] = (colors[seen] * own_part + mirror_colors * mirror_part) / (own_part + mirror_part)
+        total = own_weight + mirror_weight
+
+    covered = total >= MIN_WEIGHT
+    flat_colors = np.zeros((size * size, 3), dtype=np.float32)
+    flat_colors[raster.texel_index[covered]] = colors[covered]
+    flat_colors = flat_colors.reshape(size, size, 3)
+    coverage = np.zeros(size * size, dtype=bool)
+    coverage[raster.texel_index[covered]] = True
+    # Isolated covered texels at occlusion edges read as speckles; let the inpainting take them.
+    coverage = cv2.morphologyEx(coverage.reshape(size, size).view(np.uint8), cv2.MORPH_OPEN, _CROSS).view(bool)
+    if not coverage.any():
+        return np.full((size, size, 3), 128, dtype=np.uint8), coverage
+    filled = _fill_outside(flat_colors, coverage)
+    texture = np.clip(filled + 0.5, 0, 255).astype(np.uint8)
+    holes = raster.island_mask & ~coverage
+    texture = _inpaint(texture, holes)
+    return texture, coverage

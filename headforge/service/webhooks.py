@@ -1,0 +1,104 @@
+"""Completion webhooks: URL checks (no loopback or private targets by default), HMAC signing, delivery.
+
+Each delivery is a JSON `POST` with these headers:
+
+* `X-Headforge-Event`: `job.succeeded`, `job.failed` or `job.canceled`
+* `X-Headforge-Delivery`: `<job id>.<event>`, the same on every retry (receivers deduplicate on it)
+* `X-Headforge-Timestamp`: Unix seconds when this attempt was sent
+* `X-Headforge-Signature`: `sha256=` + hex HMAC-SHA256 of the raw request body, keyed with
+  `HEADFORGE_WEBHOOK_SECRET`
+
+A 2xx answer ends delivery; anything else (or no answer within 10 s) is retried with exponential
+backoff (2, 4, 8, … s) up to `HEADFORGE_WEBHOOK_MAX_ATTEMPTS` attempts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import json
+import socket
+from typing import Any
+from urllib.parse import urlsplit
+
+from headforge.errors import WebhookRefusedError
+
+SIGNATURE_HEADER = "X-Headforge-Signature"
+EVENT_HEADER = "X-Headforge-Event"
+DELIVERY_HEADER = "X-Headforge-Delivery"
+TIMESTAMP_HEADER = "X-Headforge-Timestamp"
+TIMEOUT_SECONDS = 10.0
+
+
+def sign(body: bytes, secret: str) -> str:
+    """The `X-Headforge-Signature` value for `body`."""
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def verify(body: bytes, secret: str, header: str) -> bool:
+    """Check a received signature in constant time (for receivers written in Python)."""
+    return hmac.compare_digest(sign(body, secret), header)
+
+
+def _is_public(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not (ip.is_loopback or ip.is_private or ip.is_link_local or ip.is_multicast)
+
+
+def check_webhook_url(url: str, allow_private: bool, resolve: bool = True) -> str:
+    """Return `url` if it is an http(s) URL whose host resolves only to public addresses
+    (or `allow_private`); raise `WebhookRefusedError` otherwise."""
+    if len(url) > 2048:
+        raise WebhookRefusedError("webhook_url is too long", details={"max_length": 2048})
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as error:
+        raise WebhookRefusedError(f"webhook_url is not a valid URL: {error}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise WebhookRefusedError("webhook_url must be an http:// or https:// URL with a host",
+                                  details={"webhook_url": url})
+    if parts.username or parts.password:
+        raise WebhookRefusedError("webhook_url must not carry credentials")
+    if allow_private:
+        return url
+    if not resolve:
+        return url
+    try:
+        infos = socket.getaddrinfo(parts.hostname, port or (443 if parts.scheme == "https" else 80),
+                                   type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as error:
+        raise WebhookRefusedError(f"webhook_url host does not resolve: {parts.hostname}",
+                                  details={"host": parts.hostname, "reason": str(error)}) from None
+    addresses = sorted({str(info[4][0]) for info in infos})
+    refused = [a for a in addresses if not _is_public(a)]
+    if refused:
+        raise WebhookRefusedError(
+            "webhook_url points at a loopback, private or reserved address",
+            details={"host": parts.hostname, "addresses": refused},
+        )
+    return url
+
+
+def build_body(event: str, job: dict[str, Any]) -> bytes:
+    """The exact bytes that are signed and sent."""
+    return json.dumps({"event": event, "job": job}, separators=(",", ":"), sort_keys=True).encode()
+
+
+def post(url: str, body: bytes, *, event: str, delivery_id: str, secret: str, timestamp: int) -> int:
+    """Send one attempt and return the HTTP status (raises on network errors)."""
+    import httpx
+
+    headers = {
+        "Content-Type": "application/json",
+        "User-Agent": "headforge-webhook/1",
+        EVENT_HEADER: event,
+        DELIVERY_HEADER: delivery_id,
+        TIMESTAMP_HEADER: str(timestamp),
+        SIGNATURE_HEADER: sign(body, secret),
+    }
+    response = httpx.post(url, content=body, headers=headers, timeout=TIMEOUT_SECONDS, follow_redirects=False)
+    return response.status_code

@@ -1,0 +1,148 @@
+"""Fixtures for the browser tests: one real `headforge serve` (embedded mode, no Redis) for the
+whole session, and a runner for the Playwright script `drive.mjs` in headless Chromium.
+
+The server gets its own data folder but reuses the model repository of `HEADFORGE_HOME`
+(`headforge models pull` fills it). Screenshots land in `test-artifacts/browser/`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DRIVER = Path(__file__).with_name("drive.mjs")
+STATIC_INDEX = ROOT / "headforge" / "service" / "static" / "index.html"
+PLAYWRIGHT = ROOT / "web" / "node_modules" / "playwright-core"
+CHROMIUM = os.environ.get("HEADFORGE_CHROMIUM", "/usr/bin/chromium")
+ARTIFACTS = ROOT / "test-artifacts" / "browser"
+
+
+def unavailable(reason: str) -> None:
+    """Skip when a browser-test prerequisite is missing, or fail where the CI script installed them
+    all (it sets HEADFORGE_REQUIRE_BROWSER=1), so a broken setup cannot pass as skipped."""
+    if os.environ.get("HEADFORGE_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"browser tests required but {reason}")
+    pytest.skip(reason)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def browser_tools() -> None:
+    """Node, playwright-core, Chromium and the built web app must all be present."""
+    if shutil.which("node") is None:
+        unavailable("node is not installed")
+    if not PLAYWRIGHT.exists():
+        unavailable("web/node_modules/playwright-core is missing: run `cd web && npm ci`")
+    if not Path(CHROMIUM).exists():
+        unavailable(f"no Chromium at {CHROMIUM}: `apt-get install chromium`")
+    if not STATIC_INDEX.exists():
+        unavailable("the web app is not built: run `cd web && npm ci && npm run build`")
+
+
+@pytest.fixture(scope="session")
+def server(browser_tools: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Start `headforge serve` on a free port and yield its base URL ("http://127.0.0.1:PORT/")."""
+    data = tmp_path_factory.mktemp("serve-data")
+    port = _free_port()
+    env = dict(os.environ)
+    for name in (
+        "HEADFORGE_REDIS_URL",
+        "HEADFORGE_API_KEYS",
+        "HEADFORGE_API_KEYS_FILE",
+        "HEADFORGE_S3_BUCKET",
+    ):
+        env.pop(name, None)
+    env.update(HEADFORGE_DATA_DIR=str(data), HEADFORGE_JSON_LOGS="0", PYTHONUNBUFFERED="1")
+    log_path = data / "serve.log"
+    log = log_path.open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "headforge", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(
+                    f"`headforge serve` exited with {proc.returncode}:\n{log_path.read_text(errors='replace')[-4000:]}"
+                )
+            try:
+                if httpx.get(base + "readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"`headforge serve` not ready after 120 s:\n{log_path.read_text(errors='replace')[-4000:]}"
+                )
+            time.sleep(0.5)
+        if httpx.get(base, timeout=10).status_code != 200:
+            pytest.fail("the server does not serve the web app at /")
+        yield base
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.close()
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(log_path, ARTIFACTS / "serve.log")
+
+
+@pytest.fixture(scope="session")
+def drive() -> Callable[..., dict[str, Any]]:
+    """`drive(scenario, url, photo)` runs drive.mjs and returns its report."""
+    return _drive
+
+
+def _drive(scenario: str, url: str, photo: Path, name: str = "", timeout_s: float = 300) -> dict[str, Any]:
+    """Run one scenario of drive.mjs and return its report; fails on a script crash."""
+    config = {
+        "url": url,
+        "photo": str(photo),
+        "out": str(ARTIFACTS),
+        "chromium": CHROMIUM,
+        "name": name or scenario,
+    }
+    proc = subprocess.run(
+        ["node", str(DRIVER), scenario, json.dumps(config)],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        cwd=ROOT,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        pytest.fail(
+            f"drive.mjs {scenario} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
+    report: dict[str, Any] = json.loads(lines[-1])
+    if report.get("exception"):
+        pytest.fail(
+            f"drive.mjs {scenario} raised:\n{report['exception']}\nreport: {json.dumps(report)[:3000]}"
+        )
+    return report

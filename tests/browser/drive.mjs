@@ -1,0 +1,247 @@
+// Drives the web app in headless Chromium (Debian's /usr/bin/chromium through playwright-core) and
+// prints what it measured as one JSON document on stdout. The pytest tests in this folder start a
+// real `headforge serve`, run this script once per scenario and make the assertions.
+//
+//   node tests/browser/drive.mjs <scenario> '<json config>'
+//
+// scenarios:
+//   reconstruct  upload a photo on a laptop-sized page, wait for the job, measure the 3D canvas in mesh
+//                and splat mode, the landmark overlay and every download link
+//   upload-error upload a photo on a phone-sized page and report the error the page shows (for a file
+//                that is not an image, or a photo without a face)
+//
+// config: {"url", "photo", "out" (screenshot folder), "chromium"?, "timeoutMs"?}
+
+import { createRequire } from 'node:module';
+import { createHash } from 'node:crypto';
+import { mkdirSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+
+const require = createRequire(new URL('../../web/package.json', import.meta.url));
+const { chromium } = require('playwright-core');
+
+const [scenario, rawConfig] = process.argv.slice(2);
+const config = JSON.parse(rawConfig ?? '{}');
+const timeout = config.timeoutMs ?? 240000;
+mkdirSync(config.out, { recursive: true });
+
+const browser = await chromium.launch({
+  executablePath: config.chromium ?? '/usr/bin/chromium',
+  headless: true,
+  // No GPU here: WebGL runs on SwiftShader. --no-sandbox because CI runs as root.
+  args: ['--no-sandbox', '--use-angle=swiftshader', '--enable-unsafe-swiftshader', '--ignore-gpu-blocklist'],
+});
+
+const report = { scenario, consoleErrors: [], pageErrors: [] };
+
+function watch(page) {
+  page.on('console', (msg) => {
+    if (msg.type() === 'error') report.consoleErrors.push(msg.text());
+  });
+  page.on('pageerror', (err) => report.pageErrors.push(String(err)));
+}
+
+/**
+ * Read back the viewer's WebGL canvas (it keeps its drawing buffer) and count the pixels that differ
+ * from the background, which is sampled from the top-left corner.
+ */
+async function measureCanvas(page) {
+  return page.evaluate(() => {
+    const src = document.getElementById('viewer-canvas');
+    const c = document.createElement('canvas');
+    c.width = src.width;
+    c.height = src.height;
+    const ctx = c.getContext('2d');
+    ctx.drawImage(src, 0, 0);
+    const { data } = ctx.getImageData(0, 0, c.width, c.height);
+    const bg = [data[0], data[1], data[2]];
+    let differing = 0;
+    const colors = new Set();
+    for (let i = 0; i < data.length; i += 4) {
+      const d = Math.abs(data[i] - bg[0]) + Math.abs(data[i + 1] - bg[1]) + Math.abs(data[i + 2] - bg[2]);
+      if (d > 30) {
+        differing++;
+        colors.add(((data[i] >> 3) << 10) | ((data[i + 1] >> 3) << 5) | (data[i + 2] >> 3));
+      }
+    }
+    return { width: c.width, height: c.height, background: bg, differing, distinctColors: colors.size };
+  });
+}
+
+async function waitForViewer(page, mode) {
+  await page.waitForFunction(
+    (m) => {
+      const c = document.getElementById('viewer-canvas');
+      return c && c.dataset.mode === m && ['ready', 'failed', 'missing'].includes(c.dataset.state);
+    },
+    mode,
+    { timeout: 60000 },
+  );
+  // Two animation frames so the last render has reached the drawing buffer.
+  await page.evaluate(() => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r))));
+  return page.evaluate(() => ({
+    state: document.getElementById('viewer-canvas').dataset.state,
+    text: document.getElementById('viewer-status').textContent,
+  }));
+}
+
+async function unlabeledControls(page) {
+  return page.evaluate(() =>
+    Array.from(document.querySelectorAll('input, select, textarea, button'))
+      .filter((el) => {
+        if (el.type === 'hidden' || el.hidden) return false;
+        const named = el.labels?.length || el.getAttribute('aria-label') || el.getAttribute('aria-labelledby');
+        const text = el.tagName === 'BUTTON' && el.textContent.trim();
+        return !named && !text;
+      })
+      .map((el) => el.id || el.name || el.outerHTML.slice(0, 60)),
+  );
+}
+
+async function horizontalOverflow(page) {
+  return page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+}
+
+async function reconstruct() {
+  const context = await browser.newContext({ viewport: { width: 1366, height: 900 }, acceptDownloads: true });
+  const page = await context.newPage();
+  watch(page);
+  await page.goto(config.url, { waitUntil: 'load' });
+  report.unlabeled = await unlabeledControls(page);
+
+  await page.setInputFiles('#images', config.photo);
+  await page.getByRole('button', { name: 'Make 3D heads' }).click();
+  const stagesSeen = new Set();
+  const deadline = Date.now() + timeout;
+  let finalState = null;
+  while (Date.now() < deadline) {
+    const s = await page.evaluate(() => ({
+      state: document.getElementById('status').dataset.state,
+      text: document.getElementById('status').textContent,
+      stages: Array.from(document.querySelectorAll('#stages li')).map((li) => li.dataset.stage),
+    }));
+    s.stages.forEach((x) => stagesSeen.add(x));
+    if (['succeeded', 'failed', 'canceled'].includes(s.state)) {
+      finalState = s;
+      break;
+    }
+    await page.waitForTimeout(250);
+  }
+  report.status = finalState;
+  report.jobId = await page.locator('#status').getAttribute('data-job-id');
+  report.stages = [...stagesSeen];
+  report.errorText = await page.locator('#error').isVisible() ? await page.locator('#error').innerText() : null;
+  if (!finalState || finalState.state !== 'succeeded') {
+    await page.screenshot({ path: join(config.out, 'web-failed.png'), fullPage: true });
+    return;
+  }
+
+  report.meshViewer = await waitForViewer(page, 'mesh');
+  report.mesh = await measureCanvas(page);
+  await page.locator('#viewer-canvas').screenshot({ path: join(config.out, 'viewer-mesh.png') });
+  await page.screenshot({ path: join(config.out, 'web-laptop.png'), fullPage: true });
+
+  // Switch to the splats with the keyboard: focus the checked radio, arrow to the next one.
+  await page.locator('input[name="mode"][value="mesh"]').focus();
+  await page.keyboard.press('ArrowRight');
+  report.splatsViewer = await waitForViewer(page, 'splats');
+  report.splats = await measureCanvas(page);
+  await page.locator('#viewer-canvas').screenshot({ path: join(config.out, 'viewer-splats.png') });
+
+  // Orbit a little with the mouse and make sure the splats still draw from the new angle.
+  const box = await page.locator('#viewer-canvas').boundingBox();
+  await page.mouse.move(box.x + box.width / 2, box.y + box.height / 2);
+  await page.mouse.down();
+  await page.mouse.move(box.x + box.width / 2 + 120, box.y + box.height / 2 + 30, { steps: 4 });
+  await page.mouse.up();
+  await page.evaluate(() => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r))));
+  report.splatsOrbited = await measureCanvas(page);
+  await page.locator('#viewer-canvas').screenshot({ path: join(config.out, 'viewer-splats-orbited.png') });
+
+  // Back to the mesh for the README screenshot.
+  await page.locator('input[name="mode"][value="mesh"]').check();
+  await page.locator('#reset-view').click();
+  await waitForViewer(page, 'mesh');
+  await page.locator('#results').screenshot({ path: join(config.out, 'web-results.png') });
+
+  report.overlay = await page.evaluate(() => {
+    const c = document.getElementById('overlay');
+    const { data } = c.getContext('2d').getImageData(0, 0, c.width, c.height);
+    let painted = 0;
+    for (let i = 3; i < data.length; i += 4) if (data[i] > 0) painted++;
+    return { width: c.width, height: c.height, points: Number(c.dataset.points), painted };
+  });
+
+  // Every download link, clicked like a person would.
+  const links = await page.locator('#downloads a').evaluateAll((as) =>
+    as.map((a) => ({ name: a.textContent, href: a.href, download: a.getAttribute('download'), size: Number(a.dataset.size) })),
+  );
+  report.downloads = [];
+  for (const link of links) {
+    const [download] = await Promise.all([
+      page.waitForEvent('download', { timeout: 30000 }),
+      page.locator('#downloads').getByRole('link', { name: link.name, exact: true }).click(),
+    ]);
+    const failure = await download.failure();
+    const path = failure ? null : await download.path();
+    const bytes = path ? readFileSync(path) : null;
+    const response = await context.request.get(link.href);
+    report.downloads.push({
+      ...link,
+      suggested: download.suggestedFilename(),
+      failure,
+      downloadedBytes: bytes ? bytes.length : null,
+      downloadedSha256: bytes ? createHash('sha256').update(bytes).digest('hex') : null,
+      httpStatus: response.status(),
+      httpBytes: (await response.body()).length,
+    });
+  }
+  report.overflowLaptop = await horizontalOverflow(page);
+
+  // The same results on a phone-sized viewport: one column, no sideways scrolling, and the viewer
+  // re-renders at its new size.
+  await page.setViewportSize({ width: 390, height: 844 });
+  await page.waitForFunction(() => document.getElementById('viewer-canvas').width < 400);
+  await page.evaluate(() => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r))));
+  report.overflowPhone = await horizontalOverflow(page);
+  report.meshPhone = await measureCanvas(page);
+  await page.screenshot({ path: join(config.out, 'web-phone-results.png'), fullPage: true });
+  await context.close();
+}
+
+async function uploadError() {
+  // A phone-sized page: the layout must fit and the error must be readable.
+  const context = await browser.newContext({
+    viewport: { width: 390, height: 844 },
+    deviceScaleFactor: 2,
+    isMobile: true,
+    hasTouch: true,
+  });
+  const page = await context.newPage();
+  watch(page);
+  await page.goto(config.url, { waitUntil: 'load' });
+  report.unlabeled = await unlabeledControls(page);
+  report.overflowPhone = await horizontalOverflow(page);
+  await page.setInputFiles('#images', config.photo);
+  await page.getByRole('button', { name: 'Make 3D heads' }).click();
+  await page.locator('#error').waitFor({ state: 'visible', timeout });
+  report.errorText = await page.locator('#error').innerText();
+  report.errorCode = await page.locator('#error').getAttribute('data-code');
+  report.errorRole = await page.locator('#error').getAttribute('role');
+  report.status = await page.locator('#status').innerText();
+  report.statusState = await page.locator('#status').getAttribute('data-state');
+  report.jobId = await page.locator('#status').getAttribute('data-job-id');
+  await page.screenshot({ path: join(config.out, `web-phone-error-${config.name ?? 'upload'}.png`), fullPage: true });
+  await context.close();
+}
+
+try {
+  if (scenario === 'reconstruct') await reconstruct();
+  else if (scenario === 'upload-error') await uploadError();
+  else throw new Error(`unknown scenario ${scenario}`);
+} catch (err) {
+  report.exception = String(err?.stack ?? err);
+} finally {
+  await browser.close();
+}
+process.stdout.write(`${JSON.stringify(report)}\n`);

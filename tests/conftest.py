@@ -1,0 +1,76 @@
+"""Shared fixtures: real photos, the shared data folder, and the default networks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from numpy.typing import NDArray
+
+from headforge.models.runtime import DefaultNetworks
+
+# Real photos with labels sit beside the repository (../shared/data); absent on users' machines.
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_data(*parts: str) -> Path:
+    """A path under ../shared/data, or skip the test when it is absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"shared test data not present: {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> Path:
+    """../shared/data; skips the test when the folder is absent."""
+    return shared_data()
+
+
+@pytest.fixture(scope="session")
+def voc_faces_dir() -> Path:
+    """../shared/data/voc-faces (group photos with labelled face boxes); skips when absent."""
+    return shared_data("voc-faces")
+
+
+@pytest.fixture(scope="session")
+def astronaut() -> NDArray[np.uint8]:
+    """scikit-image's astronaut photo (512×512 RGB, one face)."""
+    from skimage.data import astronaut as load
+
+    return np.ascontiguousarray(load())
+
+
+def load_litert_or_skip(num_threads: int = 1) -> DefaultNetworks:
+    """The original .tflite networks under the LiteRT interpreter, or skip."""
+    pytest.importorskip("ai_edge_litert")
+    from headforge.config import tflite_source_dir
+    from headforge.models.litert import load_litert_networks
+
+    source = tflite_source_dir()
+    if not (source / "face_landmark.tflite").exists():
+        pytest.skip(f"no .tflite files in {source}; run `headforge models pull`")
+    return load_litert_networks(source, num_threads=num_threads)
+
+
+@pytest.fixture(scope="session")
+def litert_networks() -> DefaultNetworks:
+    """Reference backend: the original .tflite files run by LiteRT."""
+    return load_litert_or_skip()
+
+
+@pytest.fixture(scope="session")
+def networks() -> DefaultNetworks:
+    """The default networks as served: the ONNX Runtime model repository when it exists,
+    otherwise the LiteRT reference backend (same `Network` contract)."""
+    from headforge.errors import ModelsMissingError
+    from headforge.models import runtime
+
+    loader = getattr(runtime, "load_default_networks", None)
+    if loader is not None:
+        try:
+            return loader()  # type: ignore[no-any-return]
+        except ModelsMissingError:
+            pass
+    return load_litert_or_skip()

@@ -1,0 +1,277 @@
+"""Helpers that start real service stacks for the tests: `redis-server` on a free loopback port (AOF on), Celery worker
+subprocesses (`headforge worker`), and the API under uvicorn, spoken to over HTTP. Every process is
+started in its own session and killed at teardown, so a hung child cannot outlive the tests."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from headforge.client import HeadforgeClient
+from headforge.service.auth import hash_key
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REDIS_SERVER = "redis-server"
+
+# Small outputs keep the pipeline fast on 2 cores; the stages are the real ones.
+FAST_OPTIONS: dict[str, Any] = {"texture_size": 512, "splats": 500}
+
+KEYS = {
+    "alice": "hf_test_alice_0123456789",
+    "bob": "hf_test_bob_0123456789",
+    "limited": "hf_test_limited_0123456789",
+    "capped": "hf_test_capped_0123456789",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+
+def jpeg_bytes(rgb: np.ndarray, quality: int = 90) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def astronaut(size: int = 320) -> np.ndarray:
+    from skimage import data
+
+    image = Image.fromarray(data.astronaut()).resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(image)
+
+
+def astronaut_jpeg(size: int = 320) -> bytes:
+    return jpeg_bytes(astronaut(size))
+
+
+class Process:
+    """A child process in its own session (so kill -9 reaches its pool children too)."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path):
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self.log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop)
+        self.popen = subprocess.Popen(argv, env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO,
+                                      start_new_session=True)
+
+    @property
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def kill9(self) -> None:
+        """SIGKILL the whole process group: parent and pool children, no cleanup."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        self.popen.wait(timeout=10)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.alive:
+            try:
+                os.killpg(self.popen.pid, signal.SIGTERM)
+                self.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+            except ProcessLookupError:
+                pass
+        # Whatever is left of the group (orphaned pool children) goes too.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        self.log.close()
+
+    def tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+@dataclass
+class Stack:
+    """One deployment under test: data dir, optional Redis, workers, API."""
+
+    root: Path
+    env: dict[str, str]
+    redis_port: int | None = None
+    api_port: int = 0
+    redis: Process | None = None
+    api: Process | None = None
+    workers: list[Process] = field(default_factory=list)
+    _names: int = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    def start_redis(self) -> None:
+        assert self.redis_port is not None
+        self.redis = Process("redis", [
+            REDIS_SERVER, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--appendonly", "yes",
+            "--appendfsync", "always", "--dir", str(self.root), "--save", "", "--protected-mode", "yes",
+        ], self.env, self.root)
+        import redis
+
+        client = redis.Redis(port=self.redis_port, socket_connect_timeout=1)
+        wait_until(lambda: _pings(client), 20, "redis-server")
+
+    def stop_redis(self) -> None:
+        """Graceful shutdown (Redis flushes the AOF), like a restart by an orchestrator."""
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+
+    def start_worker(self, concurrency: int = 1) -> Process:
+        self._names += 1
+        worker = Process(f"worker{self._names}", [
+            sys.executable, "-m", "headforge", "worker", "--queue", "cpu", "--queue", "gpu",
+            "--concurrency", str(concurrency), "--hostname", f"w{self._names}@%h",
+        ], self.env, self.root)
+        self.workers.append(worker)
+        return worker
+
+    def start_api(self) -> None:
+        self.api = Process("api", [
+            sys.executable, "-m", "uvicorn", "--factory", "headforge.service.app:app_from_env",
+            "--host", "127.0.0.1", "--port", str(self.api_port), "--log-level", "warning",
+        ], self.env, self.root)
+        wait_until(self._healthy, 60, "the API to answer /healthz")
+
+    def _healthy(self) -> bool:
+        if self.api is not None and not self.api.alive:
+            raise RuntimeError(f"the API exited:\n{self.api.tail()}")
+        try:
+            return httpx.get(f"{self.base_url}/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop_api(self) -> None:
+        if self.api is not None:
+            self.api.stop()
+            self.api = None
+
+    def wait_for_workers(self, count: int, timeout: float = 120) -> None:
+        wait_until(lambda: self.ready_workers() >= count, timeout, f"{count} workers")
+
+    def ready_workers(self) -> int:
+        try:
+            response = httpx.get(f"{self.base_url}/readyz", timeout=5)
+        except httpx.HTTPError:
+            return 0
+        return int(response.json().get("workers", 0)) if response.status_code == 200 else 0
+
+    def client(self, key: str | None = "alice") -> HeadforgeClient:
+        return HeadforgeClient(self.base_url, api_key=KEYS[key] if key else None, timeout=120)
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+        self.stop_api()
+        self.stop_redis()
+
+    def logs(self) -> str:
+        parts = [p for p in [self.api, self.redis, *self.workers] if p is not None]
+        return "\n".join(f"--- {p.name}\n{p.tail()}" for p in parts)
+
+
+def _pings(client: Any) -> bool:
+    try:
+        return bool(client.ping())
+    except Exception:
+        return False
+
+
+def write_keys_file(path: Path) -> Path:
+    entries = [
+        {"id": "alice", "sha256": hash_key(KEYS["alice"])},
+        {"id": "bob", "sha256": hash_key(KEYS["bob"])},
+        {"id": "limited", "sha256": hash_key(KEYS["limited"]), "rate_limit_per_minute": 6, "rate_limit_burst": 2},
+        {"id": "capped", "sha256": hash_key(KEYS["capped"]), "max_queued": 1},
+    ]
+    path.write_text(json.dumps({"keys": entries}))
+    return path
+
+
+def base_env(root: Path, **overrides: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HEADFORGE_") or k == "HEADFORGE_HOME"}
+    env.update({
+        "HEADFORGE_DATA_DIR": str(root / "data"),
+        "HEADFORGE_JSON_LOGS": "1",
+        "HEADFORGE_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+        "HEADFORGE_LEASE_SECONDS": "4",
+        "HEADFORGE_SWEEP_INTERVAL": "1",
+        "HEADFORGE_REDISPATCH_AFTER": "120",
+        "HEADFORGE_TASK_SOFT_TIME_LIMIT": "240",
+        "HEADFORGE_TASK_TIME_LIMIT": "300",
+        "HEADFORGE_MAX_UPLOAD_BYTES": "3000000",
+        "HEADFORGE_MAX_IMAGE_PIXELS": "6000000",
+        "HEADFORGE_MAX_FILES_PER_JOB": "4",
+        "HEADFORGE_MAX_FILES_PER_BATCH": "40",
+        "HEADFORGE_RATE_LIMIT_PER_MINUTE": "6000",
+        "HEADFORGE_RATE_LIMIT_BURST": "1000",
+        "HEADFORGE_WEBHOOK_SECRET": "test-webhook-secret",
+        "HEADFORGE_WEBHOOK_ALLOW_PRIVATE": "1",
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.update(overrides)
+    return env
+
+
+def make_stack(root: Path, *, redis: bool, auth: bool = True, **env: str) -> Stack:
+    root.mkdir(parents=True, exist_ok=True)
+    overrides = dict(env)
+    redis_port = free_port() if redis else None
+    if redis_port is not None:
+        overrides["HEADFORGE_REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
+    if auth:
+        overrides["HEADFORGE_API_KEYS_FILE"] = str(write_keys_file(root / "keys.json"))
+    return Stack(root=root, env=base_env(root, **overrides), redis_port=redis_port, api_port=free_port())
+
+
+def require_redis() -> None:
+    from shutil import which
+
+    if which(REDIS_SERVER) is None:
+        pytest.skip("redis-server is not installed (scripts/test.sh installs it)")
+
+
+def require_models() -> None:
+    from headforge.errors import ModelsMissingError
+    from headforge.models.runtime import default_network_paths
+
+    try:
+        default_network_paths()
+    except ModelsMissingError as error:
+        pytest.skip(f"default models missing ({error.message}); run `headforge models pull`")
+
+
+def wait_job(client: HeadforgeClient, job_id: str, timeout: float = 240) -> dict[str, Any]:
+    return client.wait(job_id, timeout=timeout, poll=0.2)

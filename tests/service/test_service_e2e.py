@@ -1,0 +1,385 @@
+"""End to end over HTTP: uvicorn + redis-server + Celery worker processes running the real pipeline."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import threading
+import zipfile
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import trimesh
+from PIL import Image
+from stacklib import (
+    FAST_OPTIONS,
+    KEYS,
+    SHARED_DATA,
+    Stack,
+    astronaut,
+    astronaut_jpeg,
+    jpeg_bytes,
+    wait_job,
+    wait_until,
+)
+
+from headforge.client import ApiError
+from headforge.service import webhooks
+
+pytestmark = [pytest.mark.service, pytest.mark.timeout(600)]
+
+
+class WebhookReceiver:
+    """A local HTTP server that records every POST it gets."""
+
+    def __init__(self) -> None:
+        received: list[dict[str, Any]] = []
+        self.received = received
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                received.append({"headers": dict(self.headers), "body": body})
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+    def for_job(self, job_id: str) -> list[dict[str, Any]]:
+        return [r for r in self.received if json.loads(r["body"])["job"]["id"] == job_id]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture()
+def receiver() -> Iterator[WebhookReceiver]:
+    server = WebhookReceiver()
+    yield server
+    server.close()
+
+
+def _error(response: httpx.Response) -> dict[str, Any]:
+    body = response.json()
+    assert set(body) == {"error"}, body
+    assert set(body["error"]) == {"code", "message", "details"}, body
+    return dict(body["error"])
+
+
+def test_submit_poll_download_and_verify(redis_stack: Stack, receiver: WebhookReceiver, tmp_path: Path) -> None:
+    with redis_stack.client() as client:
+        accepted = client.submit([("astronaut.jpg", astronaut_jpeg())], webhook_url=receiver.url, **FAST_OPTIONS)
+        assert set(accepted) == {"id", "status", "status_url"}
+        assert accepted["status"] in ("queued", "running", "succeeded")
+        seen: list[dict[str, Any]] = []
+        job = client.wait(accepted["id"], timeout=240, poll=0.05, on_update=seen.append)
+        assert job["status"] == "succeeded", job["error"]
+        assert job["error"] is None and job["attempts"] == 1
+        assert job["queue_position"] is None
+        for doc in seen:
+            if doc["status"] == "queued":
+                assert isinstance(doc["queue_position"], int) and doc["queue_position"] >= 0
+        assert {"queue_wait", "pipeline", "detect_landmarks", "total"} <= set(job["timings_ms"])
+        assert all(value == 1.0 for value in job["progress"].values()) and "detect_landmarks" in job["progress"]
+
+        names = {a["name"] for a in job["artifacts"]}
+        assert {"h0.glb", "h0.obj", "h0.mtl", "h0_texture.png", "h0_splats.ply", "preview.png", "result.json"} <= names
+        media = {a["name"]: a["media_type"] for a in job["artifacts"]}
+        assert media["h0.glb"] == "model/gltf-binary" and media["preview.png"] == "image/png"
+
+        saved = client.download_artifacts(job, tmp_path)  # checks size and sha256 of each file
+        assert len(saved) == len(job["artifacts"])
+        mesh = trimesh.load(tmp_path / "h0.glb", force="mesh")
+        assert len(mesh.vertices) >= 468 and len(mesh.faces) > 800
+        assert json.loads((tmp_path / "result.json").read_text()) == job["result"]
+        assert len(job["result"]["heads"]) == 1
+
+        response = client.http.get(f"/v1/jobs/{job['id']}/artifacts/h0.glb")
+        assert response.headers["content-type"] == "model/gltf-binary"
+        glb = next(a for a in job["artifacts"] if a["name"] == "h0.glb")
+        assert hashlib.sha256(response.content).hexdigest() == glb["sha256"]
+        missing = client.http.get(f"/v1/jobs/{job['id']}/artifacts/nope.glb")
+        assert missing.status_code == 404 and _error(missing)["code"] == "not_found"
+
+    deliveries = wait_until(lambda: receiver.for_job(job["id"]), 30, "the webhook")
+    assert len(deliveries) == 1
+    headers = {k.lower(): v for k, v in deliveries[0]["headers"].items()}
+    assert webhooks.verify(deliveries[0]["body"], "test-webhook-secret", headers["x-headforge-signature"])
+    assert not webhooks.verify(deliveries[0]["body"] + b" ", "test-webhook-secret", headers["x-headforge-signature"])
+    assert headers["x-headforge-event"] == "job.succeeded"
+    assert json.loads(deliveries[0]["body"])["job"]["status"] == "succeeded"
+
+
+def test_wait_returns_the_finished_job_inline(redis_stack: Stack) -> None:
+    with redis_stack.client() as client:
+        response = client.http.post(
+            "/v1/jobs", params={"wait": 60}, files=[("images", ("a.jpg", astronaut_jpeg(256), "image/jpeg"))],
+            data={k: str(v) for k, v in FAST_OPTIONS.items()},
+        )
+        assert response.status_code == 200, response.text
+        job = response.json()
+        assert job["status"] == "succeeded" and job["result"]["heads"]
+
+
+def _batch_images() -> list[tuple[str, bytes]]:
+    """20 small real photos: AFLW2000 samples when present, and crops/flips of the astronaut."""
+    images: list[tuple[str, bytes]] = []
+    aflw = SHARED_DATA / "aflw2000-sample"
+    if aflw.is_dir():
+        for path in sorted(aflw.glob("*.jpg"))[:8]:
+            rgb = np.asarray(Image.open(path).convert("RGB").resize((256, 256)))
+            images.append((path.name, jpeg_bytes(rgb)))
+    base = astronaut(400)
+    variant = 0
+    while len(images) < 20:
+        top, left = (variant * 7) % 60, (variant * 11) % 60
+        crop = base[top : top + 320, left : left + 320]
+        if variant % 2:
+            crop = crop[:, ::-1]
+        size = 224 + 16 * (variant % 4)
+        rgb = np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize((size, size)))
+        images.append((f"astronaut_{variant:02d}.jpg", jpeg_bytes(rgb)))
+        variant += 1
+    return images
+
+
+def test_batch_of_twenty_photos(redis_stack: Stack) -> None:
+    images = _batch_images()
+    with redis_stack.client() as client:
+        accepted = client.submit_batch(images, outputs="glb,obj", splats=0, texture_size=512)
+        assert len(accepted["jobs"]) == 20
+        early = client.http.get(f"/v1/batches/{accepted['id']}/archive")
+        batch = client.batch(accepted["id"])
+        assert batch["total"] == 20 and sum(batch["counts"].values()) == 20
+        if batch["status"] != "finished":
+            assert early.status_code == 409 and _error(early)["code"] == "job_not_finished"
+        batch = wait_until(
+            lambda: (b := client.batch(accepted["id"]))["status"] == "finished" and b, 400, "the batch", 0.5)
+        assert batch["counts"]["succeeded"] == 20, batch
+        assert batch["progress"] == 1.0
+        archive = zipfile.ZipFile(io.BytesIO(client.batch_archive(accepted["id"])))
+        names = archive.namelist()
+        assert "batch.json" in names
+        for number, entry in enumerate(batch["jobs"]):
+            job = client.job(entry["id"])
+            assert job["batch_id"] == accepted["id"]
+            folder = f"{number:03d}_{Path(entry['filename']).stem}"
+            for artifact in job["artifacts"]:
+                data = archive.read(f"{folder}/{artifact['name']}")
+                assert hashlib.sha256(data).hexdigest() == artifact["sha256"]
+        faces = sum(len(client.job(e["id"])["result"]["heads"]) for e in batch["jobs"])
+        assert faces >= 18  # every photo shows one face; allow the detector two misses
+
+
+def test_batch_from_a_zip(redis_stack: Stack) -> None:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("photos/one.jpg", astronaut_jpeg(224))
+        archive.writestr("photos/two.png", _png(astronaut(240)))
+        archive.writestr("notes.txt", b"not an image, ignored")
+        archive.writestr("__MACOSX/._one.jpg", b"resource fork, ignored")
+    with redis_stack.client() as client:
+        accepted = client.submit_batch(archive=("photos.zip", buffer.getvalue()), outputs="glb", splats=0,
+                                       texture_size=512)
+        assert len(accepted["jobs"]) == 2
+        batch = wait_until(lambda: (b := client.batch(accepted["id"]))["status"] == "finished" and b, 240,
+                           "the zip batch", 0.5)
+        assert batch["counts"]["succeeded"] == 2
+        assert sorted(j["filename"] for j in batch["jobs"]) == ["one.jpg", "two.png"]
+
+
+def _png(rgb: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_idempotency_key(redis_stack: Stack) -> None:
+    image = astronaut_jpeg(232)
+    with redis_stack.client() as client:
+        first = client.submit([("a.jpg", image)], idempotency_key="key-1", **FAST_OPTIONS)
+        again = client.submit([("a.jpg", image)], idempotency_key="key-1", **FAST_OPTIONS)
+        assert again["id"] == first["id"]
+        with pytest.raises(ApiError) as conflict:
+            client.submit([("a.jpg", astronaut_jpeg(240))], idempotency_key="key-1", **FAST_OPTIONS)
+        assert conflict.value.code == "idempotency_conflict" and conflict.value.http_status == 409
+        other = client.submit([("a.jpg", image)], idempotency_key="key-2", **FAST_OPTIONS)
+        assert other["id"] != first["id"]
+        assert wait_job(client, first["id"])["status"] == "succeeded"
+        finished = client.submit([("a.jpg", image)], idempotency_key="key-1", **FAST_OPTIONS)
+        assert finished["id"] == first["id"]
+        assert wait_job(client, other["id"])["status"] == "succeeded"
+    with redis_stack.client("bob") as bob:  # keys are scoped per API key
+        assert bob.submit([("a.jpg", image)], idempotency_key="key-1", **FAST_OPTIONS)["id"] != first["id"]
+
+
+def test_auth_and_isolation(redis_stack: Stack) -> None:
+    url = redis_stack.base_url
+    files = [("images", ("a.jpg", astronaut_jpeg(224), "image/jpeg"))]
+    anonymous = httpx.post(f"{url}/v1/jobs", files=files)
+    assert anonymous.status_code == 401 and _error(anonymous)["code"] == "unauthorized"
+    assert anonymous.headers["www-authenticate"] == "Bearer"
+    wrong = httpx.get(f"{url}/v1/jobs", headers={"Authorization": "Bearer hf_not_a_key"})
+    assert wrong.status_code == 401 and _error(wrong)["code"] == "unauthorized"
+    basic = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Basic {KEYS['alice']}"})
+    assert basic.status_code == 401
+
+    with redis_stack.client("alice") as alice, redis_stack.client("bob") as bob:
+        job = wait_job(alice, alice.submit([("a.jpg", astronaut_jpeg(224))], **FAST_OPTIONS)["id"])
+        batch = alice.submit_batch([("b.jpg", astronaut_jpeg(240))], splats=0, outputs="glb", texture_size=512)
+        for path in (f"/v1/jobs/{job['id']}", f"/v1/jobs/{job['id']}/artifacts/h0.glb",
+                     f"/v1/batches/{batch['id']}", f"/v1/batches/{batch['id']}/archive"):
+            response = bob.http.get(path)
+            assert response.status_code == 404, path
+            assert _error(response)["code"] == "not_found"
+        assert bob.http.delete(f"/v1/jobs/{job['id']}").status_code == 404
+        assert bob.http.delete(f"/v1/batches/{batch['id']}").status_code == 404
+        assert job["id"] not in {j["id"] for j in bob.jobs(limit=500)}
+        assert job["id"] in {j["id"] for j in alice.jobs(limit=500)}
+        assert alice.job(job["id"])["status"] == "succeeded"  # untouched by bob's delete
+        wait_until(lambda: alice.batch(batch["id"])["status"] == "finished", 240, "alice's batch", 0.5)
+
+
+def test_rate_limit_and_queued_cap(redis_stack: Stack) -> None:
+    with redis_stack.client("limited") as limited:
+        statuses = []
+        for _ in range(4):
+            response = limited.http.post("/v1/jobs", files=[("images", ("x.txt", b"not an image", "text/plain"))])
+            statuses.append(response.status_code)
+            if response.status_code == 429:
+                error = _error(response)
+                assert error["code"] == "rate_limited"
+                assert int(response.headers["retry-after"]) >= 1
+                assert error["details"]["retry_after"] >= 1
+        assert statuses[:2] == [415, 415] and 429 in statuses[2:]
+    with redis_stack.client("capped") as capped:
+        with pytest.raises(ApiError) as too_many:
+            capped.submit_batch([("a.jpg", astronaut_jpeg(224)), ("b.jpg", astronaut_jpeg(232))], splats=0)
+        assert too_many.value.code == "too_many_queued" and too_many.value.http_status == 429
+        assert too_many.value.retry_after is not None
+        assert capped.jobs() == []  # nothing was stored
+
+
+def _truncated_jpeg() -> bytes:
+    data = astronaut_jpeg(320)
+    return data[: len(data) // 2]
+
+
+def _huge_pixels_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (3000, 2500)).save(buffer, "PNG")  # 7.5 MP, over the stack's 6 MP limit; small file
+    return buffer.getvalue()
+
+
+BAD_UPLOADS = {
+    "not_an_image": ([("images", ("notes.txt", b"hello, this is text", "text/plain"))], {}, 415),
+    "truncated_image": ([("images", ("cut.jpg", _truncated_jpeg(), "image/jpeg"))], {}, 400),
+    "empty_file": ([("images", ("empty.jpg", b"", "image/jpeg"))], {}, 400),
+    "file_too_large": ([("images", ("big.jpg", b"\xff\xd8\xff" + bytes(3_000_100), "image/jpeg"))], {}, 413),
+    "too_many_pixels": ([("images", ("wide.png", _huge_pixels_png(), "image/png"))], {}, 413),
+    "too_many_files": ([("images", (f"{i}.jpg", b"x", "image/jpeg")) for i in range(5)], {}, 413),
+    "unknown_pipeline": (None, {"pipeline": "nosuch"}, 422),
+    "invalid_option": (None, {"texture_size": "7"}, 422),
+}
+
+
+@pytest.mark.parametrize("code", sorted(BAD_UPLOADS))
+def test_bad_inputs_are_refused_at_the_gateway(redis_stack: Stack, code: str) -> None:
+    files, data, status = BAD_UPLOADS[code]
+    files = files or [("images", ("a.jpg", astronaut_jpeg(224), "image/jpeg"))]
+    with redis_stack.client("bob") as bob:
+        before = {j["id"] for j in bob.jobs(limit=500)}
+        response = bob.http.post("/v1/jobs", files=files, data=data)
+        assert response.status_code == status, response.text
+        assert _error(response)["code"] == code
+        assert {j["id"] for j in bob.jobs(limit=500)} == before  # never reached a worker
+
+
+def test_request_shape_errors_use_the_same_error_body(redis_stack: Stack) -> None:
+    with redis_stack.client() as client:
+        no_images = client.http.post("/v1/jobs", data={"pipeline": "facemesh"})
+        assert no_images.status_code == 422 and _error(no_images)["code"] == "invalid_option"
+        not_int = client.http.post("/v1/jobs", files=[("images", ("a.jpg", b"x", "image/jpeg"))],
+                                   data={"texture_size": "big"})
+        assert not_int.status_code == 422 and _error(not_int)["code"] == "invalid_option"
+        long_wait = client.http.post("/v1/jobs?wait=999", files=[("images", ("a.jpg", b"x", "image/jpeg"))])
+        assert long_wait.status_code == 422
+        assert _error(client.http.get("/v1/nothing-here"))["code"] == "not_found"
+        put = client.http.put("/v1/jobs")
+        assert put.status_code == 405 and _error(put)["code"] == "method_not_allowed"
+        unknown = client.http.get("/v1/jobs/job_doesnotexist")
+        assert unknown.status_code == 404 and _error(unknown)["code"] == "not_found"
+
+
+def test_pipeline_unavailable(redis_stack: Stack) -> None:
+    with redis_stack.client() as client:
+        unavailable = [p["name"] for p in client.models()["pipelines"] if not p["available"]]
+        if not unavailable:
+            pytest.skip("every registered pipeline is available on this machine")
+        response = client.http.post("/v1/jobs", files=[("images", ("a.jpg", astronaut_jpeg(224), "image/jpeg"))],
+                                    data={"pipeline": unavailable[0]})
+        assert response.status_code == 422 and _error(response)["code"] == "pipeline_unavailable"
+
+
+def test_delete_removes_a_finished_job(redis_stack: Stack) -> None:
+    with redis_stack.client() as client:
+        job = wait_job(client, client.submit([("a.jpg", astronaut_jpeg(224))], **FAST_OPTIONS)["id"])
+        artifacts_dir = redis_stack.root / "data" / "artifacts" / "jobs" / job["id"]
+        assert artifacts_dir.is_dir()
+        assert client.http.delete(f"/v1/jobs/{job['id']}").status_code == 204
+        assert client.http.get(f"/v1/jobs/{job['id']}").status_code == 404
+        assert not artifacts_dir.exists()
+        assert not (redis_stack.root / "data" / "artifacts" / "inputs" / job["id"]).exists()
+
+
+def test_cancel_a_queued_job(redis_stack: Stack) -> None:
+    with redis_stack.client() as client:
+        accepted = client.submit_batch(
+            [(f"{i}.jpg", astronaut_jpeg(224 + 8 * i)) for i in range(6)], splats=0, outputs="glb",
+            texture_size=512)
+        last = accepted["jobs"][-1]
+        response = client.http.delete(f"/v1/jobs/{last}")
+        if response.status_code == 204:  # it had already finished on a fast machine: removal is fine too
+            assert client.http.get(f"/v1/jobs/{last}").status_code == 404
+        else:
+            assert response.status_code == 200 and response.json()["status"] == "canceled"
+            wait_until(lambda: client.batch(accepted["id"])["status"] == "finished", 240, "the batch", 0.5)
+            job = client.job(last)
+            assert job["status"] == "canceled" and job["artifacts"] == []
+
+
+def test_models_health_ready_metrics(redis_stack: Stack) -> None:
+    with redis_stack.client() as client:
+        models = client.models()
+        facemesh = next(p for p in models["pipelines"] if p["name"] == "facemesh")
+        assert facemesh["available"] is True
+        assert {m["name"] for m in models["models"]} >= {"face_landmark", "face_detection_short_range"}
+        assert all(m["available"] for m in models["models"])
+        assert client.http.get("/healthz").json() == {"status": "ok"}
+        ready = client.http.get("/readyz").json()
+        assert ready["status"] == "ready" and ready["workers"] >= 1
+        schema = client.http.get("/v1/schemas/result")
+        assert schema.status_code == 200 and "properties" in schema.json()
+        wait_job(client, client.submit([("a.jpg", astronaut_jpeg(224))], **FAST_OPTIONS)["id"])
+        text = client.http.get("/metrics").text
+        assert 'headforge_jobs{status="succeeded"}' in text
+        assert 'headforge_stage_seconds_bucket{le="+Inf",stage="detect_landmarks"}' in text
+        assert 'headforge_queue_depth{queue="cpu"}' in text
+        assert "headforge_workers 1.0" in text or "headforge_workers 2.0" in text
+        assert 'headforge_http_requests_total{method="GET"' in text

@@ -1,0 +1,245 @@
+"""Decode stage: every accepted format and pixel mode, EXIF orientation, and each refusal code,
+on real files written by Pillow (and OpenCV for 16-bit colour, which Pillow cannot write)."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data
+
+from headforge.errors import EmptyFileError, NotAnImageError, TooManyPixelsError, TruncatedImageError
+from headforge.pipeline.decode import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV, decode_image, probe_image
+
+FORMATS = ["JPEG", "PNG", "WEBP", "BMP", "TIFF"]
+LOSSLESS = {"PNG", "BMP", "TIFF"}
+
+
+@pytest.fixture(scope="module")
+def small_photo() -> np.ndarray:
+    return np.ascontiguousarray(data.astronaut()[::2, ::2])  # 256x256 keeps the suite fast
+
+
+def encode(image: Image.Image, fmt: str, **params: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **params)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_each_format_decodes_to_rgb8(small_photo: np.ndarray, fmt: str) -> None:
+    payload = encode(Image.fromarray(small_photo), fmt)
+    decoded = decode_image(payload)
+    assert decoded.source_format == fmt
+    assert decoded.rgb.dtype == np.uint8 and decoded.rgb.shape == small_photo.shape
+    assert decoded.rgb.flags.c_contiguous
+    error = np.abs(decoded.rgb.astype(int) - small_photo.astype(int)).mean()
+    assert error == 0 if fmt in LOSSLESS else error < 8
+    assert probe_image(payload) == (fmt, small_photo.shape[1], small_photo.shape[0])
+
+
+@pytest.mark.parametrize(
+    ("mode", "fmt"),
+    [
+        ("L", "PNG"),
+        ("L", "JPEG"),
+        ("CMYK", "JPEG"),
+        ("CMYK", "TIFF"),
+        ("P", "PNG"),
+        ("P", "BMP"),
+        ("1", "PNG"),
+    ],
+)
+def test_pixel_modes_convert_to_rgb(small_photo: np.ndarray, mode: str, fmt: str) -> None:
+    source = Image.fromarray(small_photo).convert(mode)
+    decoded = decode_image(encode(source, fmt))
+    assert decoded.source_mode == mode
+    assert decoded.rgb.shape == small_photo.shape and decoded.rgb.dtype == np.uint8
+    expected = np.asarray(source.convert("RGB"), dtype=int)
+    tolerance = 0 if fmt != "JPEG" else 8
+    assert np.abs(decoded.rgb.astype(int) - expected).mean() <= tolerance
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_16_bit_grayscale_scales_to_8_bit(small_photo: np.ndarray, fmt: str) -> None:
+    gray8 = np.asarray(Image.fromarray(small_photo).convert("L"))
+    gray16 = gray8.astype(np.uint16) * 257  # full 16-bit range
+    decoded = decode_image(encode(Image.fromarray(gray16), fmt))
+    assert decoded.source_mode.startswith("I")
+    assert np.array_equal(decoded.rgb[..., 0], gray8)
+    assert np.array_equal(decoded.rgb[..., 0], decoded.rgb[..., 2])
+
+
+@pytest.mark.parametrize("extension", [".png", ".tiff"])
+def test_16_bit_colour_scales_to_8_bit(small_photo: np.ndarray, extension: str) -> None:
+    ok, encoded = cv2.imencode(extension, small_photo[..., ::-1].astype(np.uint16) * 257)
+    assert ok
+    decoded = decode_image(encoded.tobytes())
+    assert np.abs(decoded.rgb.astype(int) - small_photo.astype(int)).max() <= 1
+
+
+def test_alpha_is_composited_on_white(small_photo: np.ndarray) -> None:
+    rgba = np.dstack([small_photo, np.zeros(small_photo.shape[:2], np.uint8)])
+    rgba[:, : small_photo.shape[1] // 2, 3] = 255  # left half opaque, right half transparent
+    rgba[:, -10:, 3] = 128
+    decoded = decode_image(encode(Image.fromarray(rgba, "RGBA"), "PNG"))
+    assert decoded.source_mode == "RGBA"
+    half = small_photo.shape[1] // 2
+    assert np.array_equal(decoded.rgb[:, :half], small_photo[:, :half])
+    assert (decoded.rgb[:, half:-10] == 255).all()
+    blended = np.rint(small_photo[:, -10:] * (128 / 255) + 255 * (127 / 255))
+    assert np.abs(decoded.rgb[:, -10:].astype(float) - blended).max() <= 1
+
+
+def test_palette_transparency_and_grayscale_alpha(small_photo: np.ndarray) -> None:
+    la = Image.fromarray(np.dstack([small_photo[..., 0], np.zeros(small_photo.shape[:2], np.uint8)]), "LA")
+    assert (decode_image(encode(la, "PNG")).rgb == 255).all()
+    palette = Image.fromarray(small_photo).convert("P")
+    palette.info["transparency"] = int(np.asarray(palette)[0, 0])
+    decoded = decode_image(encode(palette, "PNG", transparency=palette.info["transparency"]))
+    assert (decoded.rgb[0, 0] == 255).all()
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied_and_reported(orientation: int) -> None:
+    # A 60x40 image whose top-left quadrant is red: after orientation, find where red lands.
+    stored = np.zeros((40, 60, 3), np.uint8)
+    stored[:20, :30] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    payload = encode(Image.fromarray(stored), "PNG", exif=exif.tobytes())
+    decoded = decode_image(payload)
+    expected = np.asarray(
+        Image.fromarray(stored).transpose(_TRANSPOSES[orientation])
+        if orientation > 1
+        else Image.fromarray(stored)
+    )
+    assert decoded.exif_orientation == orientation
+    assert np.array_equal(decoded.rgb, expected)
+    assert probe_image(payload)[1:] == (decoded.width, decoded.height)
+    assert (decoded.width, decoded.height) == ((40, 60) if orientation >= 5 else (60, 40))
+
+
+_TRANSPOSES = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def test_jpeg_exif_orientation(small_photo: np.ndarray) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    decoded = decode_image(
+        encode(Image.fromarray(small_photo[:, :100]), "JPEG", exif=exif.tobytes(), quality=95)
+    )
+    assert decoded.exif_orientation == 6 and decoded.rgb.shape == (100, 256, 3)
+
+
+def test_empty_file() -> None:
+    with pytest.raises(EmptyFileError) as caught:
+        decode_image(b"")
+    assert caught.value.code == "empty_file"
+    with pytest.raises(EmptyFileError):
+        probe_image(b"")
+
+
+@pytest.mark.parametrize("payload", [b"hello, this is text", b"\x00" * 4096, b"%PDF-1.7\n" + b"x" * 100])
+def test_not_an_image(payload: bytes) -> None:
+    with pytest.raises(NotAnImageError) as caught:
+        decode_image(payload)
+    assert caught.value.code == "not_an_image" and caught.value.http_status == 415
+
+
+def test_unsupported_format_is_named(small_photo: np.ndarray) -> None:
+    with pytest.raises(NotAnImageError) as caught:
+        probe_image(encode(Image.fromarray(small_photo), "GIF"))
+    assert "GIF" in caught.value.message
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("keep", [0.5, 0.1])
+def test_truncated_files(small_photo: np.ndarray, fmt: str, keep: float) -> None:
+    payload = encode(Image.fromarray(small_photo), fmt)
+    with pytest.raises(TruncatedImageError) as caught:
+        decode_image(payload[: int(len(payload) * keep)])
+    assert caught.value.code == "truncated_image"
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "TIFF"])
+def test_header_only_fragment_is_truncated(small_photo: np.ndarray, fmt: str) -> None:
+    payload = encode(Image.fromarray(small_photo), fmt)
+    with pytest.raises(TruncatedImageError):
+        decode_image(payload[:40])
+
+
+def test_corrupt_png_data_is_refused(small_photo: np.ndarray) -> None:
+    payload = bytearray(encode(Image.fromarray(small_photo), "PNG"))
+    middle = len(payload) // 2
+    payload[middle : middle + 64] = bytes(64)  # damage IDAT; its CRC no longer matches
+    with pytest.raises(NotAnImageError) as caught:
+        decode_image(bytes(payload))
+    assert caught.value.code == "not_an_image"
+
+
+def test_corrupt_header_is_refused(small_photo: np.ndarray) -> None:
+    payload = bytearray(encode(Image.fromarray(small_photo), "PNG"))
+    payload[16:24] = b"\xff" * 8  # IHDR width/height become absurd, CRC mismatches
+    with pytest.raises((NotAnImageError, TooManyPixelsError)):
+        decode_image(bytes(payload))
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose IHDR claims width x height, followed by one tiny IDAT: a decompression bomb's
+    header without its pixels, so the test proves the limit is enforced before decoding."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_pixel_limit_checked_from_header() -> None:
+    bomb = _png_header_only(20_000, 20_000)  # 400 MP claimed, a few dozen bytes on disk
+    assert len(bomb) < 200
+    for call in (decode_image, probe_image):
+        with pytest.raises(TooManyPixelsError) as caught:
+            call(bomb)
+        assert caught.value.code == "too_many_pixels" and caught.value.http_status == 413
+        assert caught.value.details["pixels"] == 400_000_000
+
+
+def test_pixel_limit_default_and_override(small_photo: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> None:
+    big = _png_header_only(8000, 6000)  # 48 MP > the 40 MP default
+    assert DEFAULT_MAX_PIXELS < 8000 * 6000
+    with pytest.raises(TooManyPixelsError):
+        probe_image(big)
+    payload = encode(Image.fromarray(small_photo), "PNG")
+    with pytest.raises(TooManyPixelsError):
+        decode_image(payload, max_pixels=256 * 256 - 1)
+    assert decode_image(payload, max_pixels=256 * 256).width == 256
+    monkeypatch.setenv(MAX_PIXELS_ENV, str(100 * 100))
+    with pytest.raises(TooManyPixelsError):
+        probe_image(payload)
+
+
+def test_real_larger_image_under_limit(small_photo: np.ndarray) -> None:
+    large = Image.new("RGB", (3000, 2000), (10, 20, 30))
+    decoded = decode_image(encode(large, "JPEG"))
+    assert decoded.rgb.shape == (2000, 3000, 3)
+    assert np.abs(decoded.rgb.astype(int) - [10, 20, 30]).max() <= 3
