@@ -23,7 +23,9 @@ def import_model(
         help="Landmark embedding: mediapipe_landmark_embedding.npz (needed by the flame pipeline) and/or a "
         "68-point one (landmark_embedding.npy); repeat the option for both.",
     ),
-    uv: Path | None = typer.Option(None, "--uv", help="head_template.obj with FLAME's UVs (needed by the flame pipeline)."),
+    uv: Path | None = typer.Option(
+        None, "--uv", help="head_template.obj with FLAME's UVs (needed by the flame pipeline)."
+    ),
 ) -> None:
     """Check MODEL_PKL (read with a restricted unpickler) and write the FLAME asset into HEADFORGE_HOME."""
     from headforge.models.flame_import import flame_unavailable_reason, import_flame

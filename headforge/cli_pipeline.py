@@ -139,12 +139,16 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
             if row["heads"] == 0:
                 detail += " (no face found)"
             table.add_row(
-                row["image"], "[green]ok[/green]", str(row["heads"]), f"{row['elapsed_ms']:.0f}", detail
+                Path(row["image"]).name,
+                "[green]ok[/green]",
+                str(row["heads"]),
+                f"{row['elapsed_ms']:.0f}",
+                detail,
             )
         else:
             error = row["error"]
             table.add_row(
-                row["image"],
+                Path(row["image"]).name,
                 "[red]failed[/red]",
                 "-",
                 f"{row['elapsed_ms']:.0f}",

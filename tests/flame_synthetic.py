@@ -144,7 +144,9 @@ def _nearest(vertices: np.ndarray, point: np.ndarray, count: int) -> np.ndarray:
     return np.argsort(np.linalg.norm(vertices - point, axis=1))[:count]
 
 
-def _mediapipe_embedding(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _mediapipe_embedding(
+    vertices: np.ndarray, faces: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A MediaPipe-format embedding that means something: 105 face-mesh points, spread by farthest
     point sampling over headforge's frontal face-mesh template (meters, +Y up, face toward +Z),
     placed on the synthetic head (eyes on its eye joints) and projected onto its surface."""
@@ -201,7 +203,11 @@ def make_synthetic_flame(seed: int = 0) -> SyntheticFlame:
     weights = np.zeros((n, 5))
     weights[:, 0] = np.clip((joints[1, 1] - y) / 0.04, 0.0, 1.0)
     front = vertices[:, 2] > 0.02
-    weights[:, 2] = front * np.clip((joints[2, 1] + 0.035 - y) / 0.02, 0.0, 1.0) * np.clip((y - joints[1, 1]) / 0.02, 0, 1)
+    weights[:, 2] = (
+        front
+        * np.clip((joints[2, 1] + 0.035 - y) / 0.02, 0.0, 1.0)
+        * np.clip((y - joints[1, 1]) / 0.02, 0, 1)
+    )
     for joint in (3, 4):
         distance = np.linalg.norm(vertices - joints[joint], axis=1)
         weights[:, joint] = np.clip(1.0 - distance / 0.02, 0.0, 1.0)
@@ -242,7 +248,7 @@ class Ch:
         self._make_sparse = False
 
 
-class csc_matrix:  # noqa: N801 - named like scipy's class it stands in for
+class csc_matrix:  # named like the scipy class it stands in for
     """Stand-in for scipy's pre-1.8 `scipy.sparse.csc.csc_matrix` (state dict of arrays)."""
 
     def __init__(self, matrix: sp.csc_matrix) -> None:
@@ -300,7 +306,10 @@ def flame_model_dict(model: SyntheticFlame, chumpy: bool = True) -> dict[str, An
 
 def dump_flame_pickle(payload: Any, path: Path) -> None:
     """Pickle with protocol 2 (as FLAME's Python 2 files are), chumpy/scipy stand-ins registered."""
-    with _fake_modules({"chumpy.ch.Ch": Ch, "scipy.sparse.csc.csc_matrix": csc_matrix}), path.open("wb") as stream:
+    with (
+        _fake_modules({"chumpy.ch.Ch": Ch, "scipy.sparse.csc.csc_matrix": csc_matrix}),
+        path.open("wb") as stream,
+    ):
         pickle.dump(payload, stream, protocol=2)
 
 
@@ -361,7 +370,6 @@ def main() -> None:
     print(files.model, files.mediapipe_embedding, files.ibug_embedding, files.head_template)
 
 
-
 # --- one imported synthetic asset per test session ---------------------------------------------
 
 
@@ -371,7 +379,9 @@ def _imported(directory: str) -> tuple[SyntheticFiles, Path]:
 
     root = Path(directory)
     files = write_synthetic_flame(root / "source")
-    asset_path = import_flame(files.model, [files.mediapipe_embedding], files.head_template, root / "flame.npz")
+    asset_path = import_flame(
+        files.model, [files.mediapipe_embedding], files.head_template, root / "flame.npz"
+    )
     return files, asset_path
 
 

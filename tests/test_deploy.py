@@ -10,6 +10,7 @@ import copy
 import fnmatch
 import functools
 import importlib
+import importlib.util
 import json
 import re
 import shutil
@@ -20,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import dockerfile as buildkit_dockerfile
 import jsonschema
 import kubernetes_validate
 import pytest
@@ -74,29 +76,49 @@ DEPLOY_ONLY_ENV = frozenset({"HEADFORGE_IMAGE", "HEADFORGE_VERSION", "HEADFORGE_
 # ---------------------------------------------------------------------------------- Dockerfile
 
 
+DOCKERFILE_INSTRUCTIONS = frozenset(
+    {
+        "ADD",
+        "ARG",
+        "CMD",
+        "COPY",
+        "ENTRYPOINT",
+        "ENV",
+        "EXPOSE",
+        "FROM",
+        "HEALTHCHECK",
+        "LABEL",
+        "ONBUILD",
+        "RUN",
+        "SHELL",
+        "STOPSIGNAL",
+        "USER",
+        "VOLUME",
+        "WORKDIR",
+    }
+)
+
+
 def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) pairs, with continuations joined and heredoc bodies attached."""
-    lines = text.splitlines()
+    """(INSTRUCTION, arguments) pairs from BuildKit's own parser (the `dockerfile` package).
+
+    Flags come first in the arguments; exec forms are JSON arrays; ENV/LABEL are `K=V` pairs;
+    a heredoc's body follows its instruction's first line.
+    """
     result: list[tuple[str, str]] = []
-    i = 0
-    while i < len(lines):
-        line = lines[i]
-        i += 1
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        body = line.rstrip()
-        while body.endswith("\\") and i < len(lines):
-            body = body[:-1] + " " + lines[i].strip()
-            i += 1
-        heredoc = re.search(r"<<-?'?\"?([A-Z]+)'?\"?", body)
-        if heredoc:
-            end = heredoc.group(1)
-            while i < len(lines) and lines[i].strip() != end:
-                body += "\n" + lines[i]
-                i += 1
-            i += 1
-        keyword, _, args = body.strip().partition(" ")
-        result.append((keyword.upper(), args.strip()))
+    for command in buildkit_dockerfile.parse_string(text):
+        keyword = command.cmd.upper()
+        assert keyword in DOCKERFILE_INSTRUCTIONS, f"line {command.start_line}: unknown instruction {keyword}"
+        if command.json:
+            args = json.dumps(list(command.value))
+        elif keyword in ("ENV", "LABEL"):
+            pairs = zip(command.value[::2], command.value[1::2], strict=True)
+            args = " ".join(f"{key}={value}" for key, value in pairs)
+        else:
+            args = " ".join([*command.flags, *command.value])
+        for heredoc in command.heredocs:
+            args += "\n" + heredoc.content
+        result.append((keyword, args))
     return result
 
 
@@ -296,7 +318,12 @@ def test_compose_services(compose: dict[str, Any]) -> None:
     hard_limit = max(HARD_LIMIT_DEFAULT, int(read_env_example().get("HEADFORGE_TASK_TIME_LIMIT") or 0))
     for name, queue in (("worker-cpu", "cpu"), ("worker-gpu", "gpu")):
         service = services[name]
-        assert service["command"] == ["worker", "--queue", queue]
+        assert service["command"] == ["worker", "--queue", queue, "--hostname", f"{queue}@%h"]
+        assert service["environment"]["WORKER_QUEUE"] == queue
+        check = " ".join(service["healthcheck"]["test"])
+        assert "inspect ping" in check and "$${WORKER_QUEUE}@$${HOSTNAME}" in check
+        app_module = re.search(r"celery -A (\S+)", check)
+        assert app_module and importlib.util.find_spec(app_module.group(1)) is not None
         assert queue in service_settings.QUEUES
         assert _seconds(service["stop_grace_period"]) > hard_limit, f"{name} must outlive a job"
         assert service.get("stop_signal", "SIGTERM") == "SIGTERM"

@@ -41,12 +41,19 @@ def truth(model: FlameLandmarkModel) -> dict[str, np.ndarray]:
     unused = np.setdiff1d(np.arange(468), model.landmark_indices)
     landmarks[:, unused] = rng.uniform(-1000, 1000, (HEADS, len(unused), 3))
     return {
-        "z": z, "jaw": jaw, "rotation": rotation, "scale": scale, "translation": translation,
-        "landmarks": landmarks, "vertices": model.vertices(z, jaw),
+        "z": z,
+        "jaw": jaw,
+        "rotation": rotation,
+        "scale": scale,
+        "translation": translation,
+        "landmarks": landmarks,
+        "vertices": model.vertices(z, jaw),
     }
 
 
-def _errors(model: FlameLandmarkModel, truth: dict[str, np.ndarray], landmarks: np.ndarray, settings: FitSettings) -> list[dict[str, float]]:
+def _errors(
+    model: FlameLandmarkModel, truth: dict[str, np.ndarray], landmarks: np.ndarray, settings: FitSettings
+) -> list[dict[str, float]]:
     fits = fit_flame(model, landmarks, settings)
     assert len(fits) == HEADS
     errors = []
@@ -65,7 +72,11 @@ def _errors(model: FlameLandmarkModel, truth: dict[str, np.ndarray], landmarks: 
                 "translation_px": float(np.abs(fit.translation - truth["translation"][head]).max()),
                 "vertex_mm": float(np.linalg.norm(vertices - truth["vertices"][head], axis=1).mean() * 1000),
                 "baseline_mm": float(
-                    np.linalg.norm(model.vertices(np.zeros((1, 150)), np.zeros((1, 3)))[0] - truth["vertices"][head], axis=1).mean() * 1000
+                    np.linalg.norm(
+                        model.vertices(np.zeros((1, 150)), np.zeros((1, 3)))[0] - truth["vertices"][head],
+                        axis=1,
+                    ).mean()
+                    * 1000
                 ),
                 "residual_px": fit.residual_px,
             }
@@ -78,18 +89,24 @@ def test_recovers_parameters_without_noise(model: FlameLandmarkModel, truth: dic
     for error in _errors(model, truth, truth["landmarks"], settings):
         assert error["coef_rms"] < 0.02 and error["coef_max"] < 0.05, error
         assert error["jaw"] < 0.005, error  # radians
-        assert error["rotation_deg"] < 0.1 and error["scale_rel"] < 0.002 and error["translation_px"] < 0.5, error
+        assert error["rotation_deg"] < 0.1 and error["scale_rel"] < 0.002 and error["translation_px"] < 0.5, (
+            error
+        )
         assert error["vertex_mm"] < 0.5, error
         assert error["residual_px"] < 0.2, error
 
 
-def test_recovers_parameters_with_pixel_noise(model: FlameLandmarkModel, truth: dict[str, np.ndarray]) -> None:
+def test_recovers_parameters_with_pixel_noise(
+    model: FlameLandmarkModel, truth: dict[str, np.ndarray]
+) -> None:
     noisy = truth["landmarks"] + np.random.default_rng(9).normal(0, 1.0, truth["landmarks"].shape)
     settings = FitSettings(landmark_sigma_m=0.001)  # ≈ the noise on the head
     for error in _errors(model, truth, noisy, settings):
         assert error["coef_rms"] < 0.12 and error["coef_max"] < 0.4, error
         assert error["jaw"] < 0.03, error
-        assert error["rotation_deg"] < 0.6 and error["scale_rel"] < 0.01 and error["translation_px"] < 2.0, error
+        assert error["rotation_deg"] < 0.6 and error["scale_rel"] < 0.01 and error["translation_px"] < 2.0, (
+            error
+        )
         assert error["vertex_mm"] < 3.0 and error["vertex_mm"] < error["baseline_mm"] / 4, error
         # σ = 1 px per axis: the fit cannot explain the noise away, nor leave much more than it.
         assert 0.3 < error["residual_px"] < 1.5, error
@@ -131,5 +148,5 @@ def test_asset_without_mediapipe_embedding_is_unavailable(model: FlameLandmarkMo
     from dataclasses import replace
 
     bare = replace(model.asset, mp_face_idx=None, mp_bary=None, mp_landmark_indices=None)
-    with pytest.raises(PipelineUnavailableError, match="docs/flame.md"):
+    with pytest.raises(PipelineUnavailableError, match=r"docs/flame\.md"):
         FlameLandmarkModel(bare)

@@ -38,7 +38,10 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> SyntheticFiles:
 
 def test_round_trip_pickle_to_layer(files: SyntheticFiles, tmp_path: Path) -> None:
     destination = import_flame(
-        files.model, [files.mediapipe_embedding, files.ibug_embedding], files.head_template, tmp_path / "flame.npz"
+        files.model,
+        [files.mediapipe_embedding, files.ibug_embedding],
+        files.head_template,
+        tmp_path / "flame.npz",
     )
     source = files.arrays
     asset = load_flame_asset(destination)
@@ -48,6 +51,7 @@ def test_round_trip_pickle_to_layer(files: SyntheticFiles, tmp_path: Path) -> No
     np.testing.assert_allclose(asset.exprdirs, source.shapedirs[:, :, 300:], atol=1e-6)
     np.testing.assert_allclose(asset.j_regressor, source.j_regressor.toarray(), atol=1e-7)
     np.testing.assert_array_equal(asset.parents, [-1, 0, 1, 1, 1])
+    assert asset.uvs is not None and asset.uv_faces is not None
     np.testing.assert_allclose(asset.uvs, source.uvs, atol=1e-6)
     np.testing.assert_array_equal(asset.uv_faces, source.uv_faces)
     np.testing.assert_array_equal(asset.mp_landmark_indices, source.landmark_indices)
@@ -135,7 +139,9 @@ def test_missing_key_is_named(files: SyntheticFiles, tmp_path: Path) -> None:
 
 
 def test_wrong_shape_is_named(files: SyntheticFiles, tmp_path: Path) -> None:
-    with pytest.raises(AssetError, match=r"`shapedirs` has shape \(5023, 3, 200\), expected \(5023, 3, 400\)"):
+    with pytest.raises(
+        AssetError, match=r"`shapedirs` has shape \(5023, 3, 200\), expected \(5023, 3, 400\)"
+    ):
         _import_modified(files, tmp_path, shapedirs=files.arrays.shapedirs[:, :, :200])
     with pytest.raises(AssetError, match=r"`weights` rows must be non-negative and sum to 1"):
         _import_modified(files, tmp_path, weights=files.arrays.weights * 2)
@@ -147,7 +153,12 @@ def test_wrong_shape_is_named(files: SyntheticFiles, tmp_path: Path) -> None:
 
 def test_bad_embedding_and_template_are_named(files: SyntheticFiles, tmp_path: Path) -> None:
     embedding = tmp_path / "embedding.npz"
-    np.savez(embedding, lmk_face_idx=np.array([1, 2]), lmk_b_coords=np.full((2, 3), 0.5), landmark_indices=np.array([3, 4]))
+    np.savez(
+        embedding,
+        lmk_face_idx=np.array([1, 2]),
+        lmk_b_coords=np.full((2, 3), 0.5),
+        landmark_indices=np.array([3, 4]),
+    )
     with pytest.raises(AssetError, match="must sum to 1"):
         import_flame(files.model, [embedding], destination=tmp_path / "flame.npz")
     np.savez(embedding, something_else=np.zeros(3))
@@ -155,16 +166,20 @@ def test_bad_embedding_and_template_are_named(files: SyntheticFiles, tmp_path: P
         import_flame(files.model, [embedding], destination=tmp_path / "flame.npz")
     short = tmp_path / "head_template.obj"
     arrays = files.arrays
-    trimmed = type(arrays)(**{**arrays.__dict__, "uvs": arrays.uvs[:5000], "uv_faces": np.minimum(arrays.uv_faces, 4999)})
+    trimmed = type(arrays)(
+        **{**arrays.__dict__, "uvs": arrays.uvs[:5000], "uv_faces": np.minimum(arrays.uv_faces, 4999)}
+    )
     write_obj(trimmed, short)
     with pytest.raises(AssetError, match=r"expected 5023 v, 5118 vt and 9976 f"):
         import_flame(files.model, uv_path=short, destination=tmp_path / "flame.npz")
 
 
-def test_without_an_asset_the_pipeline_is_unavailable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_an_asset_the_pipeline_is_unavailable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("HEADFORGE_HOME", str(tmp_path))
     assert not flame_available()
-    with pytest.raises(PipelineUnavailableError, match="docs/flame.md"):
+    with pytest.raises(PipelineUnavailableError, match=r"docs/flame\.md"):
         load_flame_asset()
 
 
@@ -177,11 +192,23 @@ def test_cli_import_and_info(files: SyntheticFiles, tmp_path: Path, monkeypatch:
     runner = CliRunner()
     result = runner.invoke(
         app,
-        ["flame", "import", str(files.model), "--landmarks", str(files.mediapipe_embedding), "--uv", str(files.head_template)],
+        [
+            "flame",
+            "import",
+            str(files.model),
+            "--landmarks",
+            str(files.mediapipe_embedding),
+            "--uv",
+            str(files.head_template),
+        ],
     )
     assert result.exit_code == 0, result.output
     assert flame_available()
     info = runner.invoke(app, ["flame", "info"])
     assert info.exit_code == 0, info.output
     document = json.loads(info.output)
-    assert document["available"] is True and document["vertices"] == 5023 and document["mediapipe_landmarks"] == 105
+    assert (
+        document["available"] is True
+        and document["vertices"] == 5023
+        and document["mediapipe_landmarks"] == 105
+    )

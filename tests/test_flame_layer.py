@@ -28,7 +28,9 @@ def _rotation(axis_angle: np.ndarray) -> np.ndarray:
     return np.eye(3) + np.sin(angle) * skew + (1 - np.cos(angle)) * skew @ skew
 
 
-def numpy_flame(asset: FlameAsset, shape: np.ndarray, expression: np.ndarray, pose: np.ndarray, translation: np.ndarray) -> np.ndarray:
+def numpy_flame(
+    asset: FlameAsset, shape: np.ndarray, expression: np.ndarray, pose: np.ndarray, translation: np.ndarray
+) -> np.ndarray:
     """One head, written out joint by joint in float64: the reference for the layer."""
     ns, ne = len(shape), len(expression)
     v_shaped = asset.v_template + asset.shapedirs[:, :, :ns] @ shape + asset.exprdirs[:, :, :ne] @ expression
@@ -74,7 +76,8 @@ def test_layer_matches_numpy_reference(asset: FlameAsset) -> None:
         # float32 layer vs float64 reference: sub-micrometer agreement on a 0.3 m head.
         assert np.abs(got[head] - expected).max() < 2e-6
     # The pose really moves vertices (so the comparison above is not of two rest meshes).
-    rest = numpy_flame(asset, *(x[0].astype(np.float64) for x in inputs[:2]), np.zeros(15), inputs[3][0])
+    shape, expression, _, translation = (x[0].astype(np.float64) for x in inputs)
+    rest = numpy_flame(asset, shape, expression, np.zeros(15), translation)
     assert np.abs(got[0] - rest).max() > 1e-3
 
 

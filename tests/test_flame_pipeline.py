@@ -26,18 +26,32 @@ def _png(rgb: NDArray[np.uint8]) -> bytes:
     return buffer.getvalue()
 
 
-def test_without_asset_flame_fails_cleanly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, astronaut: NDArray[np.uint8]) -> None:
+def test_without_asset_flame_fails_cleanly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, astronaut: NDArray[np.uint8]
+) -> None:
     monkeypatch.setenv("HEADFORGE_FLAME_ASSET", str(tmp_path / "absent.npz"))
     reason = pipeline_missing_reason("flame")
     assert reason is not None and "docs/flame.md" in reason
-    with pytest.raises(PipelineUnavailableError, match="docs/flame.md") as caught:
-        reconstruct_image(_png(astronaut), "astronaut.png", ReconstructOptions(pipeline="flame"), tmp_path / "out")
+    with pytest.raises(PipelineUnavailableError, match=r"docs/flame\.md") as caught:
+        reconstruct_image(
+            _png(astronaut), "astronaut.png", ReconstructOptions(pipeline="flame"), tmp_path / "out"
+        )
     assert caught.value.code == "pipeline_unavailable"
     # The command line says the same, with the stable code and a non-zero exit.
     image = tmp_path / "astronaut.png"
     image.write_bytes(_png(astronaut))
     completed = subprocess.run(
-        [sys.executable, "-m", "headforge", "reconstruct", str(image), "-o", str(tmp_path / "cli"), "--pipeline", "flame"],
+        [
+            sys.executable,
+            "-m",
+            "headforge",
+            "reconstruct",
+            str(image),
+            "-o",
+            str(tmp_path / "cli"),
+            "--pipeline",
+            "flame",
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -91,6 +105,7 @@ def test_flame_pipeline_on_astronaut(
     import trimesh
 
     obj = trimesh.load(out / "h0.obj", process=False, force="mesh")
+    assert isinstance(obj, trimesh.Trimesh)
     assert len(obj.faces) == 9976
     with Image.open(out / "h0_texture.png") as texture:
         assert texture.size == (512, 512)

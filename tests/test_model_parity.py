@@ -61,7 +61,9 @@ def _photos() -> list[tuple[NDArray[np.uint8], Box, list[Box]]]:
         from scipy.io import loadmat
 
         for jpg in sorted(folder.glob("*.jpg"))[:4]:
-            rgb = np.asarray(cv2.cvtColor(cv2.imread(str(jpg)), cv2.COLOR_BGR2RGB), dtype=np.uint8)
+            bgr = cv2.imread(str(jpg))
+            assert bgr is not None, jpg
+            rgb = np.asarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), dtype=np.uint8)
             points = loadmat(str(jpg.with_suffix(".mat")))["pt3d_68"][:2].T
             eyes = []
             for indices in (range(36, 42), range(42, 48)):

@@ -8,6 +8,7 @@ import json
 import os
 import struct
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -99,7 +100,7 @@ def test_glb_passes_validator_and_round_trips(tmp_path: Path) -> None:
     write_atomic(path, glb_bytes(mesh, encode_png(texture), "h0"))
     (report,) = validate_gltf(path)
     assert report["numErrors"] == 0, report["messages"]
-    assert report["numWarnings"] == 0, report["messages"]
+    assert report["numWarnings"] == 0 and report["numHints"] == 0, report["messages"]
 
     tree = glb_json(path.read_bytes())
     primitive = tree["meshes"][0]["primitives"][0]
@@ -108,7 +109,7 @@ def test_glb_passes_validator_and_round_trips(tmp_path: Path) -> None:
     texture_index = material["pbrMetallicRoughness"]["baseColorTexture"]["index"]
     assert tree["images"][tree["textures"][texture_index]["source"]]["mimeType"] == "image/png"
 
-    loaded = trimesh.load(path, force="mesh", process=False)
+    loaded: Any = trimesh.load(path, force="mesh", process=False)
     assert np.allclose(loaded.vertices, mesh.vertices, atol=1e-6)
     assert np.array_equal(loaded.faces, mesh.faces)
     assert np.allclose(loaded.visual.uv, mesh.uvs, atol=1e-6)  # v up again after trimesh's flip back
@@ -135,6 +136,14 @@ def test_glb_with_uv_seams_splits_vertices(tmp_path: Path) -> None:
     assert report["numErrors"] == 0, report["messages"]
 
 
+def test_glb_without_texture_is_valid(tmp_path: Path) -> None:
+    path = tmp_path / "plain.glb"
+    write_atomic(path, glb_bytes(hemisphere_mesh(1), None, "plain"))
+    (report,) = validate_gltf(path)
+    assert report["numErrors"] == 0, report["messages"]
+    assert "images" not in glb_json(path.read_bytes())
+
+
 def test_obj_mtl_png(tmp_path: Path) -> None:
     mesh = hemisphere_mesh(2)
     texture = face_texture(128)
@@ -146,7 +155,7 @@ def test_obj_mtl_png(tmp_path: Path) -> None:
     assert "mtllib h0.mtl" in obj_text and "usemtl h0" in obj_text
     assert "map_Kd h0_texture.png" in files["h0.mtl"].decode()
     assert obj_text.count("\nv ") == len(mesh.vertices) and obj_text.count("\nf ") == len(mesh.faces)
-    loaded = trimesh.load(tmp_path / "h0.obj", process=False, maintain_order=True)
+    loaded: Any = trimesh.load(tmp_path / "h0.obj", process=False, maintain_order=True)
     assert np.allclose(loaded.vertices, mesh.vertices, atol=1e-5)
     assert np.array_equal(loaded.faces, mesh.faces)
     assert np.allclose(loaded.visual.uv, mesh.uvs, atol=1e-5)
@@ -249,8 +258,8 @@ def test_render_shows_the_texture() -> None:
 def test_preview_composes_photo_and_renders() -> None:
     photo = np.ascontiguousarray(data.astronaut())
     mesh = hemisphere_mesh()
-    image_mesh = Mesh(mesh.vertices * 1000 + np.float32([250, 150, 0]), mesh.faces, mesh.uvs)
-    detection = Detection(np.float32([150, 50, 350, 250]), 0.9, np.zeros((6, 2), np.float32))
+    image_mesh = Mesh(mesh.vertices * 1000 + np.array([250, 150, 0], dtype=np.float32), mesh.faces, mesh.uvs)
+    detection = Detection(np.array([150, 50, 350, 250], dtype=np.float32), 0.9, np.zeros((6, 2), np.float32))
     heads = [Head(0, detection, mesh_image=image_mesh, mesh=mesh, texture=face_texture(128))]
     preview = compose_preview(photo, heads)
     assert preview.dtype == np.uint8 and preview.shape == (512, 1024, 3)

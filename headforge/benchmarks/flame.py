@@ -67,13 +67,18 @@ def _heads(model: FlameLandmarkModel, count: int, seed: int) -> tuple[np.ndarray
     rotation = rodrigues(rng.uniform(-0.5, 0.5, (count, 3))) @ np.diag([1.0, -1.0, -1.0])
     scale = rng.uniform(1200, 2500, count)
     translation = np.c_[rng.uniform(200, 800, (count, 2)), np.zeros(count)]
-    points = scale[:, None, None] * np.einsum("bij,bkj->bki", rotation, model.landmarks(z, jaw)) + translation[:, None]
+    points = (
+        scale[:, None, None] * np.einsum("bij,bkj->bki", rotation, model.landmarks(z, jaw))
+        + translation[:, None]
+    )
     landmarks = np.zeros((count, 468, 3))
     landmarks[:, model.landmark_indices] = points + rng.normal(0, 1.0, points.shape)
     return landmarks, model.vertices(z, jaw)
 
 
-def _adam_fit(model: FlameLandmarkModel, landmarks: np.ndarray, settings: FitSettings, steps: int) -> np.ndarray:
+def _adam_fit(
+    model: FlameLandmarkModel, landmarks: np.ndarray, settings: FitSettings, steps: int
+) -> np.ndarray:
     """Adam on the same objective as `fit_flame` (same init, residuals and priors); returns the
     mean 2D landmark residual per head in pixels."""
     import torch
@@ -99,7 +104,9 @@ def _adam_fit(model: FlameLandmarkModel, landmarks: np.ndarray, settings: FitSet
         angle = torch.linalg.vector_norm(axis_angle + 1e-12, dim=1, keepdim=True)[..., None]
         k = axis_angle / angle[..., 0]
         zero = torch.zeros_like(k[:, 0])
-        skew = torch.stack([zero, -k[:, 2], k[:, 1], k[:, 2], zero, -k[:, 0], -k[:, 1], k[:, 0], zero], 1).view(-1, 3, 3)
+        skew = torch.stack(
+            [zero, -k[:, 2], k[:, 1], k[:, 2], zero, -k[:, 0], -k[:, 1], k[:, 0], zero], 1
+        ).view(-1, 3, 3)
         return torch.eye(3, dtype=k.dtype) + torch.sin(angle) * skew + (1 - torch.cos(angle)) * skew @ skew
 
     def image_points() -> torch.Tensor:
@@ -111,7 +118,10 @@ def _adam_fit(model: FlameLandmarkModel, landmarks: np.ndarray, settings: FitSet
         lever = b - omega_w[None, :, None] * joint[:, None, :]
         points = a + torch.einsum("bij,bkj->bki", jaw_rotation - torch.eye(3, dtype=torch.float64), lever)
         rotation = rotate(omega) @ rotation0
-        return torch.exp(log_scale)[:, None, None] * torch.einsum("bij,bkj->bki", rotation, points) + translation[:, None]
+        return (
+            torch.exp(log_scale)[:, None, None] * torch.einsum("bij,bkj->bki", rotation, points)
+            + translation[:, None]
+        )
 
     optimizer = torch.optim.Adam([translation, log_scale, omega, z, jaw], lr=0.02)
     for _ in range(steps):
@@ -138,41 +148,39 @@ def run(quick: bool) -> dict[str, Any]:
     """Fit ms per head (batched and one at a time), residuals and vertex error; Adam as reference."""
     import torch
 
-    torch.set_num_threads(THREADS)
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - numpy then uses its default BLAS threads
-        threadpool_limits = None
+    torch.set_num_threads(THREADS)  # numpy's BLAS threads follow OMP_NUM_THREADS
     imported = flame_available()
     asset = load_flame_asset() if imported else random_flame_asset()
     model = FlameLandmarkModel(asset)
     count, repeats = (8, 3) if quick else (32, 5)
     landmarks, true_vertices = _heads(model, count, seed=1)
     settings = FitSettings(landmark_sigma_m=0.001)
-    limiter = threadpool_limits(THREADS) if threadpool_limits is not None else None
-    try:
-        fit_flame(model, landmarks[:2], settings)  # warm-up
-        batched_ms = _median_ms(lambda: fit_flame(model, landmarks, settings), repeats) / count
-        single_ms = _median_ms(lambda: [fit_flame(model, landmarks[i : i + 1], settings) for i in range(count)], repeats) / count
-        fits = fit_flame(model, landmarks, settings)
-        z = np.stack([np.concatenate([fit.shape, fit.expression]) for fit in fits])
-        vertices = model.vertices(z, np.stack([fit.jaw_pose for fit in fits]))
-        steps = ADAM_STEPS // 2 if quick else ADAM_STEPS
-        adam_residuals: list[np.ndarray] = []
-        adam_ms = _median_ms(lambda: adam_residuals.append(_adam_fit(model, landmarks, settings, steps)), 1 if quick else 3) / count
-    finally:
-        if limiter is not None:
-            limiter.unregister()
+    fit_flame(model, landmarks[:2], settings)  # warm-up
+    batched_ms = _median_ms(lambda: fit_flame(model, landmarks, settings), repeats) / count
+    single_ms = (
+        _median_ms(lambda: [fit_flame(model, landmarks[i : i + 1], settings) for i in range(count)], repeats)
+        / count
+    )
+    fits = fit_flame(model, landmarks, settings)
+    z = np.stack([np.concatenate([fit.shape, fit.expression]) for fit in fits])
+    vertices = model.vertices(z, np.stack([fit.jaw_pose for fit in fits]))
+    steps = ADAM_STEPS // 2 if quick else ADAM_STEPS
+    adam_residuals: list[np.ndarray] = []
+    adam_ms = (
+        _median_ms(lambda: adam_residuals.append(_adam_fit(model, landmarks, settings, steps)), 1) / count
+    )
     return {
         "flame_fit_ms_per_head": round(batched_ms, 2),
         "flame_fit_ms_per_head_unbatched": round(single_ms, 2),
         "flame_fit_residual_px": round(float(np.mean([fit.residual_px for fit in fits])), 3),
-        "flame_fit_vertex_error_mm": round(float(np.linalg.norm(vertices - true_vertices, axis=2).mean() * 1000), 3),
+        "flame_fit_vertex_error_mm": round(
+            float(np.linalg.norm(vertices - true_vertices, axis=2).mean() * 1000), 3
+        ),
         "flame_fit_iterations": round(float(np.mean([fit.iterations for fit in fits])), 1),
         "flame_adam_ms_per_head": round(adam_ms, 2),
         "flame_adam_residual_px": round(float(adam_residuals[-1].mean()), 3),
         "flame_adam_steps": steps,
         "flame_heads": count,
-        "flame_threads": THREADS,
+        "flame_torch_threads": THREADS,
         "flame_asset": "imported" if imported else "random (FLAME sizes)",
     }

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from headforge.models.layers import TFConv2d, add_padded_skip, depth_to_space, nchw, nhwc
+from headforge.models.layers import TFConv2d, add_padded_skip, depth_to_space_nhwc, nchw, nhwc
 
 # ----------------------------------------------------------------------------- short range
 
@@ -184,8 +184,8 @@ class _Head(nn.Module):
         self.depthwise = TFConv2d(4 * values_per_cell, 4 * values_per_cell, 3, 2, padding=1, depthwise=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = depth_to_space(self.depthwise(self.project(x)), 2)
-        return nhwc(x).reshape(x.shape[0], -1, self.values_per_cell)
+        x = depth_to_space_nhwc(self.depthwise(self.project(x)), 2)
+        return x.reshape(x.shape[0], -1, self.values_per_cell)
 
     def layers(self) -> list[nn.Module]:
         return [self.project, self.depthwise]

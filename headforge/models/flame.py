@@ -135,7 +135,9 @@ class FlameLayer(nn.Module):
         posed = torch.matmul(per_vertex[..., :3, :3], v_posed[..., None])[..., 0] + per_vertex[..., :3, 3]
         return posed + translation[:, None, :]
 
-    def zero_parameters(self, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def zero_parameters(
+        self, batch: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Neutral inputs for `forward`, e.g. for export."""
         return (
             torch.zeros(batch, self.config.num_shape),

@@ -90,7 +90,9 @@ def _reconstruct_ndarray(cls: Any, shape: Any, dtype: Any) -> NDArray[Any]:
     """numpy's `_reconstruct`, limited to plain ndarrays."""
     if cls is not np.ndarray:
         raise AssetError(f"refusing to rebuild an array of class {cls!r}")
-    return np.ndarray.__new__(np.ndarray, shape, dtype)
+    if tuple(shape) != (0,):  # numpy pickles an empty array here, then fills it from the state
+        raise AssetError(f"refusing an array reconstruction with shape {shape!r}")
+    return np.ndarray.__new__(np.ndarray, (0,), dtype)
 
 
 def _numpy_scalar(dtype: Any, data: Any = None) -> Any:
@@ -168,18 +170,23 @@ class RestrictedUnpickler(pickle.Unpickler):
         raise AssetError("refusing a pickle with persistent ids")
 
 
-def _plain(value: Any, depth: int = 0) -> Any:
-    """Turn stand-ins into plain numpy arrays / scipy matrices, recursively."""
-    if depth > 8:
-        raise AssetError("the pickle nests objects too deeply for a FLAME file")
+def _plain(value: Any, depth: int = 0, budget: list[int] | None = None) -> Any:
+    """Turn stand-ins into plain numpy arrays / scipy matrices, recursively (FLAME files are flat:
+    a dict of arrays, chumpy objects and sparse matrices)."""
+    budget = [10_000] if budget is None else budget
+    budget[0] -= 1
+    if depth > 4 or budget[0] < 0:
+        raise AssetError("the pickle nests or shares objects far more than a FLAME file does")
     if isinstance(value, _ChumpyStandIn):
         if "x" not in value.state:
-            raise AssetError("a chumpy object in the pickle has no `x` array (only plain Ch objects are supported)")
-        return _plain(value.state["x"], depth + 1)
+            raise AssetError(
+                "a chumpy object in the pickle has no `x` array (only plain Ch objects are supported)"
+            )
+        return _plain(value.state["x"], depth + 1, budget)
     if isinstance(value, _SparseStandIn):
         return _sparse_from_state(value)
     if isinstance(value, dict):
-        return {str(key): _plain(item, depth + 1) for key, item in value.items()}
+        return {str(key): _plain(item, depth + 1, budget) for key, item in value.items()}
     if isinstance(value, np.ndarray) and value.dtype.hasobject:
         raise AssetError("the pickle holds an array of Python objects, which a FLAME file never does")
     return value
@@ -187,8 +194,11 @@ def _plain(value: Any, depth: int = 0) -> Any:
 
 def _sparse_from_state(matrix: _SparseStandIn) -> sp.csr_matrix:
     state = matrix.state
+    raw_shape = state.get("_shape", state.get("shape"))
+    if raw_shape is None:
+        raise AssetError("a scipy sparse matrix in the pickle has no shape")
     try:
-        shape = tuple(int(n) for n in state.get("_shape", state.get("shape")))
+        shape = tuple(int(n) for n in raw_shape)
         parts = (np.asarray(state["data"]), np.asarray(state["indices"]), np.asarray(state["indptr"]))
     except (KeyError, TypeError) as error:
         raise AssetError(f"a scipy sparse matrix in the pickle is missing its arrays ({error})") from error
@@ -231,11 +241,10 @@ def _load_mapping(path: Path, what: str) -> dict[str, Any]:
             with np.load(io.BytesIO(data), allow_pickle=False) as npz:
                 return {key: npz[key] for key in npz.files}
         except ValueError as error:
-            raise AssetError(f"{what} {path}: the .npz holds pickled objects, which are not accepted") from error
-    if data[:6] == b"\x93NUMPY":
-        loaded = _load_npy(data, what, path)
-    else:
-        loaded = restricted_load(data)
+            raise AssetError(
+                f"{what} {path}: the .npz holds pickled objects, which are not accepted"
+            ) from error
+    loaded = _load_npy(data, what, path) if data[:6] == b"\x93NUMPY" else restricted_load(data)
     if not isinstance(loaded, dict):
         raise AssetError(f"{what} {path} holds a {type(loaded).__name__}, expected a dict of arrays")
     return loaded
@@ -265,7 +274,9 @@ def _load_npy(data: bytes, what: str, path: Path) -> Any:
 
 def _require(model: dict[str, Any], key: str, shape: tuple[int, ...], source: str) -> NDArray[Any]:
     if key not in model:
-        raise AssetError(f"{source}: missing key `{key}` (expected shape {shape}); keys present: {sorted(model)}")
+        raise AssetError(
+            f"{source}: missing key `{key}` (expected shape {shape}); keys present: {sorted(model)}"
+        )
     value = model[key]
     if sp.issparse(value):
         value = value.toarray()
@@ -287,7 +298,9 @@ def _parents_from_kintree(kintree: NDArray[Any], source: str) -> NDArray[np.int3
     parents[0] = -1  # FLAME stores the root's parent as 2**32 - 1
     for joint in range(1, NUM_JOINTS):
         if not 0 <= parents[joint] < joint:
-            raise AssetError(f"{source}: `kintree_table` gives joint {joint} the invalid parent {parents[joint]}")
+            raise AssetError(
+                f"{source}: `kintree_table` gives joint {joint} the invalid parent {parents[joint]}"
+            )
     return parents.astype(np.int32)
 
 
@@ -295,7 +308,9 @@ def validate_model(model: dict[str, Any], source: str) -> dict[str, NDArray[Any]
     """Check a FLAME model dict and return its arrays as float32/int32 in the asset layout."""
     v_template = _require(model, "v_template", (NUM_VERTICES, 3), source)
     faces = _require(model, "f", (NUM_FACES, 3), source)
-    shapedirs = _require(model, "shapedirs", (NUM_VERTICES, 3, NUM_SHAPE_TOTAL + NUM_EXPRESSION_TOTAL), source)
+    shapedirs = _require(
+        model, "shapedirs", (NUM_VERTICES, 3, NUM_SHAPE_TOTAL + NUM_EXPRESSION_TOTAL), source
+    )
     posedirs = _require(model, "posedirs", (NUM_VERTICES, 3, NUM_POSE_FEATURES), source)
     j_regressor = _require(model, "J_regressor", (NUM_JOINTS, NUM_VERTICES), source)
     weights = _require(model, "weights", (NUM_VERTICES, NUM_JOINTS), source)
@@ -322,7 +337,9 @@ def _check_embedding(face_idx: NDArray[Any], bary: NDArray[Any], key: str, sourc
     if not np.issubdtype(face_idx.dtype, np.integer) or face_idx.min() < 0 or face_idx.max() >= NUM_FACES:
         raise AssetError(f"{source}: `{key}` face indices must lie in [0, {NUM_FACES})")
     if bary.shape != (*face_idx.shape, 3) or not np.all(np.isfinite(bary)):
-        raise AssetError(f"{source}: barycentric coordinates for `{key}` must have shape {(*face_idx.shape, 3)}")
+        raise AssetError(
+            f"{source}: barycentric coordinates for `{key}` must have shape {(*face_idx.shape, 3)}"
+        )
     if np.abs(bary.sum(axis=-1) - 1.0).max() > 1e-3:
         raise AssetError(f"{source}: barycentric coordinates for `{key}` must sum to 1")
 
@@ -384,7 +401,9 @@ def read_head_template_uvs(path: Path) -> tuple[NDArray[np.float32], NDArray[np.
             elif parts[0] == "f":
                 corners = [corner.split("/") for corner in parts[1:]]
                 if len(corners) != 3 or any(len(corner) < 2 or not corner[1] for corner in corners):
-                    raise AssetError(f"{path}:{line_number}: faces must be triangles with texture indices (v/vt)")
+                    raise AssetError(
+                        f"{path}:{line_number}: faces must be triangles with texture indices (v/vt)"
+                    )
                 faces.append([int(corner[0]) - 1 for corner in corners])
                 uv_faces.append([int(corner[1]) - 1 for corner in corners])
         except (ValueError, IndexError) as error:
@@ -432,16 +451,23 @@ def import_flame(
     if isinstance(landmarks_paths, Path):
         landmarks_paths = [landmarks_paths]
     for landmarks_path in landmarks_paths or []:
-        embedding = validate_landmarks(_load_mapping(landmarks_path, "landmark embedding"), str(landmarks_path))
+        embedding = validate_landmarks(
+            _load_mapping(landmarks_path, "landmark embedding"), str(landmarks_path)
+        )
         if set(embedding) & set(arrays):
             raise AssetError(f"{landmarks_path}: a landmark embedding of this format was already given")
         arrays.update(embedding)
         kind = "mediapipe" if "mp_face_idx" in embedding else "ibug68"
-        sources[f"landmarks_{kind}"] = {"file": landmarks_path.name, "sha256": _sha256(landmarks_path.read_bytes())}
+        sources[f"landmarks_{kind}"] = {
+            "file": landmarks_path.name,
+            "sha256": _sha256(landmarks_path.read_bytes()),
+        }
     if uv_path is not None:
         uvs, uv_faces, obj_faces = read_head_template_uvs(uv_path)
         if not np.array_equal(obj_faces, arrays["faces"]):
-            raise AssetError(f"{uv_path}: its faces differ from the model's `f`; it is not this model's template")
+            raise AssetError(
+                f"{uv_path}: its faces differ from the model's `f`; it is not this model's template"
+            )
         arrays["uvs"] = uvs
         arrays["uv_faces"] = uv_faces
         sources["uv"] = {"file": uv_path.name, "sha256": _sha256(uv_path.read_bytes())}
@@ -495,7 +521,9 @@ def load_flame_asset(path: Path | None = None) -> FlameAsset:
         with np.load(path, allow_pickle=False) as npz:
             data = {key: npz[key] for key in npz.files}
     except (OSError, ValueError) as error:
-        raise AssetError(f"the FLAME asset {path} is unreadable ({error}); re-import it ({DOCS_HINT})") from error
+        raise AssetError(
+            f"the FLAME asset {path} is unreadable ({error}); re-import it ({DOCS_HINT})"
+        ) from error
     metadata = json.loads(str(data.pop("metadata_json", "{}")))
     if metadata.get("format_version") != ASSET_FORMAT_VERSION:
         raise AssetError(f"the FLAME asset {path} has an unknown format version; re-import it ({DOCS_HINT})")

@@ -131,13 +131,14 @@ def nhwc(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1)
 
 
-def depth_to_space(x: torch.Tensor, block: int) -> torch.Tensor:
-    """TFLite DEPTH_TO_SPACE (channels ordered row-in-block, column-in-block, channel), in NCHW."""
+def depth_to_space_nhwc(x: torch.Tensor, block: int) -> torch.Tensor:
+    """TFLite DEPTH_TO_SPACE (channels ordered row-in-block, column-in-block, channel) of an NCHW
+    tensor, returned in NHWC: one transpose does both the rearrangement and the layout change."""
     n, c, h, w = x.shape
     out_channels = c // (block * block)
     x = x.reshape(n, block, block, out_channels, h, w)
-    x = x.permute(0, 3, 4, 1, 5, 2)
-    return x.reshape(n, out_channels, h * block, w * block)
+    x = x.permute(0, 4, 1, 5, 2, 3)
+    return x.reshape(n, h * block, w * block, out_channels)
 
 
 def _copy(parameter: torch.Tensor, value: np.ndarray, what: str) -> None:

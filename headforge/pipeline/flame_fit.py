@@ -120,6 +120,8 @@ class FlameLandmarkModel:
             [asset.shapedirs[:, :, :num_shape], asset.exprdirs[:, :, :num_expression]], axis=2
         ).astype(np.float64)
         self.jaw_dirs = np.einsum("v,vdz->dz", jaw_row, full_dirs)  # (3, nz)
+        self._full_dirs: NDArray[np.float32] | None = None
+        self._jaw_posedirs: NDArray[np.float32] | None = None
 
     def _linear_dirs(self, vertex_ids: NDArray[np.int64]) -> F64:
         shape = self.asset.shapedirs[vertex_ids][..., : self.num_shape]
@@ -134,8 +136,16 @@ class FlameLandmarkModel:
         """FLAME-frame landmarks (B, K, 3) for linear coefficients z (B, nz) and jaw (B, 3)."""
         rotation = rodrigues(jaw)  # (B, 3, 3)
         feature = (rotation - np.eye(3)).reshape(-1, 9)
-        a = self.a_const + np.einsum("kdz,bz->bkd", self.a_dirs, z) + np.einsum("kdf,bf->bkd", self.a_pose, feature)
-        b = self.b_const + np.einsum("kdz,bz->bkd", self.b_dirs, z) + np.einsum("kdf,bf->bkd", self.b_pose, feature)
+        a = (
+            self.a_const
+            + np.einsum("kdz,bz->bkd", self.a_dirs, z)
+            + np.einsum("kdf,bf->bkd", self.a_pose, feature)
+        )
+        b = (
+            self.b_const
+            + np.einsum("kdz,bz->bkd", self.b_dirs, z)
+            + np.einsum("kdf,bf->bkd", self.b_pose, feature)
+        )
         joint = self.jaw_const + z @ self.jaw_dirs.T  # (B, 3)
         lever = b - self.omega[None, :, None] * joint[:, None, :]
         return a + np.einsum("bij,bkj->bki", rotation - np.eye(3), lever)
@@ -148,20 +158,28 @@ class FlameLandmarkModel:
 
     def vertices(self, z: F64, jaw: F64) -> F64:
         """Full FLAME-frame vertices (B, 5023, 3), neck and eyes at rest."""
-        asset = self.asset
-        shape, expression = z[:, : self.num_shape], z[:, self.num_shape :]
-        v_shaped = (
-            asset.v_template[None].astype(np.float64)
-            + np.einsum("vdl,bl->bvd", asset.shapedirs[:, :, : self.num_shape], shape)
-            + np.einsum("vdl,bl->bvd", asset.exprdirs[:, :, : self.num_expression], expression)
+        if self._full_dirs is None or self._jaw_posedirs is None:  # (V*3, nz), (V*3, 9), built on first use
+            asset = self.asset
+            self._full_dirs = np.ascontiguousarray(
+                np.concatenate(
+                    [asset.shapedirs[:, :, : self.num_shape], asset.exprdirs[:, :, : self.num_expression]],
+                    axis=2,
+                ).reshape(-1, self.num_linear)
+            )
+            self._jaw_posedirs = np.ascontiguousarray(asset.posedirs[..., JAW_FEATURES].reshape(-1, 9))
+        full_dirs, jaw_posedirs = self._full_dirs, self._jaw_posedirs
+        count = len(self.asset.v_template)
+        # float32 products (sub-micrometer error) keep the 15069 × 150 basis from being copied to float64.
+        offsets = (z.astype(np.float32) @ full_dirs.T).reshape(len(z), count, 3)
+        v_shaped = self.asset.v_template[None].astype(np.float64) + offsets
+        delta = rodrigues(jaw) - np.eye(3)
+        v_posed = v_shaped + (delta.reshape(-1, 9).astype(np.float32) @ jaw_posedirs.T).reshape(
+            len(z), count, 3
         )
-        rotation = rodrigues(jaw)
-        delta = rotation - np.eye(3)
-        feature = delta.reshape(-1, 9)
-        v_posed = v_shaped + np.einsum("vdf,bf->bvd", asset.posedirs[..., JAW_FEATURES], feature)
-        joint = np.einsum("v,bvd->bd", asset.j_regressor[JAW].astype(np.float64), v_shaped)
+        joint = self.jaw_const + z @ self.jaw_dirs.T  # = J_regressor[jaw] · v_shaped
         lever = v_posed - joint[:, None, :]
-        return v_posed + asset.weights[None, :, JAW, None] * np.einsum("bij,bvj->bvi", delta, lever)
+        jaw_weight = self.asset.weights[None, :, JAW, None]
+        return np.asarray(v_posed + jaw_weight * (lever @ delta.transpose(0, 2, 1)), dtype=np.float64)
 
 
 def _residuals(
@@ -177,7 +195,9 @@ def _residuals(
 ) -> tuple[F64, F64]:
     """Stacked residuals (B, 3K + nz + 3) and the FLAME-frame landmarks (B, K, 3)."""
     points = model.landmarks(z, jaw)
-    image = np.exp(log_scale)[:, None, None] * np.einsum("bij,bkj->bki", rotation, points) + translation[:, None]
+    image = (
+        np.exp(log_scale)[:, None, None] * np.einsum("bij,bkj->bki", rotation, points) + translation[:, None]
+    )
     weights = np.array([1.0, 1.0, settings.depth_weight])
     data = ((image - targets) * weights).reshape(len(z), -1) / (scale0[:, None] * settings.landmark_sigma_m)
     prior = np.concatenate([z, jaw / settings.jaw_sigma_rad], axis=1)
@@ -211,7 +231,9 @@ def _jacobian(
         offset = np.zeros(3)
         offset[axis] = step
         difference = model.landmarks(z, jaw + offset) - model.landmarks(z, jaw - offset)
-        blocks[..., 7 + nz + axis] = scale[:, None, None] * np.einsum("bij,bkj->bki", rotation, difference) / (2 * step)
+        blocks[..., 7 + nz + axis] = (
+            scale[:, None, None] * np.einsum("bij,bkj->bki", rotation, difference) / (2 * step)
+        )
     weights = np.array([1.0, 1.0, settings.depth_weight])
     blocks *= weights[None, None, :, None] / (scale0[:, None, None, None] * settings.landmark_sigma_m)
     prior = np.zeros((batch, nz + 3, 10 + nz))
@@ -226,8 +248,14 @@ def fit_flame(
     """Fit every head at once. `landmarks_3d` is (B, 468 or 478, 3) in image pixels."""
     settings = settings or FitSettings(num_shape=model.num_shape, num_expression=model.num_expression)
     landmarks_3d = np.asarray(landmarks_3d, dtype=np.float64)
-    if landmarks_3d.ndim != 3 or landmarks_3d.shape[2] != 3 or landmarks_3d.shape[1] <= model.landmark_indices.max():
-        raise InvalidLandmarksError(f"expected MediaPipe landmarks of shape (B, 468, 3), got {landmarks_3d.shape}")
+    if (
+        landmarks_3d.ndim != 3
+        or landmarks_3d.shape[2] != 3
+        or landmarks_3d.shape[1] <= model.landmark_indices.max()
+    ):
+        raise InvalidLandmarksError(
+            f"expected MediaPipe landmarks of shape (B, 468, 3), got {landmarks_3d.shape}"
+        )
     if not np.all(np.isfinite(landmarks_3d)):
         raise InvalidLandmarksError("landmarks contain NaN or infinite values")
     targets = landmarks_3d[:, model.landmark_indices]
@@ -272,8 +300,17 @@ def fit_flame(
         new_cost = (new_residuals**2).sum(axis=1)
         better = (new_cost < cost) & active
         converged = better & ((cost - new_cost) < settings.tolerance * cost)
-        rotation[better], translation[better], log_scale[better] = new_rotation[better], new_translation[better], new_log_scale[better]
-        z[better], jaw[better], points[better], residuals[better] = new_z[better], new_jaw[better], new_points[better], new_residuals[better]
+        rotation[better], translation[better], log_scale[better] = (
+            new_rotation[better],
+            new_translation[better],
+            new_log_scale[better],
+        )
+        z[better], jaw[better], points[better], residuals[better] = (
+            new_z[better],
+            new_jaw[better],
+            new_points[better],
+            new_residuals[better],
+        )
         cost[better] = new_cost[better]
         iterations[active] += 1
         damping = np.where(better, damping / 3.0, damping * 4.0)

@@ -42,7 +42,9 @@ def load_model(path: Path | None = None) -> FlameLandmarkModel:
     path = path or flame_asset_path()
     reason = flame_unavailable_reason(path)
     if reason is not None:
-        raise PipelineUnavailableError(f"pipeline 'flame' is unavailable: {reason}", details={"pipeline": "flame"})
+        raise PipelineUnavailableError(
+            f"pipeline 'flame' is unavailable: {reason}", details={"pipeline": "flame"}
+        )
     stat = path.stat()
     return _cached_model(str(path), stat.st_mtime_ns, stat.st_size)
 
@@ -63,7 +65,9 @@ def fit_flame_heads(
     else:
         model = FlameLandmarkModel(asset)
     if model.asset.uvs is None or model.asset.uv_faces is None:
-        raise PipelineUnavailableError("the FLAME asset has no UVs; re-import it with --uv (see docs/flame.md)")
+        raise PipelineUnavailableError(
+            "the FLAME asset has no UVs; re-import it with --uv (see docs/flame.md)"
+        )
     for head in heads:
         if head.landmarks_3d is None:
             raise InvalidLandmarksError(f"head {head.index} has no 3D landmarks to fit FLAME to")

@@ -47,6 +47,8 @@ _CHUNK_BIN = 0x004E4942  # "BIN\0"
 _GL_LINEAR = 9729
 _GL_LINEAR_MIPMAP_LINEAR = 9987
 _GL_CLAMP_TO_EDGE = 33071
+_GL_ARRAY_BUFFER = 34962
+_GL_ELEMENT_ARRAY_BUFFER = 34963
 
 
 @dataclass(frozen=True)
@@ -161,13 +163,12 @@ def glb_bytes(mesh: Mesh, texture_png: bytes | None, name: str) -> bytes:
     scene = trimesh.Scene()
     scene.add_geometry(geometry, geom_name=name, node_name=name)
     exported = trimesh.exchange.gltf.export_glb(scene, include_normals=True)
-    if texture_png is None:
-        return bytes(exported)
-    return _attach_base_color_png(bytes(exported), texture_png)
+    return _finish_glb(bytes(exported), texture_png)
 
 
-def _attach_base_color_png(glb: bytes, png: bytes) -> bytes:
-    """Append `png` to the GLB's binary chunk and make it every material's base-color texture."""
+def _finish_glb(glb: bytes, png: bytes | None) -> bytes:
+    """Set buffer-view targets (trimesh leaves them out), and append `png` to the binary chunk as
+    every material's base-color texture."""
     magic, version, _length = struct.unpack_from("<III", glb, 0)
     if magic != _GLB_MAGIC or version != 2:
         raise ValueError("not a glTF 2.0 binary")
@@ -182,29 +183,31 @@ def _attach_base_color_png(glb: bytes, png: bytes) -> bytes:
         if bin_type != _CHUNK_BIN:
             raise ValueError("GLB second chunk is not BIN")
         binary = glb[offset + 8 : offset + 8 + bin_length]
-    image_offset = _padded(len(binary))
-    binary = binary.ljust(image_offset, b"\0") + png
-    if not tree.get("buffers"):
-        tree["buffers"] = [{"byteLength": 0}]
-    tree["buffers"][0]["byteLength"] = len(binary)
-    views = tree.setdefault("bufferViews", [])
-    views.append({"buffer": 0, "byteOffset": image_offset, "byteLength": len(png)})
-    images = tree.setdefault("images", [])
-    images.append({"bufferView": len(views) - 1, "mimeType": "image/png"})
-    samplers = tree.setdefault("samplers", [])
-    samplers.append(
-        {
-            "magFilter": _GL_LINEAR,
-            "minFilter": _GL_LINEAR_MIPMAP_LINEAR,
-            "wrapS": _GL_CLAMP_TO_EDGE,
-            "wrapT": _GL_CLAMP_TO_EDGE,
-        }
-    )
-    textures = tree.setdefault("textures", [])
-    textures.append({"sampler": len(samplers) - 1, "source": len(images) - 1})
-    for material in tree.get("materials", []):
-        pbr = material.setdefault("pbrMetallicRoughness", {})
-        pbr["baseColorTexture"] = {"index": len(textures) - 1, "texCoord": 0}
+    _set_buffer_view_targets(tree)
+    if png is not None:
+        image_offset = _padded(len(binary))
+        binary = binary.ljust(image_offset, b"\0") + png
+        if not tree.get("buffers"):
+            tree["buffers"] = [{"byteLength": 0}]
+        tree["buffers"][0]["byteLength"] = len(binary)
+        views = tree.setdefault("bufferViews", [])
+        views.append({"buffer": 0, "byteOffset": image_offset, "byteLength": len(png)})
+        images = tree.setdefault("images", [])
+        images.append({"bufferView": len(views) - 1, "mimeType": "image/png"})
+        samplers = tree.setdefault("samplers", [])
+        samplers.append(
+            {
+                "magFilter": _GL_LINEAR,
+                "minFilter": _GL_LINEAR_MIPMAP_LINEAR,
+                "wrapS": _GL_CLAMP_TO_EDGE,
+                "wrapT": _GL_CLAMP_TO_EDGE,
+            }
+        )
+        textures = tree.setdefault("textures", [])
+        textures.append({"sampler": len(samplers) - 1, "source": len(images) - 1})
+        for material in tree.get("materials", []):
+            pbr = material.setdefault("pbrMetallicRoughness", {})
+            pbr["baseColorTexture"] = {"index": len(textures) - 1, "texCoord": 0}
     json_chunk = json.dumps(tree, separators=(",", ":")).encode("utf-8")
     json_chunk = json_chunk.ljust(_padded(len(json_chunk)), b" ")
     binary = binary.ljust(_padded(len(binary)), b"\0")
@@ -218,6 +221,21 @@ def _attach_base_color_png(glb: bytes, png: bytes) -> bytes:
             binary,
         ]
     )
+
+
+def _set_buffer_view_targets(tree: dict[str, Any]) -> None:
+    """Mark vertex and index buffer views with their GL target, as the validator recommends."""
+    views = tree.get("bufferViews", [])
+    accessors = tree.get("accessors", [])
+    for mesh in tree.get("meshes", []):
+        for primitive in mesh.get("primitives", []):
+            used = [(index, _GL_ARRAY_BUFFER) for index in primitive.get("attributes", {}).values()]
+            if "indices" in primitive:
+                used.append((primitive["indices"], _GL_ELEMENT_ARRAY_BUFFER))
+            for accessor_index, target in used:
+                view_index = accessors[accessor_index].get("bufferView")
+                if view_index is not None:
+                    views[view_index]["target"] = target
 
 
 def _padded(length: int) -> int:

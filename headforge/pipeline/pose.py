@@ -3,9 +3,10 @@
 Angles follow the AFLW2000-3D / 3DDFA convention used by the head-pose tables of VGGHeads,
 3DDFA-V2 and 6DRepNet: `Pose_Para` = (pitch, yaw, roll) with R = Rx(pitch) · Ry(yaw) · Rz(-roll)
 (right-handed elementary rotations), acting on a model frame with y up and z into the face, and
-producing image coordinates with y up and z toward the camera. In plain words, for the person in
-the photo: yaw > 0 turns the face toward the image's right (the subject's left), pitch > 0 tilts the
-chin up, roll > 0 tilts the head toward the image's left (clockwise as seen in the image).
+producing image coordinates with y up and z away from the camera. In plain words, for the person in
+the photo: yaw > 0 turns the face toward the image's left (the subject's right), pitch > 0 lifts the
+chin (looking up), roll > 0 turns the face clockwise as seen in the image (the subject's left eye,
+on the image's right, drops).
 """
 
 from __future__ import annotations

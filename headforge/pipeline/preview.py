@@ -235,7 +235,16 @@ def draw_wireframes(rgb: NDArray[np.uint8], heads: list[Head], scale: float = 1.
             polygons = np.round(points[np.asarray(mesh.faces)] * 16).astype(np.int32)
             color = HEAD_COLORS[head.index % len(HEAD_COLORS)]
             cv2.polylines(lines, list(polygons), True, color, 1, cv2.LINE_AA, shift=4)
-    cv2.addWeighted(lines, WIREFRAME_OPACITY, canvas, 1.0 - WIREFRAME_OPACITY, 0.0, dst=canvas)
+    for head in heads:
+        # Small faces get fainter lines: at a few pixels per triangle the wireframe is a solid blob.
+        x0, y0, x1, y1 = (float(v) * scale for v in head.detection.box)
+        opacity = float(np.clip(max(x1 - x0, y1 - y0) / 400.0, 0.3, WIREFRAME_OPACITY))
+        margin = 0.5 * max(x1 - x0, y1 - y0)
+        left, top = max(int(x0 - margin), 0), max(int(y0 - margin), 0)
+        right, bottom = min(int(x1 + margin) + 1, canvas.shape[1]), min(int(y1 + margin) + 1, canvas.shape[0])
+        if right > left and bottom > top:
+            region = canvas[top:bottom, left:right]
+            cv2.addWeighted(lines[top:bottom, left:right], opacity, region, 1.0 - opacity, 0.0, dst=region)
     for head in heads:
         color = HEAD_COLORS[head.index % len(HEAD_COLORS)]
         x0, y0, x1, y1 = (float(v) * scale for v in head.detection.box)

@@ -11,6 +11,7 @@ into a posed mesh. Adding one (e.g. FLAME) is one entry:
         fit="headforge.pipeline.flame_fit:fit_flame",        # (head, rgb) -> None
         description="FLAME head fitted to the face-mesh landmarks",
         missing="headforge.models.flame:missing_reason",      # () -> str | None, optional
+        models="headforge.models.flame:model_records",        # () -> list of model dicts, optional
     )
 """
 
@@ -36,6 +37,7 @@ from numpy.typing import NDArray
 import headforge
 from headforge.errors import (
     HeadforgeError,
+    InvalidImageError,
     InvalidOptionError,
     PipelineUnavailableError,
     UnknownPipelineError,
@@ -71,6 +73,7 @@ class PipelineEntry:
     description: str
     missing: str | None = None
     symmetry: str | None = None  # "module:function" () -> (V,) mirror vertex map, for texture filling
+    models: str | None = None  # "module:function" () -> [{name, version, sha256, format}] beyond the networks
 
 
 PIPELINES: dict[str, PipelineEntry] = {
@@ -250,11 +253,14 @@ def reconstruct_image(
 
             networks = load_default_networks()
     report("detect_landmarks", 0.1)
-    with timer.stage("detect_landmarks"):
-        heads = find_heads(decoded.rgb, networks, max_heads=options.max_heads)
-
     notes: list[str] = []
-    if not heads:
+    with timer.stage("detect_landmarks"):
+        try:
+            heads = find_heads(decoded.rgb, networks, max_heads=options.max_heads)
+        except InvalidImageError as error:  # decodable, but too small to hold a face
+            heads = []
+            notes.append(f"{error.message}; nothing to reconstruct")
+    if not heads and not notes:
         notes.append("no face found in the image; nothing to reconstruct")
     out_dir.mkdir(parents=True, exist_ok=True)
     kept: list[Head] = []
@@ -293,7 +299,10 @@ def reconstruct_image(
         if "preview" in options.outputs:
             report("preview", 0.9)
             with timer.stage("preview"):
-                from headforge.pipeline.preview import compose_preview
+                from headforge.pipeline.preview import MAX_RENDERED_HEADS, compose_preview
+
+                if len(kept) > MAX_RENDERED_HEADS:
+                    notes.append(f"preview.png renders the first {MAX_RENDERED_HEADS} of {len(kept)} heads")
 
                 preview = compose_preview(decoded.rgb, kept)
             jobs.append(pool.submit(_write_preview, preview, out_dir, timer))
@@ -328,7 +337,7 @@ def reconstruct_image(
             ],
             "notes": notes,
             "timings_ms": timings,
-            "models": describe_networks(networks),
+            "models": describe_networks(networks) + (_resolve(entry.models)() if entry.models else []),
         }
         write_atomic(out_dir / "result.json", json_bytes(document))
     report("done", 1.0)

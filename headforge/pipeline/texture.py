@@ -112,32 +112,33 @@ class _ZBuffer:
     """Nearest depth per coarse image cell, from dense samples of the surface."""
 
     def __init__(self, samples: NDArray[np.float32], vertices: NDArray[np.float32]):
-        self.low = vertices[:, :2].min(0) - 1.0
+        self.low = (vertices[:, :2].min(0) - 1.0).astype(np.float32)
         extent = float((vertices[:, :2].max(0) + 1.0 - self.low).max())
         self.cell = np.float32(max(extent / ZBUFFER_CELLS, 1e-6))
         self.columns = ZBUFFER_CELLS + 2
         self.depth = np.full(self.columns * self.columns, np.inf, dtype=np.float32)
         np.minimum.at(self.depth, self._cells(samples), samples[:, 2])
 
-    def _cells(self, points: NDArray[np.float32]) -> NDArray[np.int64]:
-        ij = ((points[:, :2] - self.low) / self.cell).astype(np.int64)
-        return ij[:, 1] * self.columns + ij[:, 0]
+    def _cells(self, points: NDArray[np.float32]) -> NDArray[np.int32]:
+        ij = ((points[:, :2] - self.low) * (1.0 / self.cell)).astype(np.int32)
+        return ij[:, 1] * np.int32(self.columns) + ij[:, 0]
 
     def visible(self, points: NDArray[np.float32], slope: NDArray[np.float32]) -> NDArray[np.bool_]:
         """Points within a slope-scaled tolerance of the nearest surface in their cell."""
-        tolerance = self.cell * (ZBUFFER_BASE_TOLERANCE + ZBUFFER_SLOPE_TOLERANCE * slope)
+        tolerance = slope * np.float32(self.cell * ZBUFFER_SLOPE_TOLERANCE)
+        tolerance += np.float32(self.cell * ZBUFFER_BASE_TOLERANCE)
         return points[:, 2] - tolerance <= self.depth[self._cells(points)]
 
 
-def _sample(rgb: NDArray[np.uint8], points: NDArray[np.float32]) -> NDArray[np.float32]:
+def _sample(rgb: NDArray[np.uint8], points: NDArray[np.float32]) -> NDArray[np.uint8]:
     """Bilinear photo colors at image positions (pixel centers at +0.5); black outside the photo."""
     count = len(points)
     side = int(np.ceil(np.sqrt(max(count, 1))))
     padded = np.full((side * side, 2), -10.0, dtype=np.float32)
-    padded[:count] = points[:, :2] - 0.5
+    np.subtract(points[:, :2], np.float32(0.5), out=padded[:count])
     grid = padded.reshape(side, side, 2)
-    colors = cv2.remap(rgb, grid[..., 0], grid[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
-    return colors.reshape(-1, 3)[:count].astype(np.float32)
+    colors = cv2.remap(rgb, grid, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+    return colors.reshape(-1, 3)[:count]
 
 
 def push_pull_fill(colors: NDArray[np.float32], weights: NDArray[np.float32]) -> NDArray[np.float32]:
@@ -155,32 +156,40 @@ def push_pull_fill(colors: NDArray[np.float32], weights: NDArray[np.float32]) ->
         premultiplied = cv2.resize(premultiplied, size, interpolation=cv2.INTER_AREA).reshape(size[1], size[0], 3)
         weight = cv2.resize(weight, size, interpolation=cv2.INTER_AREA).reshape(size[1], size[0])
     filled = np.zeros_like(levels[-1][0])
-    for premultiplied, weight in reversed(levels):
+    for level, (premultiplied, weight) in enumerate(reversed(levels)):
         height, width = weight.shape
         coarse = cv2.resize(filled, (width, height), interpolation=cv2.INTER_LINEAR).reshape(height, width, 3)
-        covered = np.clip(weight, 0.0, 1.0)[..., None]
+        # The coarsest level has nothing above it: any coverage there is the whole answer.
+        covered = (weight > 0 if level == 0 else np.clip(weight, 0.0, 1.0)).astype(np.float32)[..., None]
         mean = np.divide(premultiplied, weight[..., None], out=np.zeros_like(premultiplied), where=weight[..., None] > 0)
         filled = covered * mean + (1.0 - covered) * coarse
     return filled
 
 
-def _fill_outside(texture: NDArray[np.float32], coverage: NDArray[np.bool_]) -> NDArray[np.float32]:
-    """Push-pull fill of uncovered texels, computed at most PUSH_PULL_SIZE wide and upsampled."""
+def _fill_outside(texture: NDArray[np.uint8], coverage: NDArray[np.bool_]) -> NDArray[np.uint8]:
+    """Uncovered texels filled by push-pull from the covered ones, computed on blocks of k×k texels
+    (at most PUSH_PULL_SIZE blocks wide) and upsampled; covered texels keep their colors.
+    `texture` must be zero where not covered."""
     size = texture.shape[0]
-    small = min(size, PUSH_PULL_SIZE)
-    weight = coverage.astype(np.float32)
-    if small < size:
-        premultiplied = cv2.resize(texture * weight[..., None], (small, small), interpolation=cv2.INTER_AREA)
-        weight_small = cv2.resize(weight, (small, small), interpolation=cv2.INTER_AREA)
-        mean = np.divide(premultiplied, weight_small[..., None], out=np.zeros_like(premultiplied), where=weight_small[..., None] > 0)
-        fill = cv2.resize(push_pull_fill(mean, weight_small), (size, size), interpolation=cv2.INTER_LINEAR)
-    else:
-        fill = push_pull_fill(texture, weight)
-    return np.where(coverage[..., None], texture, fill)
+    block = max(1, size // PUSH_PULL_SIZE)
+    small = size // block
+    used = small * block
+    sums = texture[:used, :used].reshape(small, block, small, block, 3).sum(axis=(1, 3), dtype=np.uint32)
+    counts = coverage[:used, :used].reshape(small, block, small, block).sum(axis=(1, 3), dtype=np.uint32)
+    mean = (sums / np.maximum(counts, 1)[..., None]).astype(np.float32)
+    # Trust only blocks that are at least half covered; push-pull spreads them to the rest.
+    trusted = (counts * 2 >= block * block).astype(np.float32)
+    fill = np.clip(push_pull_fill(mean, trusted) + 0.5, 0, 255).astype(np.uint8)
+    if block > 1:
+        fill = cv2.resize(fill, (used, used), interpolation=cv2.INTER_LINEAR)
+    if used < size:
+        fill = cv2.copyMakeBorder(fill, 0, size - used, 0, size - used, cv2.BORDER_REPLICATE)
+    np.copyto(fill, texture, where=coverage[..., None])
+    return fill
 
 
 def _inpaint(texture: NDArray[np.uint8], holes: NDArray[np.bool_]) -> NDArray[np.uint8]:
-    """cv2.inpaint (Telea) over `holes`; big holes are done on a downscaled copy and upsampled."""
+    """cv2.inpaint (Navier-Stokes) over `holes`; big holes are done on a downscaled copy and upsampled."""
     count = int(holes.sum())
     if count == 0:
         return texture
@@ -189,11 +198,11 @@ def _inpaint(texture: NDArray[np.uint8], holes: NDArray[np.bool_]) -> NDArray[np
     while count / (factor * factor) > INPAINT_MAX_TEXELS and size // (factor * 2) >= 64:
         factor *= 2
     if factor == 1:
-        return cv2.inpaint(texture, holes.astype(np.uint8), INPAINT_RADIUS, cv2.INPAINT_TELEA)
+        return cv2.inpaint(texture, holes.astype(np.uint8), INPAINT_RADIUS, cv2.INPAINT_NS)
     small_size = (size // factor, size // factor)
     small = cv2.resize(texture, small_size, interpolation=cv2.INTER_AREA)
     small_holes = cv2.resize(holes.astype(np.float32), small_size, interpolation=cv2.INTER_AREA) > 0
-    patched = cv2.inpaint(small, small_holes.astype(np.uint8), INPAINT_RADIUS, cv2.INPAINT_TELEA)
+    patched = cv2.inpaint(small, small_holes.astype(np.uint8), INPAINT_RADIUS, cv2.INPAINT_NS)
     upsampled = cv2.resize(patched, (size, size), interpolation=cv2.INTER_LINEAR)
     result = texture.copy()
     result[holes] = upsampled[holes]
@@ -249,24 +258,21 @@ def unwrap_texture(
         mirror_weight = np.asarray(plan.mirrored @ facing, dtype=np.float32) * visible(mirror_points, mirror_slope)
         mirror_weight *= 1.0 - own_weight
         seen = np.flatnonzero(mirror_weight > 0)
-        mirror_colors = _sample(rgb, mirror_points[seen])
         own_part = own_weight[seen, None]
         mirror_part = mirror_weight[seen, None]
-        colors[seen] = (colors[seen] * own_part + mirror_colors * mirror_part) / (own_part + mirror_part)
+        blended = colors[seen] * own_part + _sample(rgb, mirror_points[seen]) * mirror_part
+        colors[seen] = np.clip(blended / (own_part + mirror_part) + 0.5, 0, 255).astype(np.uint8)
         total = own_weight + mirror_weight
 
-    covered = total >= MIN_WEIGHT
-    flat_colors = np.zeros((size * size, 3), dtype=np.float32)
-    flat_colors[raster.texel_index[covered]] = colors[covered]
-    flat_colors = flat_colors.reshape(size, size, 3)
-    coverage = np.zeros(size * size, dtype=bool)
-    coverage[raster.texel_index[covered]] = True
+    texture = np.zeros((size * size, 3), dtype=np.uint8)
+    texture[raster.texel_index] = colors
+    coverage = np.zeros(size * size, dtype=np.uint8)
+    coverage[raster.texel_index] = total >= MIN_WEIGHT
     # Isolated covered texels at occlusion edges read as speckles; let the inpainting take them.
-    coverage = cv2.morphologyEx(coverage.reshape(size, size).view(np.uint8), cv2.MORPH_OPEN, _CROSS).view(bool)
+    coverage = cv2.morphologyEx(coverage.reshape(size, size), cv2.MORPH_OPEN, _CROSS).view(bool)
     if not coverage.any():
         return np.full((size, size, 3), 128, dtype=np.uint8), coverage
-    filled = _fill_outside(flat_colors, coverage)
-    texture = np.clip(filled + 0.5, 0, 255).astype(np.uint8)
-    holes = raster.island_mask & ~coverage
-    texture = _inpaint(texture, holes)
-    return texture, coverage
+    texture = texture.reshape(size, size, 3)
+    texture *= coverage[..., None]
+    texture = _fill_outside(texture, coverage)
+    return _inpaint(texture, raster.island_mask & ~coverage), coverage

@@ -288,8 +288,7 @@ class SqliteState:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.indexer = indexer
         self._local = threading.local()
-        with self._transaction() as db:
-            db.executescript(_SCHEMA)
+        self._connection().executescript(_SCHEMA)  # idempotent; executescript manages its own transaction
 
     def _connection(self) -> sqlite3.Connection:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)

@@ -261,6 +261,7 @@ def run_job(self: Any, job_id: str) -> dict[str, Any]:
                 record_stage_timings(ctx.jobs.backend, timings)
             except HeadforgeError:
                 log.warning("stage metrics not recorded")
+            _remove_other_attempts(ctx.store, job_id, prefix)
             log.info("job succeeded", extra={"timings_ms": timings})
             _notify(ctx, job_id, SUCCEEDED)
             return {"job_id": job_id, "status": SUCCEEDED, "artifact_keys": [a["key"] for a in artifacts]}
@@ -268,6 +269,14 @@ def run_job(self: Any, job_id: str) -> dict[str, Any]:
         ctx.store.delete_prefix(prefix)
         log.info("completion refused: the job is no longer held by this attempt")
         return {"job_id": job_id, "skipped": "lost"}
+
+
+def _remove_other_attempts(store: ArtifactStore, job_id: str, keep_prefix: str) -> None:
+    """Delete files an earlier attempt (killed mid-upload) left beside the winning attempt's."""
+    for key in store.list(f"jobs/{job_id}/"):
+        if not key.startswith(keep_prefix):
+            attempt = "/".join(key.split("/")[:3])
+            store.delete_prefix(attempt)
 
 
 # --------------------------------------------------------------------------- webhooks

@@ -7,8 +7,10 @@ The server gets its own data folder but reuses the model repository of `HEADFORG
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -57,19 +59,39 @@ def browser_tools() -> None:
 
 
 @pytest.fixture(scope="session")
-def server(browser_tools: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Start `headforge serve` on a free port and yield its base URL ("http://127.0.0.1:PORT/")."""
+def api_keys() -> dict[str, str]:
+    """Two fresh keys: `main` with the default limits, `limited` allowed one job submission a minute."""
+    return {"main": "hf_" + secrets.token_urlsafe(24), "limited": "hf_" + secrets.token_urlsafe(24)}
+
+
+@pytest.fixture(scope="session")
+def server(
+    browser_tools: None, api_keys: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """Start `headforge serve` with API keys on a free port; yield its base URL ("http://127.0.0.1:PORT/")."""
     data = tmp_path_factory.mktemp("serve-data")
+    digest = {name: hashlib.sha256(key.encode()).hexdigest() for name, key in api_keys.items()}
+    keys = [
+        {"id": "browser", "sha256": digest["main"]},
+        {
+            "id": "browser-limited",
+            "sha256": digest["limited"],
+            "rate_limit_per_minute": 1,
+            "rate_limit_burst": 1,
+        },
+    ]
+    keys_file = data / "keys.json"
+    keys_file.write_text(json.dumps({"keys": keys}))
     port = _free_port()
     env = dict(os.environ)
-    for name in (
-        "HEADFORGE_REDIS_URL",
-        "HEADFORGE_API_KEYS",
-        "HEADFORGE_API_KEYS_FILE",
-        "HEADFORGE_S3_BUCKET",
-    ):
+    for name in ("HEADFORGE_REDIS_URL", "HEADFORGE_API_KEYS", "HEADFORGE_S3_BUCKET"):
         env.pop(name, None)
-    env.update(HEADFORGE_DATA_DIR=str(data), HEADFORGE_JSON_LOGS="0", PYTHONUNBUFFERED="1")
+    env.update(
+        HEADFORGE_DATA_DIR=str(data),
+        HEADFORGE_API_KEYS_FILE=str(keys_file),
+        HEADFORGE_JSON_LOGS="0",
+        PYTHONUNBUFFERED="1",
+    )
     log_path = data / "serve.log"
     log = log_path.open("wb")
     proc = subprocess.Popen(
@@ -119,14 +141,18 @@ def drive() -> Callable[..., dict[str, Any]]:
     return _drive
 
 
-def _drive(scenario: str, url: str, photo: Path, name: str = "", timeout_s: float = 300) -> dict[str, Any]:
-    """Run one scenario of drive.mjs and return its report; fails on a script crash."""
+def _drive(
+    scenario: str, url: str, photo: Path, *, name: str = "", timeout_s: float = 300, **extra: Any
+) -> dict[str, Any]:
+    """Run one scenario of drive.mjs and return its report; fails on a script crash. `extra` goes
+    into the script's config (apiKey, submits)."""
     config = {
         "url": url,
         "photo": str(photo),
         "out": str(ARTIFACTS),
         "chromium": CHROMIUM,
         "name": name or scenario,
+        **extra,
     }
     proc = subprocess.run(
         ["node", str(DRIVER), scenario, json.dumps(config)],

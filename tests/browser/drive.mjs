@@ -10,7 +10,8 @@
 //   upload-error upload a photo on a phone-sized page and report the error the page shows (for a file
 //                that is not an image, or a photo without a face)
 //
-// config: {"url", "photo", "out" (screenshot folder), "chromium"?, "timeoutMs"?}
+// config: {"url", "photo", "out" (screenshot folder), "name"?, "apiKey"?, "submits"?, "chromium"?,
+//          "timeoutMs"?}. With an apiKey the script types it into the page's API key form first.
 
 import { createRequire } from 'node:module';
 import { createHash } from 'node:crypto';
@@ -98,6 +99,18 @@ async function unlabeledControls(page) {
   );
 }
 
+async function enterApiKey(page) {
+  if (!config.apiKey) return;
+  await page.getByText('API key', { exact: true }).click();
+  await page.getByLabel('API key').fill(config.apiKey);
+  await page.getByRole('button', { name: 'Save' }).click();
+  report.keyStorage = await page.evaluate(() => ({
+    session: sessionStorage.getItem('headforge.apiKey'),
+    localKeys: Object.keys(localStorage),
+    cookies: document.cookie,
+  }));
+}
+
 async function horizontalOverflow(page) {
   return page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
 }
@@ -108,6 +121,7 @@ async function reconstruct() {
   watch(page);
   await page.goto(config.url, { waitUntil: 'load' });
   report.unlabeled = await unlabeledControls(page);
+  await enterApiKey(page);
 
   await page.setInputFiles('#images', config.photo);
   await page.getByRole('button', { name: 'Make 3D heads' }).click();
@@ -185,7 +199,9 @@ async function reconstruct() {
     const failure = await download.failure();
     const path = failure ? null : await download.path();
     const bytes = path ? readFileSync(path) : null;
-    const response = await context.request.get(link.href);
+    const auth = config.apiKey ? { Authorization: `Bearer ${config.apiKey}` } : {};
+    const response = await context.request.get(link.href, { headers: auth });
+    const withoutKey = config.apiKey ? (await context.request.get(link.href)).status() : null;
     report.downloads.push({
       ...link,
       suggested: download.suggestedFilename(),
@@ -194,6 +210,7 @@ async function reconstruct() {
       downloadedSha256: bytes ? createHash('sha256').update(bytes).digest('hex') : null,
       httpStatus: response.status(),
       httpBytes: (await response.body()).length,
+      httpStatusWithoutKey: withoutKey,
     });
   }
   report.overflowLaptop = await horizontalOverflow(page);
@@ -222,9 +239,15 @@ async function uploadError() {
   await page.goto(config.url, { waitUntil: 'load' });
   report.unlabeled = await unlabeledControls(page);
   report.overflowPhone = await horizontalOverflow(page);
+  await enterApiKey(page);
   await page.setInputFiles('#images', config.photo);
-  await page.getByRole('button', { name: 'Make 3D heads' }).click();
-  await page.locator('#error').waitFor({ state: 'visible', timeout });
+  report.errors = [];
+  for (let i = 0; i < (config.submits ?? 1); i++) {
+    // Each submission clears the error first, so wait for a fresh one to appear.
+    await page.getByRole('button', { name: 'Make 3D heads' }).click();
+    await page.locator('#error').waitFor({ state: 'visible', timeout });
+    report.errors.push(await page.locator('#error').getAttribute('data-code'));
+  }
   report.errorText = await page.locator('#error').innerText();
   report.errorCode = await page.locator('#error').getAttribute('data-code');
   report.errorRole = await page.locator('#error').getAttribute('role');

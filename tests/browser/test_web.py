@@ -1,7 +1,8 @@
-"""The web app at `/`, driven in headless Chromium against a real `headforge serve`.
+"""The web app at `/`, driven in headless Chromium against a real `headforge serve` with API keys.
 
-One reconstruction of scikit-image's astronaut photo is shared by the tests below; each test checks
-one thing the page must do with it. Screenshots go to test-artifacts/browser/.
+One reconstruction of scikit-image's astronaut photo is shared by the first tests; each checks one
+thing the page must do with it. The others upload things that must fail and check what the page
+says. Screenshots go to test-artifacts/browser/.
 """
 
 from __future__ import annotations
@@ -19,9 +20,15 @@ from PIL import Image
 
 pytestmark = [pytest.mark.browser, pytest.mark.service]
 
-# The viewer canvas is about 800×600 CSS pixels on the 1366-wide page; a head that fills a useful part
-# of it covers far more than this many pixels, an empty or failed render covers none.
+Drive = Callable[..., dict[str, Any]]
+
+# Share of the viewer's pixels that must differ from the background. A head that fills a useful part
+# of the view covers far more; an empty or failed render covers none.
 MIN_DRAWN_FRACTION = 0.03
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
 
 
 @pytest.fixture(scope="session")
@@ -31,10 +38,17 @@ def astronaut_png(astronaut: NDArray[np.uint8], tmp_path_factory: pytest.TempPat
     return path
 
 
+@pytest.fixture
+def not_an_image(tmp_path: Path) -> Path:
+    path = tmp_path / "not-a-photo.png"
+    path.write_text("this is a text file with a .png name\n")
+    return path
+
+
 @pytest.fixture(scope="session")
-def run(server: str, astronaut_png: Path, drive: Callable[..., dict[str, Any]]) -> dict[str, Any]:
-    """Upload the astronaut in the page, wait for the job, then measure everything on screen."""
-    report = drive("reconstruct", server, astronaut_png)
+def run(server: str, astronaut_png: Path, api_keys: dict[str, str], drive: Drive) -> dict[str, Any]:
+    """Enter the key, upload the astronaut, wait for the job, then measure everything on screen."""
+    report = drive("reconstruct", server, astronaut_png, apiKey=api_keys["main"])
     status = report.get("status") or {}
     assert status.get("state") == "succeeded", (
         f"job did not succeed in the page: {status} / {report.get('errorText')}"
@@ -43,28 +57,33 @@ def run(server: str, astronaut_png: Path, drive: Callable[..., dict[str, Any]]) 
 
 
 @pytest.fixture(scope="session")
-def job(server: str, run: dict[str, Any]) -> dict[str, Any]:
+def job(server: str, run: dict[str, Any], api_keys: dict[str, str]) -> dict[str, Any]:
     """The same job, as the API reports it."""
     assert run.get("jobId"), "the page does not expose the job id it submitted"
-    response = httpx.get(f"{server}v1/jobs/{run['jobId']}", timeout=30)
+    response = httpx.get(f"{server}v1/jobs/{run['jobId']}", headers=auth(api_keys["main"]), timeout=30)
     assert response.status_code == 200, response.text
     document: dict[str, Any] = response.json()
     assert document["status"] == "succeeded"
     return document
 
 
+def _drawn(measure: dict[str, Any]) -> float:
+    return float(measure["differing"]) / float(measure["width"] * measure["height"])
+
+
 def test_page_shows_progress_and_success(run: dict[str, Any], job: dict[str, Any]) -> None:
     assert run["pageErrors"] == [], run["pageErrors"]
-    # The stages the API reported were shown.
-    assert set(job["progress"]) - {"overall"} <= set(run["stages"]), (job["progress"], run["stages"])
     assert run["stages"], "no per-stage progress was shown"
+    assert set(job["progress"]) - {"overall"} <= set(run["stages"]), (job["progress"], run["stages"])
     heads = len(job["result"]["heads"])
     assert heads >= 1
     assert f"{heads} head" in run["status"]["text"]
 
 
-def _drawn(measure: dict[str, Any]) -> float:
-    return float(measure["differing"]) / float(measure["width"] * measure["height"])
+def test_api_key_lives_in_session_storage_only(run: dict[str, Any], api_keys: dict[str, str]) -> None:
+    storage = run["keyStorage"]
+    assert storage["session"] == api_keys["main"]
+    assert storage["localKeys"] == [] and storage["cookies"] == "", storage
 
 
 def test_viewer_draws_textured_mesh(run: dict[str, Any]) -> None:
@@ -75,15 +94,17 @@ def test_viewer_draws_textured_mesh(run: dict[str, Any]) -> None:
     assert mesh["distinctColors"] > 200, mesh
 
 
-def test_viewer_draws_splats(server: str, run: dict[str, Any], job: dict[str, Any]) -> None:
+def test_viewer_draws_splats(
+    server: str, run: dict[str, Any], job: dict[str, Any], api_keys: dict[str, str]
+) -> None:
     assert run["splatsViewer"]["state"] == "ready", run["splatsViewer"]
     assert _drawn(run["splats"]) > MIN_DRAWN_FRACTION, run["splats"]
     assert run["splats"]["distinctColors"] > 200, run["splats"]
     # Still drawn after orbiting with the mouse (sorting and projection from another angle).
     assert _drawn(run["splatsOrbited"]) > MIN_DRAWN_FRACTION, run["splatsOrbited"]
-    # The viewer says how many splats it drew; that is the PLY's vertex count.
+    # The viewer says how many splats it drew: the PLY's vertex count.
     ply = next(a for a in job["artifacts"] if a["name"].endswith("_splats.ply"))
-    data = httpx.get(urljoin(server, ply["url"]), timeout=30).content
+    data = httpx.get(urljoin(server, ply["url"]), headers=auth(api_keys["main"]), timeout=30).content
     header = data[: data.index(b"end_header")].decode("ascii")
     count = next(int(line.split()[2]) for line in header.splitlines() if line.startswith("element vertex"))
     assert f"{count:,} splats" in run["splatsViewer"]["text"], (count, run["splatsViewer"]["text"])
@@ -102,15 +123,15 @@ def test_every_artifact_downloads(run: dict[str, Any], job: dict[str, Any]) -> N
     expected = {a["name"]: a for a in job["artifacts"]}
     links = {d["name"]: d for d in run["downloads"]}
     assert set(links) == set(expected), (sorted(links), sorted(expected))
-    names = set(expected)
-    heads = job["result"]["heads"]
-    for i in range(len(heads)):
-        assert {f"h{i}.glb", f"h{i}_splats.ply"} <= names, names
+    for i in range(len(job["result"]["heads"])):
+        assert {f"h{i}.glb", f"h{i}_splats.ply"} <= set(expected), sorted(expected)
     for name, link in links.items():
         artifact = expected[name]
         assert link["failure"] is None, link
         assert link["suggested"] == name
         assert link["httpStatus"] == 200, link
+        # The files need the key, so the page must have sent it (a plain link cannot).
+        assert link["httpStatusWithoutKey"] == 401, link
         assert link["downloadedBytes"] == link["httpBytes"] == artifact["size"] > 0, (link, artifact)
         assert link["downloadedSha256"] == artifact["sha256"], (link, artifact)
 
@@ -128,20 +149,20 @@ def test_results_fit_a_phone(run: dict[str, Any]) -> None:
 
 
 def test_invalid_upload_shows_the_api_error(
-    server: str, tmp_path: Path, drive: Callable[..., dict[str, Any]]
+    server: str, not_an_image: Path, api_keys: dict[str, str], drive: Drive
 ) -> None:
-    fake = tmp_path / "not-a-photo.png"
-    fake.write_text("this is a text file with a .png name\n")
     # What the API itself answers for this file.
-    with fake.open("rb") as handle:
+    with not_an_image.open("rb") as handle:
         response = httpx.post(
-            f"{server}v1/jobs", files={"images": (fake.name, handle, "image/png")}, timeout=30
+            f"{server}v1/jobs",
+            files={"images": (not_an_image.name, handle, "image/png")},
+            headers=auth(api_keys["main"]),
+            timeout=30,
         )
-    assert response.status_code >= 400, response.text
-    body = response.json()
-    error = body.get("error", body)
+    assert 400 <= response.status_code < 500, response.text
+    error = response.json()["error"]
 
-    report = drive("upload-error", server, fake, name="not-an-image")
+    report = drive("upload-error", server, not_an_image, name="not-an-image", apiKey=api_keys["main"])
     assert report["pageErrors"] == [], report["pageErrors"]
     assert report["errorRole"] == "alert"
     assert report["errorCode"] == error["code"]
@@ -152,16 +173,35 @@ def test_invalid_upload_shows_the_api_error(
 
 
 def test_photo_without_a_face_says_so(
-    server: str, tmp_path: Path, drive: Callable[..., dict[str, Any]]
+    server: str, tmp_path: Path, api_keys: dict[str, str], drive: Drive
 ) -> None:
     # A plain sky-blue picture: a valid image in which the detector finds no face.
     blank = tmp_path / "sky.png"
     Image.new("RGB", (320, 240), (120, 170, 220)).save(blank)
-    report = drive("upload-error", server, blank, name="no-face")
+    report = drive("upload-error", server, blank, name="no-face", apiKey=api_keys["main"])
     assert report["pageErrors"] == [], report["pageErrors"]
     assert report["errorCode"] == "no_face", report
     assert "no face" in report["status"].lower(), report["status"]
     # The note shown is the one the pipeline wrote into result.json.
-    job = httpx.get(f"{server}v1/jobs/{report['jobId']}", timeout=30).json()
+    job = httpx.get(f"{server}v1/jobs/{report['jobId']}", headers=auth(api_keys["main"]), timeout=30).json()
     assert job["status"] == "succeeded" and job["result"]["heads"] == []
     assert job["result"]["notes"][0] in report["errorText"], (job["result"]["notes"], report["errorText"])
+
+
+def test_missing_api_key_is_explained(server: str, astronaut_png: Path, drive: Drive) -> None:
+    report = drive("upload-error", server, astronaut_png, name="no-key")
+    assert report["errorCode"] == "unauthorized", report
+    assert "API key" in report["errorText"]
+
+
+def test_rate_limit_shows_when_to_retry(
+    server: str, not_an_image: Path, api_keys: dict[str, str], drive: Drive
+) -> None:
+    # The `limited` key may submit once a minute: the first upload is refused as not an image, the
+    # second one by the rate limit, and the page says how long to wait.
+    report = drive(
+        "upload-error", server, not_an_image, name="rate-limited", apiKey=api_keys["limited"], submits=2
+    )
+    assert report["errors"] == [report["errors"][0], "rate_limited"], report["errors"]
+    assert report["errors"][0] != "rate_limited"
+    assert "Try again in" in report["errorText"], report["errorText"]

@@ -1,0 +1,112 @@
+"""Faults: kill -9 a worker mid-job, restart the API, restart Redis (AOF). Each test has its own stack."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from stacklib import Stack, astronaut_jpeg, make_stack, require_models, require_redis, wait_until
+from test_service_e2e import WebhookReceiver
+
+pytestmark = [pytest.mark.service, pytest.mark.slow, pytest.mark.timeout(600)]
+
+# A job slow enough to catch while it runs: four 640 px photos at a large texture size.
+SLOW_JOB = {"texture_size": 2048, "splats": 20000}
+
+
+@pytest.fixture()
+def fault_stack(tmp_path: Path) -> Iterator[Stack]:
+    require_redis()
+    require_models()
+    stack = make_stack(tmp_path / "stack", redis=True)
+    try:
+        stack.start_redis()
+        stack.start_api()
+        yield stack
+    except BaseException:
+        print(stack.logs())
+        raise
+    finally:
+        stack.stop()
+
+
+@pytest.fixture()
+def receiver() -> Iterator[WebhookReceiver]:
+    server = WebhookReceiver()
+    yield server
+    server.close()
+
+
+def _stored_files(stack: Stack, job_id: str) -> list[Path]:
+    root = stack.root / "data" / "artifacts" / "jobs" / job_id
+    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def test_kill9_worker_mid_job_completes_exactly_once(
+    fault_stack: Stack, receiver: WebhookReceiver, tmp_path: Path
+) -> None:
+    stack = fault_stack
+    first = stack.start_worker()
+    stack.wait_for_workers(1)
+    images = [(f"p{i}.jpg", astronaut_jpeg(640 - 16 * i)) for i in range(4)]
+    with stack.client() as client:
+        job_id = client.submit(images, webhook_url=receiver.url, **SLOW_JOB)["id"]
+        wait_until(lambda: client.job(job_id)["status"] == "running", 120, "the job to start", 0.02)
+        first.kill9()
+        killed = client.job(job_id)
+        assert killed["status"] == "running" and killed["attempts"] == 1  # it died mid-job
+
+        stack.start_worker()
+        job = client.wait(job_id, timeout=300, poll=0.2)
+        assert job["status"] == "succeeded", job["error"]
+        assert job["attempts"] == 2
+        saved = client.download_artifacts(job, tmp_path / "out")  # sizes and sha256 intact
+        assert len(saved) == len(job["artifacts"]) and any(p.name == "result.json" for p in saved)
+        result = json.loads((tmp_path / "out" / "result.json").read_text())
+        assert len(result["images"]) == 4
+
+    # Exactly one attempt's files are stored, and they are the recorded ones.
+    stored = _stored_files(stack, job_id)
+    assert len(stored) == len(job["artifacts"])
+    assert len({p.relative_to(stack.root / "data" / "artifacts" / "jobs" / job_id).parts[0] for p in stored}) == 1
+    wait_until(lambda: receiver.for_job(job_id), 30, "the webhook")
+    assert len(receiver.for_job(job_id)) == 1  # one completion, one notification
+
+
+def test_restart_api_and_redis_loses_nothing(fault_stack: Stack, receiver: WebhookReceiver) -> None:
+    stack = fault_stack
+    stack.start_worker()
+    stack.wait_for_workers(1)
+    with stack.client() as client:
+        ids = [client.submit([(f"{i}.jpg", astronaut_jpeg(400 + 16 * i))], webhook_url=receiver.url,
+                             texture_size=1024, splats=5000)["id"] for i in range(6)]
+        wait_until(lambda: client.job(ids[0])["status"] != "queued", 120, "the first job to start", 0.05)
+        statuses = {client.job(i)["status"] for i in ids}
+        assert "queued" in statuses  # some jobs are still waiting when the restarts happen
+
+    stack.stop_api()
+    stack.start_api()
+    with stack.client() as client:
+        ids.append(client.submit([("late.jpg", astronaut_jpeg(360))], webhook_url=receiver.url,
+                                 texture_size=1024, splats=5000)["id"])
+        before_redis = {i: client.job(i)["status"] for i in ids}
+    assert "queued" in before_redis.values()
+
+    stack.stop_redis()
+    stack.start_redis()
+    with stack.client() as client:
+        def all_finished() -> bool:
+            try:
+                return all(client.job(i)["status"] in ("succeeded", "failed", "canceled") for i in ids)
+            except Exception:  # the API answers 503 while Redis reloads
+                return False
+
+        wait_until(all_finished, 400, "every accepted job to finish", 0.5)
+        jobs = [client.job(i) for i in ids]
+    assert [j["status"] for j in jobs] == ["succeeded"] * len(ids), [j["error"] for j in jobs]
+    for job in jobs:
+        assert len(_stored_files(stack, job["id"])) == len(job["artifacts"])
+    wait_until(lambda: all(receiver.for_job(i) for i in ids), 60, "every webhook")
+    assert all(len(receiver.for_job(i)) == 1 for i in ids)
