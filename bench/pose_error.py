@@ -31,10 +31,74 @@ from headforge.pipeline.pose import estimate_pose  # noqa: E402
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "aflw2000-sample"
 # Face-mesh vertices closest to the 68 iBUG/300W landmarks of `pt3d_68` (for --label-landmarks).
 MESH_OF_68 = [
-    162, 234, 93, 58, 172, 136, 149, 148, 152, 377, 378, 365, 397, 288, 323, 454, 389,
-    71, 63, 105, 66, 107, 336, 296, 334, 293, 301, 168, 197, 5, 4, 75, 97, 2, 326, 305,
-    33, 160, 158, 133, 153, 144, 362, 385, 387, 263, 373, 380,
-    61, 39, 37, 0, 267, 269, 291, 405, 314, 17, 84, 181, 78, 82, 13, 312, 308, 317, 14, 87,
+    162,
+    234,
+    93,
+    58,
+    172,
+    136,
+    149,
+    148,
+    152,
+    377,
+    378,
+    365,
+    397,
+    288,
+    323,
+    454,
+    389,
+    71,
+    63,
+    105,
+    66,
+    107,
+    336,
+    296,
+    334,
+    293,
+    301,
+    168,
+    197,
+    5,
+    4,
+    75,
+    97,
+    2,
+    326,
+    305,
+    33,
+    160,
+    158,
+    133,
+    153,
+    144,
+    362,
+    385,
+    387,
+    263,
+    373,
+    380,
+    61,
+    39,
+    37,
+    0,
+    267,
+    269,
+    291,
+    405,
+    314,
+    17,
+    84,
+    181,
+    78,
+    82,
+    13,
+    312,
+    308,
+    317,
+    14,
+    87,
 ]
 
 
@@ -137,18 +201,36 @@ def mean_absolute_error(samples: list[PoseSample]) -> dict[str, float]:
     """MAE per angle and over all three, in degrees, over the photos where a face was found."""
     found = [s for s in samples if np.isfinite(s.estimate).all()]
     if not found:
-        return {"yaw": float("nan"), "pitch": float("nan"), "roll": float("nan"), "mean": float("nan"), "found": 0}
+        return {
+            "yaw": float("nan"),
+            "pitch": float("nan"),
+            "roll": float("nan"),
+            "mean": float("nan"),
+            "found": 0,
+        }
     errors = np.abs(np.array([s.estimate - s.truth for s in found]))
     yaw, pitch, roll = errors.mean(0)
-    return {"yaw": float(yaw), "pitch": float(pitch), "roll": float(roll), "mean": float(errors.mean()), "found": len(found)}
+    return {
+        "yaw": float(yaw),
+        "pitch": float(pitch),
+        "roll": float(roll),
+        "mean": float(errors.mean()),
+        "found": len(found),
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("data_dir", nargs="?", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--label-landmarks", action="store_true", help="fit the labelled 3D landmarks instead")
-    parser.add_argument("--label-crops", action="store_true", help="FaceMesh on crops around the labelled landmarks")
+    parser.add_argument(
+        "--label-landmarks", action="store_true", help="fit the labelled 3D landmarks instead"
+    )
+    parser.add_argument(
+        "--label-crops", action="store_true", help="FaceMesh on crops around the labelled landmarks"
+    )
     args = parser.parse_args()
     if not args.data_dir.is_dir():
         raise SystemExit(f"no AFLW2000 sample at {args.data_dir}")

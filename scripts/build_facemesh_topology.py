@@ -171,9 +171,13 @@ def astronaut_landmarks() -> NDArray[np.float64]:
         corner = center - side / 2
         src = np.float32([corner, corner + np.array([side, 0.0]), corner + np.array([0.0, side])])
         dst = np.float32([[0, 0], [192, 0], [0, 192]])
-        crop = cv2.warpAffine(rgb, cv2.getAffineTransform(src, dst), (192, 192), borderMode=cv2.BORDER_REPLICATE)
+        crop = cv2.warpAffine(
+            rgb, cv2.getAffineTransform(src, dst), (192, 192), borderMode=cv2.BORDER_REPLICATE
+        )
         outputs = network.run(crop[None].astype(np.float32) / 255.0)
-        raw = next(o for o in outputs if o.size == NUM_VERTICES * 3).reshape(NUM_VERTICES, 3).astype(np.float64)
+        raw = (
+            next(o for o in outputs if o.size == NUM_VERTICES * 3).reshape(NUM_VERTICES, 3).astype(np.float64)
+        )
         points = raw * (side / 192.0)
         points[:, :2] += corner
         low, high = points[:, :2].min(0), points[:, :2].max(0)
@@ -181,7 +185,9 @@ def astronaut_landmarks() -> NDArray[np.float64]:
     return points
 
 
-def mirror_map(points: NDArray[np.float64], faces: NDArray[np.int32]) -> tuple[NDArray[np.int32], NDArray[np.float64]]:
+def mirror_map(
+    points: NDArray[np.float64], faces: NDArray[np.int32]
+) -> tuple[NDArray[np.int32], NDArray[np.float64]]:
     """Pair each vertex with its mirror image, and the rotation that makes the midline plane x = 0.
 
     Alternates between an optimal assignment against the x-reflected shape and re-fitting the
@@ -217,7 +223,9 @@ def mirror_map(points: NDArray[np.float64], faces: NDArray[np.int32]) -> tuple[N
     return mirror, rotation
 
 
-def frontal_template(points: NDArray[np.float64], mirror: NDArray[np.int32], faces: NDArray[np.int32]) -> NDArray[np.float64]:
+def frontal_template(
+    points: NDArray[np.float64], mirror: NDArray[np.int32], faces: NDArray[np.int32]
+) -> NDArray[np.float64]:
     """A symmetric frontal face in the head frame (meters, +Y up, +Z toward the viewer).
 
     Yaw and roll come from the symmetry plane. Pitch is fixed by the face oval (the outer boundary
@@ -256,7 +264,9 @@ def frontal_template(points: NDArray[np.float64], mirror: NDArray[np.int32], fac
     return symmetric
 
 
-def conformal_uvs(vertices: NDArray[np.float64], faces: NDArray[np.int32], pin_a: int, pin_b: int) -> NDArray[np.float64]:
+def conformal_uvs(
+    vertices: NDArray[np.float64], faces: NDArray[np.int32], pin_a: int, pin_b: int
+) -> NDArray[np.float64]:
     """Least-squares conformal map (Lévy et al. 2002) with two pinned vertices, solved with scipy.sparse."""
     v0, v1, v2 = (vertices[faces[:, k]] for k in range(3))
     e1 = v1 - v0
@@ -298,9 +308,13 @@ def fit_unit_square(uv: NDArray[np.float64], margin: float = 0.02) -> NDArray[np
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--source", type=Path, help="mediapipe wheel or face_mesh_connections.py")
-    parser.add_argument("--reuse-reference", action="store_true", help="take the reference landmarks from --out")
+    parser.add_argument(
+        "--reuse-reference", action="store_true", help="take the reference landmarks from --out"
+    )
     parser.add_argument("--out", type=Path, default=PACKAGE_ASSETS / "facemesh_topology.npz")
     args = parser.parse_args()
 
@@ -319,7 +333,9 @@ def main() -> None:
     # A few faces legitimately turn sideways or down (cheek sides, the inner upper lip); a fold would
     # show as a face whose normal opposes the smooth normals at its corners.
     normals = face_normals(template, faces)
-    if (normals[:, 2] <= 0).mean() > 0.05 or ((normals * vertex_normals(template, faces)[faces].mean(1)).sum(1) <= 0).any():
+    if (normals[:, 2] <= 0).mean() > 0.05 or (
+        (normals * vertex_normals(template, faces)[faces].mean(1)).sum(1) <= 0
+    ).any():
         raise SystemExit("template has faces turned away from the front, or folds")
     uv = conformal_uvs(template, faces, FOREHEAD_TOP, CHIN_BOTTOM)
     # The pins sit on the midline with forehead up; make u grow toward +x like the template.

@@ -88,20 +88,22 @@ def _template_mesh() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
             faces.extend([[a, b, c], [a, c, d]])
     face_array = np.asarray(faces, dtype=np.int64)
 
-    # UVs: cylindrical unwrap; the seam at phi = 0 duplicates one texture coordinate per ring.
+    # UVs: cylindrical unwrap with the face (phi = 0) in the middle and the seam at the back of the
+    # head (segment SEAM, u = 0 and its duplicate u = 1): one extra texture coordinate per ring.
+    seam = SEGMENTS // 2
     uvs = [[0.5, 1.0]]
     for r in range(RINGS):
         for s in range(SEGMENTS):
-            uvs.append([s / SEGMENTS, 1.0 - (r + 1) / (RINGS + 1)])
+            uvs.append([((s - seam) % SEGMENTS) / SEGMENTS, 1.0 - (r + 1) / (RINGS + 1)])
     seam_base = len(uvs)
     for r in range(RINGS):
         uvs.append([1.0, 1.0 - (r + 1) / (RINGS + 1)])
     uv_faces = face_array.copy()
     for index, face in enumerate(face_array):
         segments = [(int(v) - 1) % SEGMENTS if v > 0 else -1 for v in face]
-        if SEGMENTS - 1 in segments and 0 in segments:  # a triangle across the seam
+        if seam - 1 in segments and seam in segments:  # a triangle across the seam
             for corner, v in enumerate(face):
-                if v > 0 and (int(v) - 1) % SEGMENTS == 0:
+                if v > 0 and (int(v) - 1) % SEGMENTS == seam:
                     uv_faces[index, corner] = seam_base + (int(v) - 1) // SEGMENTS
 
     # Split 58 triangles at their centroids to reach 5023 vertices and 9976 faces.
@@ -304,13 +306,14 @@ def flame_model_dict(model: SyntheticFlame, chumpy: bool = True) -> dict[str, An
     }
 
 
-def dump_flame_pickle(payload: Any, path: Path) -> None:
-    """Pickle with protocol 2 (as FLAME's Python 2 files are), chumpy/scipy stand-ins registered."""
+def dump_flame_pickle(payload: Any, path: Path, protocol: int = 2) -> None:
+    """Pickle with protocol 2 (as FLAME's Python 2 files are; 0 was Python 2's default), with the
+    chumpy/scipy stand-ins registered."""
     with (
         _fake_modules({"chumpy.ch.Ch": Ch, "scipy.sparse.csc.csc_matrix": csc_matrix}),
         path.open("wb") as stream,
     ):
-        pickle.dump(payload, stream, protocol=2)
+        pickle.dump(payload, stream, protocol=protocol)
 
 
 def write_obj(model: SyntheticFlame, path: Path) -> None:

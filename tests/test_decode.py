@@ -160,10 +160,13 @@ def test_not_an_image(payload: bytes) -> None:
     assert caught.value.code == "not_an_image" and caught.value.http_status == 415
 
 
-def test_unsupported_format_is_named(small_photo: np.ndarray) -> None:
-    with pytest.raises(NotAnImageError) as caught:
-        probe_image(encode(Image.fromarray(small_photo), "GIF"))
-    assert "GIF" in caught.value.message
+@pytest.mark.parametrize(("fmt", "named"), [("GIF", True), ("ICO", True), ("TGA", False), ("PCX", False)])
+def test_unsupported_formats_are_refused(small_photo: np.ndarray, fmt: str, named: bool) -> None:
+    payload = encode(Image.fromarray(small_photo), fmt)
+    for call in (probe_image, decode_image):
+        with pytest.raises(NotAnImageError) as caught:
+            call(payload)
+        assert (fmt in caught.value.message) == named
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -239,7 +242,17 @@ def test_pixel_limit_default_and_override(small_photo: np.ndarray, monkeypatch: 
 
 
 def test_real_larger_image_under_limit(small_photo: np.ndarray) -> None:
-    large = Image.new("RGB", (3000, 2000), (10, 20, 30))
+    large = Image.new("RGB", (2000, 1500), (10, 20, 30))
     decoded = decode_image(encode(large, "JPEG"))
-    assert decoded.rgb.shape == (2000, 3000, 3)
+    assert decoded.rgb.shape == (1500, 2000, 3)
     assert np.abs(decoded.rgb.astype(int) - [10, 20, 30]).max() <= 3
+
+
+def test_mpo_from_phone_cameras_reads_as_jpeg(small_photo: np.ndarray) -> None:
+    frames = [Image.fromarray(small_photo), Image.fromarray(small_photo[::-1].copy())]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "MPO", save_all=True, append_images=frames[1:])
+    assert Image.open(io.BytesIO(buffer.getvalue())).format == "MPO"
+    decoded = decode_image(buffer.getvalue())
+    assert decoded.source_format == "JPEG"
+    assert np.abs(decoded.rgb.astype(int) - small_photo.astype(int)).mean() < 8  # the first frame

@@ -70,6 +70,15 @@ def test_round_trip_pickle_to_layer(files: SyntheticFiles, tmp_path: Path) -> No
     np.testing.assert_allclose(vertices, source.v_template + 1.5 * source.shapedirs[:, :, 4], atol=1e-6)
 
 
+def test_protocol_0_pickle_imports(files: SyntheticFiles, tmp_path: Path) -> None:
+    """Python 2's default protocol rebuilds objects through copy_reg._reconstructor."""
+    path = tmp_path / "generic_model.pkl"
+    dump_flame_pickle(flame_model_dict(files.arrays), path, protocol=0)
+    assert b"copy_reg" in path.read_bytes() and b"chumpy.ch" in path.read_bytes()
+    asset = load_flame_asset(import_flame(path, destination=tmp_path / "flame.npz"))
+    np.testing.assert_allclose(asset.exprdirs, files.arrays.shapedirs[:, :, 300:], atol=1e-6)
+
+
 def test_plain_dict_without_chumpy_imports_too(files: SyntheticFiles, tmp_path: Path) -> None:
     """FLAME 2023 Open and re-saved files hold plain arrays and a modern scipy matrix."""
     path = tmp_path / "flame2023_open.pkl"

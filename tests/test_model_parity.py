@@ -180,3 +180,12 @@ def test_face_landmark_sees_faces_in_real_face_crops(onnx_networks: DefaultNetwo
     points = landmarks.reshape(len(x), 468, 3)
     # The mesh lies inside the 192×192 crop for centred faces.
     assert ((points[..., :2] > 0) & (points[..., :2] < 192)).mean() > 0.95
+
+
+def test_wrong_input_shape_is_a_clear_error(onnx_networks: DefaultNetworks) -> None:
+    from headforge.errors import HeadforgeError
+
+    with pytest.raises(HeadforgeError, match=r"takes \(N, 192, 192, 3\)"):
+        onnx_networks.face_landmark.run(np.zeros((1, 128, 128, 3), np.float32))
+    with pytest.raises(HeadforgeError):
+        onnx_networks.iris.run(np.zeros((64, 64, 3), np.float32))

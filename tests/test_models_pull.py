@@ -133,3 +133,33 @@ def test_cli_list_reports_the_repository(tmp_path: Path) -> None:
     )
     document = json.loads(result.stdout)
     assert document == {"repository": str(tmp_path / "home" / "models"), "models": []}
+
+
+def test_runtime_without_models_says_how_to_fix_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from headforge.errors import ModelsMissingError
+    from headforge.models.runtime import load_default_networks
+
+    monkeypatch.setenv("HEADFORGE_HOME", str(tmp_path / "empty"))
+    with pytest.raises(ModelsMissingError) as caught:
+        load_default_networks(threads=1, providers=("cpu",))
+    assert caught.value.code == "models_missing" and "headforge models pull" in caught.value.message
+    assert len(caught.value.details["missing"]) == 4
+
+
+def test_runtime_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from headforge.errors import InvalidOptionError
+    from headforge.models.runtime import default_threads, physical_cores, select_providers
+
+    assert select_providers(("cpu",)) == ["CPUExecutionProvider"]
+    assert select_providers()[-1] == "CPUExecutionProvider"
+    with pytest.raises(InvalidOptionError):
+        select_providers(("quantum",))
+    monkeypatch.setenv("HEADFORGE_PROVIDERS", "cuda,cpu")
+    assert select_providers()[-1] == "CPUExecutionProvider"
+    monkeypatch.setenv("HEADFORGE_THREADS", "3")
+    assert default_threads() == 3
+    monkeypatch.setenv("HEADFORGE_THREADS", "many")
+    with pytest.raises(InvalidOptionError):
+        default_threads()
+    monkeypatch.delenv("HEADFORGE_THREADS")
+    assert 1 <= default_threads() == physical_cores() <= (os.cpu_count() or 1)

@@ -52,7 +52,14 @@ def astronaut_landmarks(astronaut: NDArray[np.uint8], networks: DefaultNetworks)
 
 @pytest.mark.parametrize(
     ("yaw", "pitch", "roll"),
-    [(0.0, 0.0, 0.0), (30.0, 0.0, 0.0), (0.0, 25.0, 0.0), (0.0, 0.0, -20.0), (-55.0, 12.0, 8.0), (70.0, -30.0, 25.0)],
+    [
+        (0.0, 0.0, 0.0),
+        (30.0, 0.0, 0.0),
+        (0.0, 25.0, 0.0),
+        (0.0, 0.0, -20.0),
+        (-55.0, 12.0, 8.0),
+        (70.0, -30.0, 25.0),
+    ],
 )
 def test_recovers_synthetic_rotations(yaw: float, pitch: float, roll: float) -> None:
     """Rotate, scale and move the template by known angles; the fit must give them back within 0.5°."""
@@ -69,7 +76,9 @@ def test_recovers_synthetic_rotations(yaw: float, pitch: float, roll: float) -> 
 def test_angle_convention_round_trip_and_directions() -> None:
     rng = np.random.default_rng(3)
     for yaw, pitch, roll in rng.uniform([-80, -60, -60], [80, 60, 60], size=(50, 3)):
-        assert np.allclose(rotation_to_angles(angles_to_rotation(yaw, pitch, roll)), (yaw, pitch, roll), atol=1e-6)
+        assert np.allclose(
+            rotation_to_angles(angles_to_rotation(yaw, pitch, roll)), (yaw, pitch, roll), atol=1e-6
+        )
     template = load_topology().template
     nose_tip, chin, right_eye, left_eye = 1, 152, 33, 263
     # Positive yaw turns the face toward the image's left: the nose moves left of the face center.

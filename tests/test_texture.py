@@ -34,7 +34,13 @@ def seamed(mesh: Mesh) -> Mesh:
     left_uvs = uvs * [0.5, 1.0]
     right_uvs = uvs * [0.5, 1.0] + [0.5, 0.0]
     uv_faces = np.where(right[:, None], faces + len(uvs), faces).astype(np.int32)
-    return Mesh(mesh.vertices, mesh.faces, np.concatenate([left_uvs, right_uvs]).astype(np.float32), uv_faces, "seamed")
+    return Mesh(
+        mesh.vertices,
+        mesh.faces,
+        np.concatenate([left_uvs, right_uvs]).astype(np.float32),
+        uv_faces,
+        "seamed",
+    )
 
 
 def texels_at_uv(texture: NDArray[np.uint8], uv: NDArray[np.floating]) -> NDArray[np.float64]:
@@ -88,7 +94,9 @@ def test_no_unfilled_texel_inside_islands(astronaut_mesh: Mesh) -> None:
         assert (np.abs(texture.astype(int) - color).max(2) <= 1).all()
 
 
-def test_mirror_fills_the_side_the_camera_cannot_see(astronaut: NDArray[np.uint8], astronaut_mesh: Mesh) -> None:
+def test_mirror_fills_the_side_the_camera_cannot_see(
+    astronaut: NDArray[np.uint8], astronaut_mesh: Mesh
+) -> None:
     """Turn the mesh 60° about its center: the far side leaves the camera's view; with the mirror map its
     texels are colored from the near side instead of being inpainted."""
     vertices = astronaut_mesh.vertices.astype(np.float64)
@@ -108,7 +116,9 @@ def test_mirror_fills_the_side_the_camera_cannot_see(astronaut: NDArray[np.uint8
     rows, cols = np.nonzero(gained)
     mirrored_cols = 511 - cols
     keep = without[rows, mirrored_cols]
-    difference = np.abs(texture[rows[keep], cols[keep]].astype(int) - texture[rows[keep], mirrored_cols[keep]]).max(1)
+    difference = np.abs(
+        texture[rows[keep], cols[keep]].astype(int) - texture[rows[keep], mirrored_cols[keep]]
+    ).max(1)
     assert keep.mean() > 0.5 and np.median(difference) < 12
 
 
@@ -120,11 +130,15 @@ def test_works_on_meshes_with_uv_seams(astronaut: NDArray[np.uint8], astronaut_m
     # The same vertex, through either layout, gets nearly the same color.
     left = np.asarray(mesh.uv_faces)[np.isin(np.asarray(mesh.uv_faces), front)]
     uv_of_vertex = {}
-    for face, uv_face in zip(np.asarray(mesh.faces).tolist(), np.asarray(mesh.uv_faces).tolist(), strict=True):
+    for face, uv_face in zip(
+        np.asarray(mesh.faces).tolist(), np.asarray(mesh.uv_faces).tolist(), strict=True
+    ):
         for vertex, uv_index in zip(face, uv_face, strict=True):
             uv_of_vertex.setdefault(vertex, uv_index)
     seam_uvs = mesh.uvs[[uv_of_vertex[v] for v in front]]
-    difference = np.abs(texels_at_uv(texture, seam_uvs) - texels_at_uv(plain, astronaut_mesh.uvs[front])).max(1)
+    difference = np.abs(texels_at_uv(texture, seam_uvs) - texels_at_uv(plain, astronaut_mesh.uvs[front])).max(
+        1
+    )
     assert len(left) > 0 and np.median(difference) < 10
     # Both islands are covered, and the gap between them is filled by dilation (no black).
     assert coverage[:, :150].any() and coverage[:, 362:].any() and not coverage[:, 260].any()

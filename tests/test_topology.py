@@ -26,8 +26,44 @@ from headforge.pipeline.topology import build_image_mesh, load_topology
 
 ROOT = Path(__file__).resolve().parents[1]
 # MediaPipe's named contours (face_mesh_connections.py), for checking what the boundary loops are.
-FACE_OVAL = {10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400, 377,
-             152, 148, 176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67, 109}
+FACE_OVAL = {
+    10,
+    338,
+    297,
+    332,
+    284,
+    251,
+    389,
+    356,
+    454,
+    323,
+    361,
+    288,
+    397,
+    365,
+    379,
+    378,
+    400,
+    377,
+    152,
+    148,
+    176,
+    149,
+    150,
+    136,
+    172,
+    58,
+    132,
+    93,
+    234,
+    127,
+    162,
+    21,
+    54,
+    103,
+    67,
+    109,
+}
 RIGHT_EYE = {33, 7, 163, 144, 145, 153, 154, 155, 133, 246, 161, 160, 159, 158, 157, 173}
 LEFT_EYE = {263, 249, 390, 373, 374, 380, 381, 382, 362, 466, 388, 387, 386, 385, 384, 398}
 INNER_LIPS = {78, 95, 88, 178, 87, 14, 317, 402, 318, 324, 308, 191, 80, 81, 82, 13, 312, 311, 310, 415}
@@ -149,21 +185,27 @@ def test_uv_area_distortion_is_bounded(record_property: pytest.RecordProperty) -
     ratio = (area_uv / area_uv.sum()) / (area_3d / area_3d.sum())
     p5, p50, p95 = np.percentile(ratio, [5, 50, 95])
     record_property("uv_area_ratio_p5_p50_p95", f"{p5:.2f} {p50:.2f} {p95:.2f}")
-    print(f"UV/3D area share ratio: p5 {p5:.2f}, median {p50:.2f}, p95 {p95:.2f}, min {ratio.min():.2f}, max {ratio.max():.2f}")
-    assert 0.2 < p5 and p95 < 1.5 and 0.7 < p50 < 1.3
+    print(
+        f"UV/3D area share ratio: p5 {p5:.2f}, median {p50:.2f}, p95 {p95:.2f}, min {ratio.min():.2f}, max {ratio.max():.2f}"
+    )
+    assert p5 > 0.2 and p95 < 1.5 and 0.7 < p50 < 1.3
     assert ratio.min() > 0.1 and ratio.max() < 2.0
     # Conformal map: angles are nearly kept, so the two singular values per triangle stay close.
     assert np.percentile(_stretch_anisotropy(topology.template, topology.uvs, topology.faces), 95) < 1.5
 
 
-def _stretch_anisotropy(vertices: NDArray[np.float64], uvs: NDArray[np.float32], faces: NDArray[np.int32]) -> NDArray[np.float64]:
+def _stretch_anisotropy(
+    vertices: NDArray[np.float64], uvs: NDArray[np.float32], faces: NDArray[np.int32]
+) -> NDArray[np.float64]:
     """Per triangle: ratio of the larger to the smaller singular value of the 3D -> UV map."""
     v = vertices[faces]
     e1, e2 = v[:, 1] - v[:, 0], v[:, 2] - v[:, 0]
     x = e1 / np.linalg.norm(e1, axis=1, keepdims=True)
     n = np.cross(e1, e2)
     y = np.cross(n / np.linalg.norm(n, axis=1, keepdims=True), x)
-    local = np.stack([np.stack([(e1 * x).sum(1), (e1 * y).sum(1)], 1), np.stack([(e2 * x).sum(1), (e2 * y).sum(1)], 1)], 2)
+    local = np.stack(
+        [np.stack([(e1 * x).sum(1), (e1 * y).sum(1)], 1), np.stack([(e2 * x).sum(1), (e2 * y).sum(1)], 1)], 2
+    )
     u = uvs.astype(np.float64)[faces]
     uv = np.stack([u[:, 1] - u[:, 0], u[:, 2] - u[:, 0]], 2)
     jacobian = uv @ np.linalg.inv(local)
@@ -194,8 +236,12 @@ def test_template_is_a_plausible_head_in_meters() -> None:
     template = load_topology().template
     width, height, depth = template.max(0) - template.min(0)
     assert 0.10 < width < 0.20 and 0.12 < height < 0.25 and 0.05 < depth < 0.15
-    assert template[1, 2] == template[:, 2].max() or template[4, 2] == template[:, 2].max()  # nose tip in front
-    assert template[10, 1] > template[168, 1] > template[1, 1] > template[152, 1]  # forehead, bridge, nose, chin
+    assert (
+        template[1, 2] == template[:, 2].max() or template[4, 2] == template[:, 2].max()
+    )  # nose tip in front
+    assert (
+        template[10, 1] > template[168, 1] > template[1, 1] > template[152, 1]
+    )  # forehead, bridge, nose, chin
 
 
 def _wheel_or_skip() -> Path:
@@ -209,7 +255,9 @@ def _wheel_or_skip() -> Path:
 
 
 def _build_script():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("build_facemesh_topology", ROOT / "scripts" / "build_facemesh_topology.py")
+    spec = importlib.util.spec_from_file_location(
+        "build_facemesh_topology", ROOT / "scripts" / "build_facemesh_topology.py"
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module

@@ -216,7 +216,7 @@ def extract_tflite(
         with zipfile.ZipFile(wheel) as archive:
             for model in models:
                 target = destination / model.tflite_name
-                staged = target.with_name(f".{target.name}.partial")
+                staged = target.with_name(f".{target.name}.{os.getpid()}.partial")
                 staged.write_bytes(archive.read(model.member))
                 try:
                     _check_sha256(staged, model.sha256, f"{model.member} in {wheel.name}")

@@ -140,11 +140,22 @@ class OrtNetwork:
             str(path), options, providers=[_provider_with_options(p, name) for p in providers]
         )
         self.providers = self._session.get_providers()
-        self._input = self._session.get_inputs()[0].name
+        model_input = self._session.get_inputs()[0]
+        self._input = model_input.name
+        self.input_shape = tuple(d if isinstance(d, int) else None for d in model_input.shape)
         self._outputs = [o.name for o in self._session.get_outputs()]
 
     def run(self, x: np.ndarray) -> list[np.ndarray]:
         batch = np.ascontiguousarray(x, dtype=np.float32)
+        expected = self.input_shape[1:]
+        if batch.ndim != len(self.input_shape) or any(
+            e is not None and e != s for e, s in zip(expected, batch.shape[1:], strict=False)
+        ):
+            from headforge.errors import HeadforgeError
+
+            raise HeadforgeError(
+                f"{self.name} takes (N, {', '.join(map(str, expected))}) float32, got {batch.shape}"
+            )
         return list(self._session.run(self._outputs, {self._input: batch}))
 
 

@@ -20,7 +20,16 @@ from typing import NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import (  # importing the plugins registers exactly the formats we accept
+    BmpImagePlugin,  # noqa: F401
+    Image,
+    ImageOps,
+    JpegImagePlugin,  # noqa: F401
+    PngImagePlugin,  # noqa: F401
+    TiffImagePlugin,  # noqa: F401
+    UnidentifiedImageError,
+    WebPImagePlugin,  # noqa: F401
+)
 
 from headforge.errors import (
     EmptyFileError,
@@ -42,6 +51,9 @@ SUPPORTED_FORMATS = {
     "BMP": "BMP",
     "TIFF": "TIFF",
 }
+
+# Pillow's openers for them (MPO files come through the JPEG opener).
+PILLOW_OPENERS = ["JPEG", "PNG", "WEBP", "BMP", "TIFF"]
 
 EXIF_ORIENTATION_TAG = 0x0112
 _SWAPS_AXES = {5, 6, 7, 8}
@@ -109,7 +121,8 @@ def _open(data: bytes, max_pixels: int | None) -> tuple[Image.Image, list[warnin
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            image = Image.open(io.BytesIO(data), formats=None)
+            # Only the accepted formats' parsers ever see upload bytes.
+            image = Image.open(io.BytesIO(data), formats=PILLOW_OPENERS)
         except Image.DecompressionBombError as error:
             claimed = re.search(r"\((\d+) pixels\)", str(error))
             details: dict[str, int] = {"max_pixels": limit}
@@ -153,6 +166,12 @@ def _raise_decode_error(data: bytes, error: BaseException, caught: list[warnings
     """Turn a Pillow failure into `TruncatedImageError` or `NotAnImageError`."""
     signature = _signature_format(data)
     if signature is None:
+        other = _other_format(data)
+        if other is not None:
+            raise NotAnImageError(
+                f"unsupported image format {other}; use JPEG, PNG, WebP, BMP or TIFF",
+                details={"format": other, "supported": sorted(set(SUPPORTED_FORMATS.values()))},
+            ) from error
         raise NotAnImageError(
             "the file is not an image headforge can read (JPEG, PNG, WebP, BMP, TIFF)"
         ) from error
@@ -164,6 +183,23 @@ def _raise_decode_error(data: bytes, error: BaseException, caught: list[warnings
     raise NotAnImageError(
         f"the {signature} file is corrupt: {error}", details={"format": signature, "reason": str(error)}
     ) from error
+
+
+def _other_format(data: bytes) -> str | None:
+    """Name a few common formats we refuse, so the message says what was sent."""
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if data[4:8] == b"ftyp":
+        brand = data[8:12]
+        if brand in (b"avif", b"avis"):
+            return "AVIF"
+        if brand in (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1"):
+            return "HEIF"
+    if data.startswith(b"%PDF"):
+        return "PDF"
+    if data.startswith(b"\x00\x00\x01\x00"):
+        return "ICO"
+    return None
 
 
 def _signature_format(data: bytes) -> str | None:

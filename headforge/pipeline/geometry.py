@@ -83,7 +83,9 @@ def boundary_loops(faces: NDArray[np.integer]) -> list[list[int]]:
     return loops
 
 
-def umeyama(source: NDArray[np.floating], target: NDArray[np.floating]) -> tuple[float, NDArray[np.float64], NDArray[np.float64]]:
+def umeyama(
+    source: NDArray[np.floating], target: NDArray[np.floating]
+) -> tuple[float, NDArray[np.float64], NDArray[np.float64]]:
     """Similarity (scale, rotation, translation) minimizing |scale * R @ source + t - target|² (Umeyama 1991)."""
     src = np.asarray(source, dtype=np.float64)
     dst = np.asarray(target, dtype=np.float64)
@@ -169,7 +171,9 @@ def rasterize_uv(uvs: NDArray[np.floating], uv_faces: NDArray[np.integer], size:
         triangle[flat] = t
         chunks.append((t, flat, w0[rows, cols], w1[rows, cols]))
     if not chunks:
-        return UVRaster(size, triangle.reshape(size, size), np.zeros(0, np.int64), np.zeros((0, 3), np.float32))
+        return UVRaster(
+            size, triangle.reshape(size, size), np.zeros(0, np.int64), np.zeros((0, 3), np.float32)
+        )
     owner = np.concatenate([np.full(len(c[1]), c[0], dtype=np.int32) for c in chunks])
     flat = np.concatenate([c[1] for c in chunks])
     w0 = np.concatenate([c[2] for c in chunks])

@@ -3,16 +3,11 @@
 decode ► detect + landmarks ► fit (pipeline-specific: pose, mesh) ► texture ► splats ► package ►
 preview ► result. The CLI, the Celery worker and the benchmarks all call `reconstruct_image`.
 
-Pipelines are rows of `PIPELINES`: a name and the function that turns a `Head` with landmarks
-into a posed mesh. Adding one (e.g. FLAME) is one entry:
-
-    PIPELINES["flame"] = PipelineEntry(
-        name="flame",
-        fit="headforge.pipeline.flame_fit:fit_flame",        # (head, rgb) -> None
-        description="FLAME head fitted to the face-mesh landmarks",
-        missing="headforge.models.flame:missing_reason",      # () -> str | None, optional
-        models="headforge.models.flame:model_records",        # () -> list of model dicts, optional
-    )
+Pipelines are rows of `PIPELINES`: a name and the `"module:function"` that turns a `Head` with
+landmarks into a posed mesh, `(head, rgb) -> None`, filling `pose`, `mesh_image`, `mesh` and
+`params`. Optional hooks say why the pipeline cannot run here (`missing`), give a mirror-vertex map
+for texture filling (`symmetry`), and list extra model records for `result.json` (`models`).
+Texture, splats, packaging and preview are shared and work on any topology.
 """
 
 from __future__ import annotations
@@ -86,7 +81,7 @@ PIPELINES: dict[str, PipelineEntry] = {
     "flame": PipelineEntry(
         name="flame",
         fit="headforge.pipeline.flame_stage:fit_flame_head",
-        description="FLAME head (5023 vertices, FLAME UVs) fitted to the face-mesh landmarks; needs imported FLAME files",
+        description="FLAME full head with FLAME UVs, fitted to the face-mesh landmarks (needs FLAME files)",
         missing="headforge.models.flame_import:flame_unavailable_reason",
     ),
 }

@@ -68,15 +68,22 @@ def sample_splats(
 ) -> Splats:
     """`count` surface-aligned 2D Gaussians on `mesh` (any frame; the pipeline passes the head frame),
     colored from `texture` through the mesh's UVs. Same inputs and seed, same splats."""
-    if isinstance(count, bool) or not isinstance(count, int | np.integer) or not 1 <= int(count) <= MAX_SPLATS:
+    if (
+        isinstance(count, bool)
+        or not isinstance(count, int | np.integer)
+        or not 1 <= int(count) <= MAX_SPLATS
+    ):
         raise InvalidOptionError(
-            f"splat count must be an integer from 1 to {MAX_SPLATS}, got {count!r}", details={"splats": str(count)}
+            f"splat count must be an integer from 1 to {MAX_SPLATS}, got {count!r}",
+            details={"splats": str(count)},
         )
     if not 0.0 < opacity < 1.0:
         raise InvalidOptionError(f"opacity must lie in (0, 1), got {opacity}")
     texture = np.asarray(texture)
     if texture.dtype != np.uint8 or texture.ndim != 3 or texture.shape[2] != 3:
-        raise InvalidOptionError("splats need an RGB uint8 texture (S, S, 3)", details={"shape": list(texture.shape)})
+        raise InvalidOptionError(
+            "splats need an RGB uint8 texture (S, S, 3)", details={"shape": list(texture.shape)}
+        )
     count = int(count)
     vertices = np.asarray(mesh.vertices, dtype=np.float64)
     faces = np.asarray(mesh.faces, dtype=np.int64)

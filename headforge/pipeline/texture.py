@@ -39,15 +39,17 @@ ZBUFFER_BASE_TOLERANCE = 1.0
 ZBUFFER_SLOPE_TOLERANCE = 1.5
 MAX_SLOPE = 8.0
 PUSH_PULL_SIZE = 256  # the fill outside the islands is computed at most this wide
-INPAINT_MAX_TEXELS = 40_000  # larger holes are inpainted on a downscaled copy
+INPAINT_MAX_TEXELS = 6_000  # more hole texels than this: inpaint a downscaled copy (the fill is smooth anyway)
 INPAINT_RADIUS = 3
 _CROSS = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
 
 
 def check_texture_size(size: int) -> int:
     """Texture side in texels: an integer from 512 to 4096."""
-    if isinstance(size, bool) or not isinstance(size, int | np.integer) or not (
-        MIN_TEXTURE_SIZE <= int(size) <= MAX_TEXTURE_SIZE
+    if (
+        isinstance(size, bool)
+        or not isinstance(size, int | np.integer)
+        or not (MIN_TEXTURE_SIZE <= int(size) <= MAX_TEXTURE_SIZE)
     ):
         raise InvalidOptionError(
             f"texture size must be an integer from {MIN_TEXTURE_SIZE} to {MAX_TEXTURE_SIZE}, got {size!r}",
@@ -68,8 +70,12 @@ class _TexelPlan:
 
 
 @lru_cache(maxsize=4)
-def _cached_plan(uvs: bytes, uv_faces: bytes, faces: bytes, mirror: bytes, vertex_count: int, size: int) -> _TexelPlan:
-    raster = cached_uv_raster(np.frombuffer(uvs, np.float64).reshape(-1, 2), np.frombuffer(uv_faces, np.int64).reshape(-1, 3), size)
+def _cached_plan(
+    uvs: bytes, uv_faces: bytes, faces: bytes, mirror: bytes, vertex_count: int, size: int
+) -> _TexelPlan:
+    raster = cached_uv_raster(
+        np.frombuffer(uvs, np.float64).reshape(-1, 2), np.frombuffer(uv_faces, np.int64).reshape(-1, 3), size
+    )
     triangles = raster.texel_triangles().astype(np.int64)
     corners = np.frombuffer(faces, np.int64).reshape(-1, 3)[triangles]
     count = len(triangles)
@@ -79,7 +85,9 @@ def _cached_plan(uvs: bytes, uv_faces: bytes, faces: bytes, mirror: bytes, verte
     mirrored = None
     if mirror:
         mirror_map = np.frombuffer(mirror, np.int64)
-        mirrored = sp.csr_matrix((weights, mirror_map[corners].reshape(-1), indptr), shape=(count, vertex_count))
+        mirrored = sp.csr_matrix(
+            (weights, mirror_map[corners].reshape(-1), indptr), shape=(count, vertex_count)
+        )
     return _TexelPlan(raster, triangles, own, mirrored)
 
 
@@ -103,7 +111,10 @@ def _depth_slope(vertices: NDArray[np.float64], faces: NDArray[np.int64]) -> NDA
     """Per triangle: |dz/dxy| of its plane in the image frame, capped, for the z-buffer tolerance."""
     cross = triangle_cross(vertices, faces)
     slope = np.divide(
-        np.linalg.norm(cross[:, :2], axis=1), np.abs(cross[:, 2]), out=np.full(len(faces), MAX_SLOPE), where=cross[:, 2] != 0
+        np.linalg.norm(cross[:, :2], axis=1),
+        np.abs(cross[:, 2]),
+        out=np.full(len(faces), MAX_SLOPE),
+        where=cross[:, 2] != 0,
     )
     return np.minimum(slope, MAX_SLOPE).astype(np.float32)
 
@@ -114,19 +125,21 @@ class _ZBuffer:
     def __init__(self, samples: NDArray[np.float32], vertices: NDArray[np.float32]):
         self.low = (vertices[:, :2].min(0) - 1.0).astype(np.float32)
         extent = float((vertices[:, :2].max(0) + 1.0 - self.low).max())
-        self.cell = np.float32(max(extent / ZBUFFER_CELLS, 1e-6))
+        self.cell = float(max(extent / ZBUFFER_CELLS, 1e-6))
         self.columns = ZBUFFER_CELLS + 2
         self.depth = np.full(self.columns * self.columns, np.inf, dtype=np.float32)
         np.minimum.at(self.depth, self._cells(samples), samples[:, 2])
 
     def _cells(self, points: NDArray[np.float32]) -> NDArray[np.int32]:
-        ij = ((points[:, :2] - self.low) * (1.0 / self.cell)).astype(np.int32)
+        ij = ((points[:, :2] - self.low) * np.float32(1.0 / self.cell)).astype(np.int32)
         return ij[:, 1] * np.int32(self.columns) + ij[:, 0]
 
-    def visible(self, points: NDArray[np.float32], slope: NDArray[np.float32]) -> NDArray[np.bool_]:
-        """Points within a slope-scaled tolerance of the nearest surface in their cell."""
-        tolerance = slope * np.float32(self.cell * ZBUFFER_SLOPE_TOLERANCE)
-        tolerance += np.float32(self.cell * ZBUFFER_BASE_TOLERANCE)
+    def tolerance(self, slope: NDArray[np.float32]) -> NDArray[np.float32]:
+        """Depth slack per triangle: samples sit anywhere in a cell, so it grows with the depth slope."""
+        return (self.cell * (ZBUFFER_BASE_TOLERANCE + ZBUFFER_SLOPE_TOLERANCE * slope)).astype(np.float32)
+
+    def visible(self, points: NDArray[np.float32], tolerance: NDArray[np.float32]) -> NDArray[np.bool_]:
+        """Points within `tolerance` of the nearest surface in their cell (NaN tolerance: never)."""
         return points[:, 2] - tolerance <= self.depth[self._cells(points)]
 
 
@@ -137,8 +150,8 @@ def _sample(rgb: NDArray[np.uint8], points: NDArray[np.float32]) -> NDArray[np.u
     padded = np.full((side * side, 2), -10.0, dtype=np.float32)
     np.subtract(points[:, :2], np.float32(0.5), out=padded[:count])
     grid = padded.reshape(side, side, 2)
-    colors = cv2.remap(rgb, grid, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
-    return colors.reshape(-1, 3)[:count]
+    colors = cv2.remap(rgb, grid, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)  # type: ignore[call-overload]
+    return np.asarray(colors, dtype=np.uint8).reshape(-1, 3)[:count]
 
 
 def push_pull_fill(colors: NDArray[np.float32], weights: NDArray[np.float32]) -> NDArray[np.float32]:
@@ -153,38 +166,46 @@ def push_pull_fill(colors: NDArray[np.float32], weights: NDArray[np.float32]) ->
         if height <= 1 and width <= 1:
             break
         size = (max(1, (width + 1) // 2), max(1, (height + 1) // 2))
-        premultiplied = cv2.resize(premultiplied, size, interpolation=cv2.INTER_AREA).reshape(size[1], size[0], 3)
-        weight = cv2.resize(weight, size, interpolation=cv2.INTER_AREA).reshape(size[1], size[0])
+        premultiplied = np.asarray(cv2.resize(premultiplied, size, interpolation=cv2.INTER_AREA), np.float32)
+        premultiplied = premultiplied.reshape(size[1], size[0], 3)
+        weight = np.asarray(cv2.resize(weight, size, interpolation=cv2.INTER_AREA), np.float32).reshape(
+            size[1], size[0]
+        )
     filled = np.zeros_like(levels[-1][0])
     for level, (premultiplied, weight) in enumerate(reversed(levels)):
         height, width = weight.shape
         coarse = cv2.resize(filled, (width, height), interpolation=cv2.INTER_LINEAR).reshape(height, width, 3)
         # The coarsest level has nothing above it: any coverage there is the whole answer.
         covered = (weight > 0 if level == 0 else np.clip(weight, 0.0, 1.0)).astype(np.float32)[..., None]
-        mean = np.divide(premultiplied, weight[..., None], out=np.zeros_like(premultiplied), where=weight[..., None] > 0)
+        mean = np.divide(
+            premultiplied, weight[..., None], out=np.zeros_like(premultiplied), where=weight[..., None] > 0
+        )
         filled = covered * mean + (1.0 - covered) * coarse
     return filled
 
 
-def _fill_outside(texture: NDArray[np.uint8], coverage: NDArray[np.bool_]) -> NDArray[np.uint8]:
+def _fill_outside(texture: NDArray[np.uint8], coverage: NDArray[np.uint8]) -> NDArray[np.uint8]:
     """Uncovered texels filled by push-pull from the covered ones, computed on blocks of k×k texels
     (at most PUSH_PULL_SIZE blocks wide) and upsampled; covered texels keep their colors.
-    `texture` must be zero where not covered."""
+    `texture` must be zero where `coverage` (0/1) is 0."""
     size = texture.shape[0]
     block = max(1, size // PUSH_PULL_SIZE)
     small = size // block
     used = small * block
-    sums = texture[:used, :used].reshape(small, block, small, block, 3).sum(axis=(1, 3), dtype=np.uint32)
-    counts = coverage[:used, :used].reshape(small, block, small, block).sum(axis=(1, 3), dtype=np.uint32)
-    mean = (sums / np.maximum(counts, 1)[..., None]).astype(np.float32)
+    # Block means of the covered texels (float, so that thinly covered blocks are not rounded away).
+    premultiplied = cv2.resize(texture[:used, :used].astype(np.float32), (small, small), interpolation=cv2.INTER_AREA)
+    weight = cv2.resize(coverage[:used, :used].astype(np.float32), (small, small), interpolation=cv2.INTER_AREA)
+    weight = np.asarray(weight, np.float32).reshape(small, small)
+    premultiplied = np.asarray(premultiplied, np.float32).reshape(small, small, 3)
+    mean = np.divide(premultiplied, weight[..., None], out=np.zeros_like(premultiplied), where=weight[..., None] > 0)
     # Trust only blocks that are at least half covered; push-pull spreads them to the rest.
-    trusted = (counts * 2 >= block * block).astype(np.float32)
+    trusted = (weight >= 0.5).astype(np.float32)
     fill = np.clip(push_pull_fill(mean, trusted) + 0.5, 0, 255).astype(np.uint8)
     if block > 1:
-        fill = cv2.resize(fill, (used, used), interpolation=cv2.INTER_LINEAR)
+        fill = np.asarray(cv2.resize(fill, (used, used), interpolation=cv2.INTER_LINEAR), np.uint8)
     if used < size:
-        fill = cv2.copyMakeBorder(fill, 0, size - used, 0, size - used, cv2.BORDER_REPLICATE)
-    np.copyto(fill, texture, where=coverage[..., None])
+        fill = np.asarray(cv2.copyMakeBorder(fill, 0, size - used, 0, size - used, cv2.BORDER_REPLICATE), np.uint8)
+    cv2.copyTo(texture, coverage, fill)
     return fill
 
 
@@ -198,7 +219,9 @@ def _inpaint(texture: NDArray[np.uint8], holes: NDArray[np.bool_]) -> NDArray[np
     while count / (factor * factor) > INPAINT_MAX_TEXELS and size // (factor * 2) >= 64:
         factor *= 2
     if factor == 1:
-        return cv2.inpaint(texture, holes.astype(np.uint8), INPAINT_RADIUS, cv2.INPAINT_NS)
+        return np.asarray(
+            cv2.inpaint(texture, holes.astype(np.uint8), INPAINT_RADIUS, cv2.INPAINT_NS), np.uint8
+        )
     small_size = (size // factor, size // factor)
     small = cv2.resize(texture, small_size, interpolation=cv2.INTER_AREA)
     small_holes = cv2.resize(holes.astype(np.float32), small_size, interpolation=cv2.INTER_AREA) > 0
@@ -227,7 +250,9 @@ def unwrap_texture(
     size = check_texture_size(size)
     rgb = np.asarray(rgb)
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise InvalidOptionError("unwrap_texture needs an RGB uint8 image (H, W, 3)", details={"shape": list(rgb.shape)})
+        raise InvalidOptionError(
+            "unwrap_texture needs an RGB uint8 image (H, W, 3)", details={"shape": list(rgb.shape)}
+        )
     vertices = np.asarray(mesh_image.vertices, dtype=np.float32)
     faces = np.asarray(mesh_image.faces, dtype=np.int64)
     if symmetry is not None and np.shape(symmetry) != (len(vertices),):
@@ -236,43 +261,49 @@ def unwrap_texture(
         )
     plan = texel_plan(mesh_image, size, symmetry)
     raster = plan.raster
-    points = np.asarray(plan.own @ vertices, dtype=np.float32)
-    stride = max(1, len(points) // (ZBUFFER_CELLS * ZBUFFER_CELLS * ZBUFFER_SAMPLES_PER_CELL))
-    zbuffer = _ZBuffer(np.concatenate([points[::stride], vertices]), vertices)
     height, width = rgb.shape[:2]
-
     vertices64 = vertices.astype(np.float64)
-    facing = _facing(vertices64, faces)
+    # Per vertex (x, y, z, facing weight); the sparse plan interpolates all four per texel at once.
+    attributes = np.column_stack([vertices, _facing(vertices64, faces)]).astype(np.float32)
+    own = np.asarray(plan.own @ attributes, dtype=np.float32)
+    stride = max(1, len(own) // (ZBUFFER_CELLS * ZBUFFER_CELLS * ZBUFFER_SAMPLES_PER_CELL))
+    zbuffer = _ZBuffer(np.concatenate([own[::stride, :3], vertices]), vertices)
+    outside = (vertices[:, 0] < 0) | (vertices[:, 0] > width) | (vertices[:, 1] < 0) | (vertices[:, 1] > height)
 
-    def visible(at: NDArray[np.float32], slope: NDArray[np.float32]) -> NDArray[np.bool_]:
-        inside = (at[:, 0] >= 0) & (at[:, 0] <= width) & (at[:, 1] >= 0) & (at[:, 1] <= height)
-        return zbuffer.visible(at, slope[plan.triangles]) & inside
+    def tolerance(triangle_faces: NDArray[np.int64]) -> NDArray[np.float32]:
+        """Per triangle z-buffer slack; NaN (never visible) where a corner lies outside the photo."""
+        slack = zbuffer.tolerance(_depth_slope(vertices64, triangle_faces))
+        slack[outside[triangle_faces].any(1)] = np.nan
+        return slack
 
-    own_weight = np.asarray(plan.own @ facing, dtype=np.float32) * visible(points, _depth_slope(vertices64, faces))
-    colors = _sample(rgb, points)
+    own_weight = own[:, 3] * zbuffer.visible(own, tolerance(faces)[plan.triangles])
+    colors = _sample(rgb, own)
     total = own_weight
     if plan.mirrored is not None:
-        mirror_points = np.asarray(plan.mirrored @ vertices, dtype=np.float32)
-        # The mirror point's surface faces the camera as its own vertices' normals do.
-        mirror_slope = _depth_slope(vertices64, np.asarray(symmetry, dtype=np.int64)[faces])
-        mirror_weight = np.asarray(plan.mirrored @ facing, dtype=np.float32) * visible(mirror_points, mirror_slope)
-        mirror_weight *= 1.0 - own_weight
+        # Only texels the camera does not see squarely look at their mirror point.
+        rows = np.flatnonzero(own_weight < 1.0)
+        mirror = np.asarray(plan.mirrored[rows] @ attributes, dtype=np.float32)
+        mirror_faces = np.asarray(symmetry, dtype=np.int64)[faces]
+        mirror_weight = mirror[:, 3] * zbuffer.visible(mirror, tolerance(mirror_faces)[plan.triangles[rows]])
+        mirror_weight *= 1.0 - own_weight[rows]
         seen = np.flatnonzero(mirror_weight > 0)
-        own_part = own_weight[seen, None]
-        mirror_part = mirror_weight[seen, None]
-        blended = colors[seen] * own_part + _sample(rgb, mirror_points[seen]) * mirror_part
-        colors[seen] = np.clip(blended / (own_part + mirror_part) + 0.5, 0, 255).astype(np.uint8)
-        total = own_weight + mirror_weight
+        rows, mirror_weight = rows[seen], mirror_weight[seen, None]
+        own_part = own_weight[rows, None]
+        blended = colors[rows] * own_part + _sample(rgb, mirror[seen]) * mirror_weight
+        colors[rows] = np.clip(blended / (own_part + mirror_weight) + 0.5, 0, 255).astype(np.uint8)
+        total = own_weight.copy()
+        total[rows] += mirror_weight[:, 0]
 
-    texture = np.zeros((size * size, 3), dtype=np.uint8)
-    texture[raster.texel_index] = colors
-    coverage = np.zeros(size * size, dtype=np.uint8)
-    coverage[raster.texel_index] = total >= MIN_WEIGHT
+    flat_texture = np.zeros((size * size, 3), dtype=np.uint8)
+    flat_texture[raster.texel_index] = colors
+    flat_coverage = np.zeros(size * size, dtype=np.uint8)
+    flat_coverage[raster.texel_index] = total >= MIN_WEIGHT
     # Isolated covered texels at occlusion edges read as speckles; let the inpainting take them.
-    coverage = cv2.morphologyEx(coverage.reshape(size, size), cv2.MORPH_OPEN, _CROSS).view(bool)
+    coverage = np.asarray(cv2.morphologyEx(flat_coverage.reshape(size, size), cv2.MORPH_OPEN, _CROSS), np.uint8)
     if not coverage.any():
-        return np.full((size, size, 3), 128, dtype=np.uint8), coverage
-    texture = texture.reshape(size, size, 3)
-    texture *= coverage[..., None]
+        return np.full((size, size, 3), 128, dtype=np.uint8), coverage.view(bool)
+    texture = np.zeros((size, size, 3), dtype=np.uint8)
+    cv2.copyTo(flat_texture.reshape(size, size, 3), coverage, texture)  # drops the speckles too
     texture = _fill_outside(texture, coverage)
-    return _inpaint(texture, raster.island_mask & ~coverage), coverage
+    holes = raster.island_mask & (coverage == 0)
+    return _inpaint(texture, holes), coverage.view(bool)

@@ -357,6 +357,40 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 log.warning("publish failed, the sweeper will retry: %s", error, extra={"job_id": job_id})
         return resource_id, False
 
+    async def _wait_finished(job_id: str, seconds: float) -> dict[str, Any] | None:
+        """The job once finished, or None after `seconds`. With Redis, a pub/sub message from the
+        worker wakes the request at once; a slow poll covers a lost message (and SQLite)."""
+        deadline = time.monotonic() + seconds
+        subscription = None
+        if settings.redis_url:
+            subscription = aioredis_client().pubsub()
+            await subscription.subscribe(f"hf:notify:done:{job_id}")
+        try:
+            poll = 0.02 if subscription is None else 0.5
+            while True:
+                doc = await run_in_threadpool(jobs.get, job_id)
+                if doc is not None and doc["status"] in TERMINAL:
+                    return doc
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                if subscription is None:
+                    await asyncio.sleep(min(poll, remaining))
+                else:
+                    await subscription.get_message(ignore_subscribe_messages=True, timeout=min(poll, remaining))
+        finally:
+            if subscription is not None:
+                await subscription.aclose()
+
+    aio_clients: list[Any] = []
+
+    def aioredis_client() -> Any:
+        if not aio_clients:
+            import redis.asyncio
+
+            aio_clients.append(redis.asyncio.Redis.from_url(settings.redis_url or "", socket_connect_timeout=2))
+        return aio_clients[0]
+
     def _finished_body(doc: dict[str, Any]) -> dict[str, Any]:
         return public_job(doc, jobs, state.store, include_result=True, base_url=base_url())
 
@@ -393,15 +427,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         job_id, _existed = await run_in_threadpool(
             _submit, principal, uploads, values, webhook_url or None, idempotency_key, batch=False)
         if wait:
-            deadline = time.monotonic() + wait
-            delay = 0.005
-            while time.monotonic() < deadline:
-                doc = await run_in_threadpool(jobs.get, job_id)
-                if doc is not None and doc["status"] in TERMINAL:
-                    body = await run_in_threadpool(_finished_body, doc)
-                    return JSONResponse(body, status_code=200)
-                await asyncio.sleep(delay)
-                delay = min(delay * 1.5, 0.05)
+            doc = await _wait_finished(job_id, float(wait))
+            if doc is not None:
+                body = await run_in_threadpool(_finished_body, doc)
+                return JSONResponse(body, status_code=200)
         return _accepted(job_id)
 
     @app.post("/v1/batches", status_code=202, summary="Submit many images (or one zip) as a batch of jobs")

@@ -246,6 +246,9 @@ class JobStore:
             return doc
 
         _old, new = self.backend.mutate("job", job_id, apply)
+        if outcome.get("reason") == FAILED:
+            self.backend.incr("jobs_finished", {FAILED: 1})
+            self.backend.notify(f"done:{job_id}")
         if "reason" in outcome or new is None:
             return outcome.get("reason", "missing")
         return Claim(job=new, token=token)
@@ -306,6 +309,7 @@ class JobStore:
         self.backend.mutate("job", job_id, apply)
         if won["ok"]:
             self.backend.incr("jobs_finished", {SUCCEEDED: 1})
+            self.backend.notify(f"done:{job_id}")
         return won["ok"]
 
     def fail(self, job_id: str, token: str | None, error: dict[str, Any]) -> bool:
@@ -324,6 +328,7 @@ class JobStore:
         self.backend.mutate("job", job_id, apply)
         if won["ok"]:
             self.backend.incr("jobs_finished", {FAILED: 1})
+            self.backend.notify(f"done:{job_id}")
         return won["ok"]
 
     def release(self, job_id: str, token: str | None, delay: float = 0.0, force: bool = False) -> bool:
@@ -366,6 +371,7 @@ class JobStore:
         old, new = self.backend.mutate("job", job_id, apply)
         if new is not None and old is not None and old["status"] != new["status"]:
             self.backend.incr("jobs_finished", {CANCELED: 1})
+            self.backend.notify(f"done:{job_id}")
         return new
 
     def delete(self, job_id: str) -> Document | None:

@@ -60,6 +60,7 @@ class StateBackend(Protocol):
     def incr(self, name: str, amounts: dict[str, float]) -> None: ...
     def counters(self, name: str) -> dict[str, float]: ...
     def take_token(self, key: str, rate_per_second: float, burst: int) -> float: ...
+    def notify(self, topic: str) -> None: ...
     def close(self) -> None: ...
 
 
@@ -262,6 +263,13 @@ class RedisState:
         )
         return float(wait)
 
+    def channel(self, topic: str) -> str:
+        return f"{self.prefix}:notify:{topic}"
+
+    def notify(self, topic: str) -> None:
+        """Wake gateway requests waiting on `topic` (pub/sub; best effort, waiters also poll)."""
+        self._call(lambda: self.client.publish(self.channel(topic), "1"))
+
     def close(self) -> None:
         self.client.close()
 
@@ -445,6 +453,9 @@ class SqliteState:
                 ("bucket:" + key, json.dumps([tokens, now]), now + burst / rate_per_second + 60),
             )
             return wait
+
+    def notify(self, topic: str) -> None:
+        """No push channel in SQLite: waiters poll."""
 
     def close(self) -> None:
         db = getattr(self._local, "db", None)

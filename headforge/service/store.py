@@ -12,6 +12,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -45,6 +46,14 @@ def media_type_for(name: str) -> str:
     return mimetypes.guess_type(name)[0] or "application/octet-stream"
 
 
+def _fsync_path(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def _check_key(key: str) -> str:
     """Keys are relative POSIX paths without `..`, so no key can escape the store's root."""
     parts = key.split("/")
@@ -56,6 +65,9 @@ def _check_key(key: str) -> str:
 class ArtifactStore(Protocol):
     def ping(self) -> None: ...
     def put_file(self, key: str, path: Path) -> None: ...
+    def adopt_file(self, key: str, path: Path) -> None: ...
+    def adopt_files(self, items: list[tuple[str, Path]]) -> None: ...
+    def scratch_dir(self) -> Path | None: ...
     def put_bytes(self, key: str, data: bytes) -> None: ...
     def get_bytes(self, key: str) -> bytes: ...
     def iter_chunks(self, key: str) -> Iterator[bytes]: ...
@@ -99,6 +111,32 @@ class LocalArtifactStore:
 
         self._atomic_write(key, copy)
 
+    def adopt_file(self, key: str, path: Path) -> None:
+        self.adopt_files([(key, path)])
+
+    def adopt_files(self, items: list[tuple[str, Path]]) -> None:
+        """Move finished files into the store: fsync them all (in parallel, so the disk commits them
+        together), then rename each into place (no copy when on the same disk), then fsync the folders."""
+        with ThreadPoolExecutor(max_workers=min(8, max(1, len(items)))) as pool:
+            list(pool.map(_fsync_path, [path for _key, path in items]))
+        folders = set()
+        for key, path in items:
+            destination = self._path(key)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.replace(path, destination)
+            except OSError:  # another filesystem: copy atomically instead
+                self.put_file(key, path)
+            folders.add(destination.parent)
+        for folder in folders:
+            _fsync_path(folder)
+
+    def scratch_dir(self) -> Path | None:
+        """Work folders on the store's own disk, so finished files can be renamed into place."""
+        scratch = self.root / ".scratch"
+        scratch.mkdir(parents=True, exist_ok=True)
+        return scratch
+
     def put_bytes(self, key: str, data: bytes) -> None:
         self._atomic_write(key, lambda handle: handle.write(data))
 
@@ -137,7 +175,7 @@ class LocalArtifactStore:
         return sorted(
             str(p.relative_to(self.root)).replace(os.sep, "/")
             for p in base.rglob("*")
-            if p.is_file() and not p.name.startswith(".tmp-")
+            if p.is_file() and not p.name.startswith(".tmp-") and ".scratch" not in p.parts
         )
 
     def delete_prefix(self, prefix: str) -> int:
@@ -183,6 +221,16 @@ class S3ArtifactStore:
 
     def put_file(self, key: str, path: Path) -> None:
         self.client.upload_file(str(path), self.bucket, self._key(key), ExtraArgs={"ContentType": media_type_for(key)})
+
+    def adopt_file(self, key: str, path: Path) -> None:
+        self.put_file(key, path)
+
+    def adopt_files(self, items: list[tuple[str, Path]]) -> None:
+        with ThreadPoolExecutor(max_workers=min(8, max(1, len(items)))) as pool:
+            list(pool.map(lambda item: self.put_file(*item), items))
+
+    def scratch_dir(self) -> Path | None:
+        return None
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=media_type_for(key))

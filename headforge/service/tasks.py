@@ -132,16 +132,28 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _upload_outputs(store: ArtifactStore, folder: Path, prefix: str, name_prefix: str) -> list[dict[str, Any]]:
+def _upload_outputs(
+    store: ArtifactStore, folder: Path, prefix: str, name_prefix: str, document: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Move every file the pipeline wrote into the store; sizes and hashes come from the result
+    document where it lists them (result.json itself is hashed here)."""
+    known = {a["name"]: a for a in document.get("artifacts", []) if isinstance(a, dict) and "name" in a}
     artifacts = []
+    moves: list[tuple[str, Path]] = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        name = name_prefix + str(path.relative_to(folder)).replace(os.sep, "/")
+        relative = str(path.relative_to(folder)).replace(os.sep, "/")
+        name = name_prefix + relative
         key = f"{prefix}{name}"
-        store.put_file(key, path)
-        artifacts.append({
-            "name": name, "key": key, "size": path.stat().st_size, "sha256": _sha256_file(path),
-            "media_type": media_type_for(name),
-        })
+        listed = known.get(relative)
+        size = path.stat().st_size
+        if listed is not None and listed.get("bytes") == size and listed.get("sha256"):
+            digest = str(listed["sha256"])
+        else:
+            digest = _sha256_file(path)
+        moves.append((key, path))
+        artifacts.append({"name": name, "key": key, "size": size, "sha256": digest,
+                          "media_type": media_type_for(name)})
+    store.adopt_files(moves)
     return artifacts
 
 
@@ -161,7 +173,7 @@ def _execute(ctx: _ProcessContext, claim: Claim, beat: _Heartbeat) -> tuple[list
     stage_ms: dict[str, float] = {}
     artifacts: list[dict[str, Any]] = []
     documents: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="headforge-job-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="job-", dir=ctx.store.scratch_dir()) as scratch:
         for index, item in enumerate(inputs):
             data = ctx.store.get_bytes(item["key"])
             out_dir = Path(scratch) / str(index)
@@ -180,18 +192,20 @@ def _execute(ctx: _ProcessContext, claim: Claim, beat: _Heartbeat) -> tuple[list
                 raise JobStopped("the job was canceled or taken over")
         upload_started = time.perf_counter()
         if len(inputs) == 1:
-            artifacts = _upload_outputs(ctx.store, Path(scratch) / "0", prefix, "")
+            artifacts = _upload_outputs(ctx.store, Path(scratch) / "0", prefix, "", documents[0])
             result_key = f"{prefix}result.json"
         else:
             for index in range(len(inputs)):
-                artifacts += _upload_outputs(ctx.store, Path(scratch) / str(index), prefix, f"{index}/")
+                artifacts += _upload_outputs(ctx.store, Path(scratch) / str(index), prefix, f"{index}/",
+                                             documents[index])
             combined = Path(scratch) / "result.json"
             combined.write_bytes(json_bytes({"images": documents}))
-            ctx.store.put_file(f"{prefix}result.json", combined)
-            artifacts.insert(0, {
+            combined_entry = {
                 "name": "result.json", "key": f"{prefix}result.json", "size": combined.stat().st_size,
                 "sha256": _sha256_file(combined), "media_type": "application/json",
-            })
+            }
+            ctx.store.adopt_file(f"{prefix}result.json", combined)
+            artifacts.insert(0, combined_entry)
             result_key = f"{prefix}result.json"
         upload_ms = (time.perf_counter() - upload_started) * 1000
     timings = {**{k: round(v, 2) for k, v in stage_ms.items()}, "pipeline": round(pipeline_ms, 2),
