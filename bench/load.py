@@ -130,7 +130,7 @@ def run_job(client: httpx.Client, photo: bytes) -> dict[str, Any]:
 
 
 def in_process_ms(photo: bytes, repeats: int) -> list[float]:
-    """`reconstruct_image` on the same bytes and options, in this process, after one warm-up call."""
+    """`reconstruct_image` on the same bytes and options, in this process, after three warm-up calls."""
     from headforge.models.runtime import load_default_networks
     from headforge.pipeline.run import ReconstructOptions, reconstruct_image
 
@@ -139,11 +139,19 @@ def in_process_ms(photo: bytes, repeats: int) -> list[float]:
                                             "outputs": OPTIONS["outputs"]})
     times = []
     with tempfile.TemporaryDirectory() as scratch:
-        for index in range(repeats + 1):
+        for index in range(repeats + 3):
             started = time.perf_counter()
             reconstruct_image(photo, "photo.jpg", options, Path(scratch) / str(index), networks=networks)
-            if index:
+            if index >= 3:
                 times.append((time.perf_counter() - started) * 1000)
+    return times
+
+
+def in_process_subprocess(size: int, repeats: int, env: dict[str, str]) -> list[float]:
+    """`in_process_ms` in a fresh process with the workers' environment (same thread settings)."""
+    output = subprocess.run([sys.executable, __file__, "--inprocess-only", str(repeats), "--size", str(size)],
+                            env=env, cwd=REPO, capture_output=True, text=True, check=True, timeout=600)
+    times: list[float] = json.loads(output.stdout.strip().splitlines()[-1])
     return times
 
 
@@ -156,7 +164,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--sequential", type=int, default=15, help="Unloaded one-at-a-time jobs for the overhead.")
     parser.add_argument("--size", type=int, default=256, help="Photo side in pixels.")
+    parser.add_argument("--inprocess-only", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.inprocess_only:
+        print(json.dumps(in_process_ms(_photo(args.size), args.inprocess_only)))
+        return
 
     photo = _photo(args.size)
     stack = None if args.url else LocalStack(args.workers)
@@ -164,9 +176,12 @@ def main() -> None:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     try:
         with httpx.Client(base_url=url, headers=headers) as client:
-            run_job(client, photo)  # warm-up: first job per pool process pays imports
+            # Warm-up: the first jobs in each pool process pay lazy imports and allocations (so
+            # does the first in-process call, which `in_process_ms` also discards).
+            for _ in range(3 * args.workers):
+                run_job(client, photo)
             sequential = [run_job(client, photo) for _ in range(args.sequential)]
-            inprocess = in_process_ms(photo, args.sequential)
+        inprocess = in_process_subprocess(args.size, args.sequential, stack.env if stack else dict(os.environ))
 
         results: list[dict[str, Any]] = []
         errors: list[str] = []
@@ -223,6 +238,9 @@ def main() -> None:
         "service_overhead_ms_p95": _percentile(overhead, 95),
         "worker_pipeline_ms_p50": _percentile([float(j["timings_ms"]["pipeline"]) for j in succeeded], 50),
         "inprocess_ms_p50": round(statistics.median(inprocess), 2),
+        "sequential_queue_wait_ms_p50": _percentile([float(j["timings_ms"].get("queue_wait", 0.0)) for j in sequential], 50),
+        "sequential_worker_pipeline_ms_p50": _percentile([float(j["timings_ms"]["pipeline"]) for j in sequential], 50),
+        "sequential_artifact_store_ms_p50": _percentile([float(j["timings_ms"].get("upload", 0.0)) for j in sequential], 50),
         "sequential_latency_ms_p50": round(statistics.median(seq_latency), 2) if seq_latency else None,
         "overhead_vs_inprocess_ms_p50": round(statistics.median(seq_latency) - statistics.median(inprocess), 2)
         if seq_latency else None,

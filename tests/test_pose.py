@@ -19,7 +19,7 @@ from headforge.pipeline.topology import build_image_mesh, load_topology
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 # Mean absolute error bound (degrees, over yaw, pitch and roll) for FaceMesh landmarks on the AFLW2000
-# sample with label crops. Measured 5.15°; see docs/benchmarks.md. VGGHeads reports 3.76°.
+# sample with label crops. Measured 5.28°; see docs/benchmarks.md. VGGHeads reports 3.76°.
 LABEL_CROP_MAE_BOUND = 6.0
 # With the labelled 3D landmarks themselves, only the template and the convention can be wrong.
 LABEL_LANDMARK_MAE_BOUND = 1.5

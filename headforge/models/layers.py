@@ -136,8 +136,8 @@ def depth_to_space_nhwc(x: torch.Tensor, block: int) -> torch.Tensor:
     tensor, returned in NHWC: one transpose does both the rearrangement and the layout change."""
     n, c, h, w = x.shape
     out_channels = c // (block * block)
-    x = x.reshape(n, block, block, out_channels, h, w)
-    x = x.permute(0, 4, 1, 5, 2, 3)
+    x = x.permute(0, 2, 3, 1).reshape(n, h, w, block, block * out_channels)
+    x = x.permute(0, 1, 3, 2, 4)
     return x.reshape(n, h * block, w * block, out_channels)
 
 

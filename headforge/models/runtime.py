@@ -122,10 +122,22 @@ def select_providers(requested: tuple[str, ...] | None = None) -> list[str]:
     return chosen
 
 
-class OrtNetwork:
-    """An ONNX model behind the `Network` interface; the whole batch goes through one session call."""
+# On CPU, batches run in chunks of about this many input pixels: per-item activations then stay in
+# cache, which is faster per item than one large call (measured: full-range detector, 8 items in one
+# call cost 25% more per item than one at a time). GPUs take the whole batch in one call.
+CPU_CHUNK_PIXELS = 1 << 16
 
-    def __init__(self, path: Path, name: str, threads: int, providers: list[str]):
+
+class OrtNetwork:
+    """An ONNX model behind the `Network` interface.
+
+    GPU sessions run the whole batch in one call; CPU sessions in cache-sized chunks (`cpu_chunk`
+    items, by default from `CPU_CHUNK_PIXELS`).
+    """
+
+    def __init__(
+        self, path: Path, name: str, threads: int, providers: list[str], cpu_chunk: int | None = None
+    ):
         import onnxruntime as ort
 
         self.name = name
@@ -144,6 +156,9 @@ class OrtNetwork:
         self._input = model_input.name
         self.input_shape = tuple(d if isinstance(d, int) else None for d in model_input.shape)
         self._outputs = [o.name for o in self._session.get_outputs()]
+        on_gpu = self.providers[0] != "CPUExecutionProvider"
+        pixels = int(np.prod([d for d in self.input_shape[1:3] if d is not None]))
+        self.chunk = None if on_gpu else max(1, cpu_chunk or CPU_CHUNK_PIXELS // max(pixels, 1))
 
     def run(self, x: np.ndarray) -> list[np.ndarray]:
         batch = np.ascontiguousarray(x, dtype=np.float32)
@@ -156,7 +171,13 @@ class OrtNetwork:
             raise HeadforgeError(
                 f"{self.name} takes (N, {', '.join(map(str, expected))}) float32, got {batch.shape}"
             )
-        return list(self._session.run(self._outputs, {self._input: batch}))
+        if self.chunk is None or len(batch) <= self.chunk:
+            return list(self._session.run(self._outputs, {self._input: batch}))
+        parts = [
+            self._session.run(self._outputs, {self._input: batch[start : start + self.chunk]})
+            for start in range(0, len(batch), self.chunk)
+        ]
+        return [np.concatenate([part[k] for part in parts]) for k in range(len(self._outputs))]
 
 
 def _provider_with_options(provider: str, name: str) -> str | tuple[str, dict[str, Any]]:

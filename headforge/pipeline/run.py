@@ -274,6 +274,8 @@ def reconstruct_image(
                 report("texture", base + 0.25 * per_head)
                 with timer.stage("texture"):
                     head.texture, coverage = _build_texture(decoded.rgb, head, options.texture_size, symmetry)
+                # Start the PNG now: it encodes while splats and the preview are computed.
+                texture_png = pool.submit(_encode_texture, head.texture, options.outputs, timer)
                 if options.splats > 0:
                     report("splats", base + 0.5 * per_head)
                     with timer.stage("splats"):
@@ -289,7 +291,7 @@ def reconstruct_image(
             head.index = len(kept)
             kept.append(head)
             coverages.append(coverage)
-            jobs.append(pool.submit(_package_head, head, out_dir, options.outputs, timer))
+            jobs.append(pool.submit(_package_head, head, texture_png, out_dir, options.outputs, timer))
 
         if "preview" in options.outputs:
             report("preview", 0.9)
@@ -339,13 +341,23 @@ def reconstruct_image(
     return document
 
 
+def _encode_texture(
+    texture: NDArray[np.uint8] | None, outputs: frozenset[str], timer: _Timer
+) -> bytes | None:
+    """The texture as PNG bytes, once, for both the GLB and the OBJ (None when neither is wanted)."""
+    if texture is None or not outputs & {"glb", "obj"}:
+        return None
+    with timer.stage("texture_encode"):
+        return encode_png(texture)
+
+
 def _package_head(
-    head: Head, out_dir: Path, outputs: frozenset[str], timer: _Timer
+    head: Head, texture_png: Future[bytes | None], out_dir: Path, outputs: frozenset[str], timer: _Timer
 ) -> list[tuple[WrittenFile, int | None]]:
-    """Encode the texture once and write the head's GLB, OBJ + MTL + PNG and splat PLY."""
+    """Write the head's GLB, OBJ + MTL + PNG and splat PLY (after its PNG job, submitted earlier)."""
+    png = texture_png.result()
     with timer.stage("package"):
-        texture_png = encode_png(head.texture) if head.texture is not None else None
-        files = write_head_files(head.mesh, texture_png, head.splats, f"h{head.index}", out_dir, outputs)
+        files = write_head_files(head.mesh, png, head.splats, f"h{head.index}", out_dir, outputs)
     head.artifacts = {file.kind: file.name for file in files}
     return [(file, head.index) for file in files]
 

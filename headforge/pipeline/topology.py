@@ -20,9 +20,6 @@ from headforge.pipeline.types import Mesh
 TOPOLOGY_PATH = PACKAGE_ASSETS / "facemesh_topology.npz"
 NUM_VERTICES = 468
 TOPOLOGY_NAME = "facemesh468"
-# The template's y (meters, +Y up) below which vertices count as mouth/jaw, which move with expression.
-_RIGID_BELOW_NOSE_TIP_M = 0.005
-_NOSE_TIP = 1
 
 
 @dataclass(frozen=True)
@@ -34,12 +31,6 @@ class FaceMeshTopology:
     mirror: NDArray[np.int32]  # (468,) vertex -> its mirror image across the midline
     template: NDArray[np.float64]  # (468, 3) symmetric frontal face, head frame, meters
     reference: NDArray[np.float32]  # (468, 3) the raw landmarks the template was built from
-
-    @property
-    def rigid_vertices(self) -> NDArray[np.int64]:
-        """Vertices above the mouth (forehead, eyes, nose, upper cheeks): the pose fit uses these."""
-        limit = self.template[_NOSE_TIP, 1] - _RIGID_BELOW_NOSE_TIP_M
-        return np.flatnonzero(self.template[:, 1] >= limit)
 
 
 @lru_cache(maxsize=4)

@@ -101,7 +101,7 @@ async function unlabeledControls(page) {
 
 async function enterApiKey(page) {
   if (!config.apiKey) return;
-  await page.getByText('API key', { exact: true }).click();
+  await page.locator('#key-details > summary').click();
   await page.getByLabel('API key').fill(config.apiKey);
   await page.getByRole('button', { name: 'Save' }).click();
   report.keyStorage = await page.evaluate(() => ({

@@ -12,8 +12,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -275,3 +277,36 @@ def require_models() -> None:
 
 def wait_job(client: HeadforgeClient, job_id: str, timeout: float = 240) -> dict[str, Any]:
     return client.wait(job_id, timeout=timeout, poll=0.2)
+
+
+class WebhookReceiver:
+    """A local HTTP server that records every POST it gets."""
+
+    def __init__(self) -> None:
+        received: list[dict[str, Any]] = []
+        self.received = received
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                received.append({"headers": dict(self.headers), "body": body})
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+    def for_job(self, job_id: str) -> list[dict[str, Any]]:
+        return [r for r in self.received if json.loads(r["body"])["job"]["id"] == job_id]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -7,8 +7,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from stacklib import Stack, astronaut_jpeg, make_stack, require_models, require_redis, wait_until
-from test_service_e2e import WebhookReceiver
+from stacklib import (
+    Stack,
+    WebhookReceiver,
+    astronaut_jpeg,
+    make_stack,
+    require_models,
+    require_redis,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.service, pytest.mark.slow, pytest.mark.timeout(600)]
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import threading
+import subprocess
+import sys
 import zipfile
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from stacklib import (
     KEYS,
     SHARED_DATA,
     Stack,
+    WebhookReceiver,
     astronaut,
     astronaut_jpeg,
     jpeg_bytes,
@@ -33,39 +34,6 @@ from headforge.client import ApiError
 from headforge.service import webhooks
 
 pytestmark = [pytest.mark.service, pytest.mark.timeout(600)]
-
-
-class WebhookReceiver:
-    """A local HTTP server that records every POST it gets."""
-
-    def __init__(self) -> None:
-        received: list[dict[str, Any]] = []
-        self.received = received
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                received.append({"headers": dict(self.headers), "body": body})
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *_args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-
-    def for_job(self, job_id: str) -> list[dict[str, Any]]:
-        return [r for r in self.received if json.loads(r["body"])["job"]["id"] == job_id]
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture()
@@ -383,3 +351,20 @@ def test_models_health_ready_metrics(redis_stack: Stack) -> None:
         assert 'headforge_queue_depth{queue="cpu"}' in text
         assert "headforge_workers 1.0" in text or "headforge_workers 2.0" in text
         assert 'headforge_http_requests_total{method="GET"' in text
+
+
+def test_submit_command_downloads_artifacts(redis_stack: Stack, tmp_path: Path) -> None:
+    photo = tmp_path / "me.jpg"
+    photo.write_bytes(astronaut_jpeg(256))
+    run = subprocess.run(
+        [sys.executable, "-m", "headforge", "submit", str(photo), "--server", redis_stack.base_url,
+         "--api-key", KEYS["alice"], "--wait", "-o", str(tmp_path / "out"), "--outputs", "glb,preview"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert (tmp_path / "out" / "h0.glb").is_file() and (tmp_path / "out" / "result.json").is_file()
+    assert not (tmp_path / "out" / "h0.obj").exists()
+    bad = subprocess.run(
+        [sys.executable, "-m", "headforge", "submit", str(photo), "--server", redis_stack.base_url,
+         "--api-key", "hf_wrong"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unauthorized" in bad.stderr

@@ -12,6 +12,9 @@ const els = {
   keyInput: $('api-key'),
   keyClear: $('key-clear'),
   keyStatus: $('key-status'),
+  keyBadge: $('key-badge'),
+  keyDetails: $('key-details'),
+  keySummary: document.querySelector('#key-details > summary'),
   form: $('job-form'),
   dropZone: $('drop-zone'),
   files: $('images'),
@@ -85,18 +88,27 @@ const viewer = new HeadViewer(els.viewer, (text) => {
 
 // ---------------------------------------------------------------- API key
 
+function showKeyState(message) {
+  els.keyStatus.textContent = message;
+  els.keyBadge.textContent = getApiKey() ? '(set)' : '';
+}
+
 els.keyInput.value = getApiKey();
-els.keyStatus.textContent = getApiKey() ? 'A key is set for this tab.' : 'No key set.';
+showKeyState(getApiKey() ? 'A key is set for this tab.' : 'No key set.');
 els.keyForm.addEventListener('submit', (event) => {
   event.preventDefault();
   setApiKey(els.keyInput.value.trim());
-  els.keyStatus.textContent = els.keyInput.value.trim() ? 'Key saved for this tab.' : 'No key set.';
+  showKeyState(els.keyInput.value.trim() ? 'Key saved for this tab.' : 'No key set.');
+  if (getApiKey()) {
+    els.keyDetails.open = false;
+    els.keySummary.focus();
+  }
   loadModels();
 });
 els.keyClear.addEventListener('click', () => {
   els.keyInput.value = '';
   setApiKey('');
-  els.keyStatus.textContent = 'Key forgotten.';
+  showKeyState('Key forgotten.');
 });
 
 // ---------------------------------------------------------------- pipelines
