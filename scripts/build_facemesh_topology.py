@@ -307,26 +307,9 @@ def fit_unit_square(uv: NDArray[np.float64], margin: float = 0.02) -> NDArray[np
     return (uv - (low + high) / 2) * scale + 0.5
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--source", type=Path, help="mediapipe wheel or face_mesh_connections.py")
-    parser.add_argument(
-        "--reuse-reference", action="store_true", help="take the reference landmarks from --out"
-    )
-    parser.add_argument("--out", type=Path, default=PACKAGE_ASSETS / "facemesh_topology.npz")
-    args = parser.parse_args()
-
-    source = args.source or default_source()
-    edges = read_tessellation(source)
-    if args.reuse_reference:
-        reference = np.load(args.out)["reference"].astype(np.float64)
-    else:
-        reference = astronaut_landmarks()
-
-    faces_unoriented = real_faces(edge_cliques(edges))
-    faces = orient(faces_unoriented, reference)
+def build_asset(edges: list[tuple[int, int]], reference: NDArray[np.float64]) -> dict[str, NDArray]:
+    """Every array of the asset, from the tessellation edges and the 468 reference landmarks."""
+    faces = orient(real_faces(edge_cliques(edges)), reference)
     mirror, _ = mirror_map(reference, faces)
     template = frontal_template(reference, mirror, faces)
     # The head frame is a rotation of the image frame (y and z flipped), so the winding carries over.
@@ -344,21 +327,42 @@ def main() -> None:
     uv = fit_unit_square(uv)
     if (signed_areas_2d(uv, faces) <= 0).any():
         raise SystemExit("UV layout has flipped triangles")
+    return {
+        "faces": faces.astype(np.int32),
+        "uvs": uv.astype(np.float32),
+        "mirror": mirror.astype(np.int32),
+        "template": template.astype(np.float32),
+        "reference": np.asarray(reference, dtype=np.float32),
+        "tessellation_sha256": np.array(hashlib.sha256(repr(sorted(edges)).encode()).hexdigest()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--source", type=Path, help="mediapipe wheel or face_mesh_connections.py")
+    parser.add_argument(
+        "--reuse-reference", action="store_true", help="take the reference landmarks from --out"
+    )
+    parser.add_argument("--out", type=Path, default=PACKAGE_ASSETS / "facemesh_topology.npz")
+    args = parser.parse_args()
+
+    source = args.source or default_source()
+    edges = read_tessellation(source)
+    if args.reuse_reference:
+        reference = np.load(args.out)["reference"].astype(np.float64)
+    else:
+        reference = astronaut_landmarks()
+    asset = build_asset(edges, reference)
+    faces, uv, template, mirror = asset["faces"], asset["uvs"], asset["template"], asset["mirror"]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(args.out, **asset)
 
     loops = boundary_loops(faces)
     area_3d = triangle_areas(template, faces)
     area_uv = triangle_areas(uv, faces)
     ratio = (area_uv / area_uv.sum()) / (area_3d / area_3d.sum())
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(
-        args.out,
-        faces=faces.astype(np.int32),
-        uvs=uv.astype(np.float32),
-        mirror=mirror.astype(np.int32),
-        template=template.astype(np.float32),
-        reference=reference.astype(np.float32),
-        tessellation_sha256=np.array(hashlib.sha256(repr(sorted(edges)).encode()).hexdigest()),
-    )
     print(
         f"{args.out}: {len(faces)} faces, {len({tuple(sorted(e)) for e in edges})} edges, "
         f"boundary loops {sorted(len(loop) for loop in loops)}, "

@@ -189,3 +189,11 @@ def test_wrong_input_shape_is_a_clear_error(onnx_networks: DefaultNetworks) -> N
         onnx_networks.face_landmark.run(np.zeros((1, 128, 128, 3), np.float32))
     with pytest.raises(HeadforgeError):
         onnx_networks.iris.run(np.zeros((64, 64, 3), np.float32))
+
+
+def test_sessions_are_created_once_per_process(onnx_networks: DefaultNetworks) -> None:
+    from headforge.models.runtime import OrtNetwork, load_default_networks
+
+    assert load_default_networks(providers=("cpu",)) is onnx_networks
+    assert isinstance(onnx_networks.full_range, OrtNetwork)
+    assert onnx_networks.full_range.providers == ["CPUExecutionProvider"]

@@ -67,9 +67,16 @@ def test_pull_into_a_fresh_home_then_repair(tmp_path: Path, monkeypatch: pytest.
     damaged = read_entry("iris_landmark", DEFAULT_VERSION)
     assert damaged is not None
     damaged.model_path.write_bytes(b"not onnx")
+    from headforge.errors import ModelsMissingError
+    from headforge.models.runtime import load_default_networks
+
+    with pytest.raises(ModelsMissingError, match="iris_landmark"):
+        load_default_networks(threads=1, providers=("cpu",))
     third = pull()
     assert third.exported == ["iris_landmark"] and third.fetched_wheel is None
     assert damaged.is_intact()
+    networks = load_default_networks(threads=1, providers=("cpu",))
+    assert networks.iris.name == "iris_landmark"
 
 
 def test_checksum_mismatch_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -94,6 +94,23 @@ def test_no_unfilled_texel_inside_islands(astronaut_mesh: Mesh) -> None:
         assert (np.abs(texture.astype(int) - color).max(2) <= 1).all()
 
 
+def test_face_cut_by_the_photo_border(astronaut_mesh: Mesh) -> None:
+    """Half the face lies left of the photo: nothing may be sampled from outside it (that would read
+    black), and the missing half is mirrored or inpainted."""
+    color = np.array([40, 180, 90], np.uint8)
+    photo = np.broadcast_to(color, (512, 512, 3)).copy()
+    vertices = astronaut_mesh.vertices.copy()
+    vertices[:, 0] -= vertices[:, 0].mean()  # the face's midline on the photo's left edge
+    mesh = Mesh(vertices, astronaut_mesh.faces, astronaut_mesh.uvs)
+    for symmetry, most in ((load_topology().mirror, 0.5), (None, 0.3)):
+        texture, coverage = unwrap_texture(photo, mesh, 512, symmetry=symmetry)
+        assert 0.05 < coverage.mean() < most
+        assert (np.abs(texture.astype(int) - color).max(2) <= 1).all()
+    _, half = unwrap_texture(photo, mesh, 512)
+    # Only the half right of the photo's edge is seen: the subject's left, u > 0.5 in the layout.
+    assert half[:, :212].sum() < 0.05 * half[:, 300:].sum()
+
+
 def test_mirror_fills_the_side_the_camera_cannot_see(
     astronaut: NDArray[np.uint8], astronaut_mesh: Mesh
 ) -> None:

@@ -86,3 +86,10 @@ def test_not_a_flatbuffer_is_an_asset_error(tmp_path: Path) -> None:
     with pytest.raises(AssetError) as caught:
         TFLiteGraph(junk)
     assert caught.value.code == "invalid_asset"
+
+
+def test_truncated_model_is_an_asset_error() -> None:
+    data = tflite_path(MODELS["face_landmark"]).read_bytes()
+    for size in (16, 4096, len(data) // 2):
+        with pytest.raises(AssetError):
+            TFLiteGraph(data[:size])

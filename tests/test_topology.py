@@ -276,6 +276,21 @@ def test_triangles_rebuild_from_the_wheel_edge_list() -> None:
     assert {tuple(sorted(e)) for e in edges} == set(undirected_edges(committed))
 
 
+def test_asset_rebuilds_exactly_from_wheel_and_reference() -> None:
+    """The whole asset is reproducible: the build script, given the wheel's edge list and the committed
+    reference landmarks, gives back the committed arrays."""
+    script = _build_script()
+    committed = np.load(ROOT / "headforge" / "assets" / "facemesh_topology.npz")
+    rebuilt = script.build_asset(
+        script.read_tessellation(_wheel_or_skip()), committed["reference"].astype(np.float64)
+    )
+    assert np.array_equal(rebuilt["faces"], committed["faces"])
+    assert np.array_equal(rebuilt["mirror"], committed["mirror"])
+    assert np.allclose(rebuilt["template"], committed["template"], atol=1e-6)
+    assert np.allclose(rebuilt["uvs"], committed["uvs"], atol=1e-5)
+    assert str(rebuilt["tessellation_sha256"]) == str(committed["tessellation_sha256"])
+
+
 def test_build_image_mesh_validates_landmarks(astronaut_landmarks: NDArray[np.float32]) -> None:
     mesh = build_image_mesh(astronaut_landmarks)
     assert mesh.vertices.shape == (468, 3) and mesh.faces.shape == (852, 3) and mesh.uv_faces is None

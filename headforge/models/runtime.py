@@ -13,6 +13,7 @@ TensorRT, then CUDA, then CPU; `HEADFORGE_PROVIDERS` (comma-separated, e.g. `cpu
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from headforge.config import headforge_home
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_NETWORK_NAMES = (
     "face_detection_short_range",
@@ -131,8 +134,8 @@ CPU_CHUNK_PIXELS = 1 << 16
 class OrtNetwork:
     """An ONNX model behind the `Network` interface.
 
-    GPU sessions run the whole batch in one call; CPU sessions in cache-sized chunks (`cpu_chunk`
-    items, by default from `CPU_CHUNK_PIXELS`).
+    CUDA sessions run the whole batch in one call, TensorRT ones in chunks of the engine profile's
+    largest batch, CPU ones in cache-sized chunks (`cpu_chunk` items, default from `CPU_CHUNK_PIXELS`).
     """
 
     def __init__(
@@ -148,17 +151,25 @@ class OrtNetwork:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
-        self._session = ort.InferenceSession(
-            str(path), options, providers=[_provider_with_options(p, name) for p in providers]
-        )
+        try:
+            self._session = ort.InferenceSession(
+                str(path), options, providers=[_provider_with_options(p, name, path) for p in providers]
+            )
+        except Exception as error:  # a GPU provider whose libraries are missing or broken
+            if providers == ["CPUExecutionProvider"]:
+                raise
+            logger.warning("%s: %s failed (%s); falling back to CPU", name, providers, error)
+            self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.providers = self._session.get_providers()
         model_input = self._session.get_inputs()[0]
         self._input = model_input.name
         self.input_shape = tuple(d if isinstance(d, int) else None for d in model_input.shape)
         self._outputs = [o.name for o in self._session.get_outputs()]
-        on_gpu = self.providers[0] != "CPUExecutionProvider"
         pixels = int(np.prod([d for d in self.input_shape[1:3] if d is not None]))
-        self.chunk = None if on_gpu else max(1, cpu_chunk or CPU_CHUNK_PIXELS // max(pixels, 1))
+        self.chunk: int | None = {
+            "CPUExecutionProvider": max(1, cpu_chunk or CPU_CHUNK_PIXELS // max(pixels, 1)),
+            "TensorrtExecutionProvider": TRT_BATCH_PROFILE[2],  # the engine's largest batch
+        }.get(self.providers[0])
 
     def run(self, x: np.ndarray) -> list[np.ndarray]:
         batch = np.ascontiguousarray(x, dtype=np.float32)
@@ -180,20 +191,44 @@ class OrtNetwork:
         return [np.concatenate([part[k] for part in parts]) for k in range(len(self._outputs))]
 
 
-def _provider_with_options(provider: str, name: str) -> str | tuple[str, dict[str, Any]]:
+# TensorRT builds one engine per shape profile; one profile covers batches 1..64 (optimised for 8).
+TRT_BATCH_PROFILE = (1, 8, 64)
+
+
+def _provider_with_options(provider: str, name: str, path: Path) -> str | tuple[str, dict[str, Any]]:
     if provider == "TensorrtExecutionProvider":
         cache = headforge_home() / "trt_cache" / name
         cache.mkdir(parents=True, exist_ok=True)
-        return provider, {
+        options: dict[str, Any] = {
             "trt_fp16_enable": True,
             "trt_engine_cache_enable": True,
             "trt_engine_cache_path": str(cache),
         }
+        options.update(_trt_profile(path))
+        return provider, options
     return provider
 
 
+def _trt_profile(path: Path) -> dict[str, str]:
+    """TensorRT EP shape-profile options (min/opt/max batch) for every input of the model."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    profile: dict[str, list[str]] = {
+        "trt_profile_min_shapes": [],
+        "trt_profile_opt_shapes": [],
+        "trt_profile_max_shapes": [],
+    }
+    for model_input in graph.input:
+        rest = [str(d.dim_value) for d in model_input.type.tensor_type.shape.dim[1:]]
+        for key, batch in zip(profile, TRT_BATCH_PROFILE, strict=True):
+            profile[key].append(f"{model_input.name}:{'x'.join([str(batch), *rest])}")
+    return {key: ",".join(shapes) for key, shapes in profile.items()}
+
+
 def default_network_paths(root: Path | None = None) -> dict[str, Path]:
-    """`model.onnx` of each default network's current version; `ModelsMissingError` when any is absent."""
+    """`model.onnx` of each default network's current version; `ModelsMissingError` when any is
+    absent or damaged (sha256 differs from its manifest)."""
     from headforge.errors import ModelsMissingError
     from headforge.export.repository import read_entry
     from headforge.models.pull import DEFAULT_VERSION
@@ -202,7 +237,7 @@ def default_network_paths(root: Path | None = None) -> dict[str, Path]:
     missing = []
     for name in DEFAULT_NETWORK_NAMES:
         entry = read_entry(name, DEFAULT_VERSION, root)
-        if entry is None or not entry.model_path.is_file():
+        if entry is None or not entry.is_intact():  # absent, or its file no longer matches the manifest
             missing.append(f"{name}/{DEFAULT_VERSION}")
         else:
             paths[name] = entry.model_path

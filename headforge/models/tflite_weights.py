@@ -71,14 +71,16 @@ class TFLiteGraph:
         try:
             self._model = tflite.Model.GetRootAsModel(data, 0)
             self._graph = self._model.Subgraphs(0)
+            if self._graph is None:
+                raise AssetError("the .tflite model has no subgraph")
+            self.tensors = [self._tensor_info(i) for i in range(self._graph.TensorsLength())]
+            self.operators = [self._operator(i) for i in range(self._graph.OperatorsLength())]
+            self.inputs = tuple(int(i) for i in self._graph.InputsAsNumpy())
+            self.outputs = tuple(int(i) for i in self._graph.OutputsAsNumpy())
+        except AssetError:
+            raise
         except Exception as error:  # malformed flatbuffers raise assorted errors
             raise AssetError(f"not a readable .tflite model: {error}") from error
-        if self._graph is None:
-            raise AssetError("the .tflite model has no subgraph")
-        self.tensors = [self._tensor_info(i) for i in range(self._graph.TensorsLength())]
-        self.operators = [self._operator(i) for i in range(self._graph.OperatorsLength())]
-        self.inputs = tuple(int(i) for i in self._graph.InputsAsNumpy())
-        self.outputs = tuple(int(i) for i in self._graph.OutputsAsNumpy())
         self._producer = {out: op for op in self.operators for out in op.outputs}
         self._constants: dict[int, np.ndarray] = {}
 

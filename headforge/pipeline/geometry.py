@@ -9,6 +9,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from functools import lru_cache
 
+import cv2
 import numpy as np
 from numpy.typing import NDArray
 
@@ -135,58 +136,54 @@ class UVRaster:
 
 
 def rasterize_uv(uvs: NDArray[np.floating], uv_faces: NDArray[np.integer], size: int) -> UVRaster:
-    """Rasterize a UV layout at texel centers: per texel, the covering triangle and its barycentrics.
+    """Rasterize a UV layout: per texel, the covering triangle and its barycentrics at the texel center.
 
-    Texel (row, col) has center u = (col + 0.5) / S, v = 1 - (row + 0.5) / S. A texel on an edge
-    shared by two triangles goes to the later one.
+    Texel (row, col) has center u = (col + 0.5) / S, v = 1 - (row + 0.5) / S. Triangles are drawn with
+    OpenCV's polygon fill (1/256-texel vertex precision), which also takes texels their edges pass
+    through; those get barycentrics clamped onto the triangle, so islands grow by up to one texel.
+    A texel shared by two triangles goes to the later one.
     """
     uv = np.asarray(uvs, dtype=np.float64)
     faces = np.asarray(uv_faces, dtype=np.int64)
     px = np.empty_like(uv)
     px[:, 0] = uv[:, 0] * size - 0.5
     px[:, 1] = (1.0 - uv[:, 1]) * size - 0.5
-    triangle = np.full(size * size, -1, dtype=np.int32)
-    chunks: list[tuple[int, NDArray[np.int64], NDArray[np.float64], NDArray[np.float64]]] = []
-    tol = -1e-9
-    for t, (i0, i1, i2) in enumerate(faces.tolist()):
-        a, b, c = px[i0], px[i1], px[i2]
-        x0 = max(int(np.ceil(min(a[0], b[0], c[0]))), 0)
-        x1 = min(int(np.floor(max(a[0], b[0], c[0]))), size - 1)
-        y0 = max(int(np.ceil(min(a[1], b[1], c[1]))), 0)
-        y1 = min(int(np.floor(max(a[1], b[1], c[1]))), size - 1)
-        if x1 < x0 or y1 < y0:
-            continue
-        denom = (b[1] - c[1]) * (a[0] - c[0]) + (c[0] - b[0]) * (a[1] - c[1])
-        if abs(denom) < 1e-12:
-            continue
-        xs = np.arange(x0, x1 + 1, dtype=np.float64)[None, :]
-        ys = np.arange(y0, y1 + 1, dtype=np.float64)[:, None]
-        w0 = ((b[1] - c[1]) * (xs - c[0]) + (c[0] - b[0]) * (ys - c[1])) / denom
-        w1 = ((c[1] - a[1]) * (xs - c[0]) + (a[0] - c[0]) * (ys - c[1])) / denom
-        inside = (w0 >= tol) & (w1 >= tol) & (1.0 - w0 - w1 >= tol)
-        rows, cols = np.nonzero(inside)
-        if len(rows) == 0:
-            continue
-        flat = (rows + y0) * size + cols + x0
-        triangle[flat] = t
-        chunks.append((t, flat, w0[rows, cols], w1[rows, cols]))
-    if not chunks:
-        return UVRaster(
-            size, triangle.reshape(size, size), np.zeros(0, np.int64), np.zeros((0, 3), np.float32)
-        )
-    owner = np.concatenate([np.full(len(c[1]), c[0], dtype=np.int32) for c in chunks])
-    flat = np.concatenate([c[1] for c in chunks])
-    w0 = np.concatenate([c[2] for c in chunks])
-    w1 = np.concatenate([c[3] for c in chunks])
-    keep = triangle[flat] == owner  # later triangles overwrote earlier ones on shared edges
-    flat, w0, w1 = flat[keep], w0[keep], w1[keep]
-    order = np.argsort(flat, kind="stable")
-    flat, w0, w1 = flat[order], w0[order], w1[order]
-    bary = np.stack([w0, w1, 1.0 - w0 - w1], axis=1).clip(0.0, 1.0).astype(np.float32)
-    return UVRaster(size, triangle.reshape(size, size), flat, bary)
+    shift = 8
+    fixed = np.round(px * (1 << shift)).astype(np.int32)
+    corners = px[faces]  # (F, 3, 2)
+    a, b, c = corners[:, 0], corners[:, 1], corners[:, 2]
+    denom = (b[:, 1] - c[:, 1]) * (a[:, 0] - c[:, 0]) + (c[:, 0] - b[:, 0]) * (a[:, 1] - c[:, 1])
+    valid = np.abs(denom) > 1e-12
+    triangle = np.full((size, size), -1, dtype=np.int32)
+    for t in np.flatnonzero(valid).tolist():
+        cv2.fillConvexPoly(triangle, fixed[faces[t]], t, lineType=cv2.LINE_8, shift=shift)
+    texel_index = np.flatnonzero(triangle.reshape(-1) >= 0)
+    owner = triangle.reshape(-1)[texel_index]
+    # Barycentrics are affine in the texel position: w = gx * (x - cx) + gy * (y - cy) per triangle.
+    safe = np.where(valid, denom, 1.0)
+    coefficients = np.stack(
+        [
+            (b[:, 1] - c[:, 1]) / safe,
+            (c[:, 0] - b[:, 0]) / safe,
+            (c[:, 1] - a[:, 1]) / safe,
+            (a[:, 0] - c[:, 0]) / safe,
+            c[:, 0],
+            c[:, 1],
+        ]
+    ).astype(np.float32)
+    per_texel = coefficients[:, owner]  # (6, N)
+    rows, cols = np.divmod(texel_index, size)
+    x = cols.astype(np.float32) - per_texel[4]
+    y = rows.astype(np.float32) - per_texel[5]
+    w0 = np.maximum(per_texel[0] * x + per_texel[1] * y, 0.0)
+    w1 = np.maximum(per_texel[2] * x + per_texel[3] * y, 0.0)
+    w2 = np.maximum(1.0 - (per_texel[0] + per_texel[2]) * x - (per_texel[1] + per_texel[3]) * y, 0.0)
+    total = w0 + w1 + w2
+    bary = np.stack([w0 / total, w1 / total, w2 / total], axis=1)
+    return UVRaster(size, triangle, texel_index, bary)
 
 
-@lru_cache(maxsize=6)
+@lru_cache(maxsize=4)
 def _cached_uv_raster(uv_bytes: bytes, faces_bytes: bytes, size: int) -> UVRaster:
     uvs = np.frombuffer(uv_bytes, dtype=np.float64).reshape(-1, 2)
     faces = np.frombuffer(faces_bytes, dtype=np.int64).reshape(-1, 3)

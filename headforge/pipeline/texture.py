@@ -39,7 +39,9 @@ ZBUFFER_BASE_TOLERANCE = 1.0
 ZBUFFER_SLOPE_TOLERANCE = 1.5
 MAX_SLOPE = 8.0
 PUSH_PULL_SIZE = 256  # the fill outside the islands is computed at most this wide
-INPAINT_MAX_TEXELS = 6_000  # more hole texels than this: inpaint a downscaled copy (the fill is smooth anyway)
+INPAINT_MAX_TEXELS = (
+    6_000  # more hole texels than this: inpaint a downscaled copy (the fill is smooth anyway)
+)
 INPAINT_RADIUS = 3
 _CROSS = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
 
@@ -64,31 +66,33 @@ class _TexelPlan:
     vertex positions into the surface point (and mirror point) behind every covered texel."""
 
     raster: UVRaster
-    triangles: NDArray[np.int64]  # (N,) triangle per covered texel
+    islands: NDArray[np.uint8]  # (S, S) 1 inside the UV islands
+    triangles: NDArray[np.int32]  # (N,) triangle per covered texel
     own: sp.csr_matrix  # (N, V): texel point = own @ vertices
     mirrored: sp.csr_matrix | None  # (N, V): the same barycentrics on the mirrored vertices
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=2)
 def _cached_plan(
     uvs: bytes, uv_faces: bytes, faces: bytes, mirror: bytes, vertex_count: int, size: int
 ) -> _TexelPlan:
     raster = cached_uv_raster(
         np.frombuffer(uvs, np.float64).reshape(-1, 2), np.frombuffer(uv_faces, np.int64).reshape(-1, 3), size
     )
-    triangles = raster.texel_triangles().astype(np.int64)
-    corners = np.frombuffer(faces, np.int64).reshape(-1, 3)[triangles]
+    triangles = raster.texel_triangles().astype(np.int32)
+    corners = np.frombuffer(faces, np.int64).reshape(-1, 3).astype(np.int32)[triangles]
     count = len(triangles)
-    indptr = np.arange(0, 3 * count + 1, 3)
-    weights = raster.barycentric.reshape(-1)
-    own = sp.csr_matrix((weights, corners.reshape(-1), indptr), shape=(count, vertex_count))
+    indptr = np.arange(0, 3 * count + 1, 3, dtype=np.int32 if 3 * count < 2**31 else np.int64)
+    weights = raster.barycentric.reshape(-1)  # float32, shared by both matrices (no copies)
+    own = sp.csr_matrix((weights, corners.reshape(-1), indptr), shape=(count, vertex_count), copy=False)
     mirrored = None
     if mirror:
-        mirror_map = np.frombuffer(mirror, np.int64)
+        mirror_map = np.frombuffer(mirror, np.int64).astype(np.int32)
         mirrored = sp.csr_matrix(
-            (weights, mirror_map[corners].reshape(-1), indptr), shape=(count, vertex_count)
+            (weights, mirror_map[corners].reshape(-1), indptr), shape=(count, vertex_count), copy=False
         )
-    return _TexelPlan(raster, triangles, own, mirrored)
+    islands = raster.island_mask.astype(np.uint8)
+    return _TexelPlan(raster, islands, triangles, own, mirrored)
 
 
 def texel_plan(mesh: Mesh, size: int, symmetry: NDArray[np.integer] | None) -> _TexelPlan:
@@ -126,31 +130,50 @@ class _ZBuffer:
         self.low = (vertices[:, :2].min(0) - 1.0).astype(np.float32)
         extent = float((vertices[:, :2].max(0) + 1.0 - self.low).max())
         self.cell = float(max(extent / ZBUFFER_CELLS, 1e-6))
-        self.columns = ZBUFFER_CELLS + 2
-        self.depth = np.full(self.columns * self.columns, np.inf, dtype=np.float32)
-        np.minimum.at(self.depth, self._cells(samples), samples[:, 2])
-
-    def _cells(self, points: NDArray[np.float32]) -> NDArray[np.int32]:
-        ij = ((points[:, :2] - self.low) * np.float32(1.0 / self.cell)).astype(np.int32)
-        return ij[:, 1] * np.int32(self.columns) + ij[:, 0]
+        columns = ZBUFFER_CELLS + 2
+        ij = ((samples[:, :2] - self.low) * np.float32(1.0 / self.cell)).astype(np.int32)
+        depth = np.full(columns * columns, np.inf, dtype=np.float32)
+        np.minimum.at(depth, ij[:, 1] * columns + ij[:, 0], samples[:, 2])
+        self.depth = depth.reshape(columns, columns)
+        # Sampling maps hold pixel-center coordinates (x - 0.5); this affine takes them to cell
+        # coordinates for a nearest-neighbour lookup that rounds like the floor above.
+        scale = 1.0 / self.cell
+        self._to_cells = np.array(
+            [
+                [scale, 0.0, (0.5 - self.low[0]) * scale - 0.5],
+                [0.0, scale, (0.5 - self.low[1]) * scale - 0.5],
+            ],
+            dtype=np.float32,
+        )
 
     def tolerance(self, slope: NDArray[np.float32]) -> NDArray[np.float32]:
         """Depth slack per triangle: samples sit anywhere in a cell, so it grows with the depth slope."""
         return (self.cell * (ZBUFFER_BASE_TOLERANCE + ZBUFFER_SLOPE_TOLERANCE * slope)).astype(np.float32)
 
-    def visible(self, points: NDArray[np.float32], tolerance: NDArray[np.float32]) -> NDArray[np.bool_]:
-        """Points within `tolerance` of the nearest surface in their cell (NaN tolerance: never)."""
-        return points[:, 2] - tolerance <= self.depth[self._cells(points)]
+    def visible(
+        self, sampling_map: NDArray[np.float32], depth: NDArray[np.float32], tolerance: NDArray[np.float32]
+    ) -> NDArray[np.bool_]:
+        """Points (given by their sampling map and depth) within `tolerance` of the nearest surface in
+        their cell; a NaN tolerance is never visible."""
+        cells = cv2.transform(sampling_map, self._to_cells)
+        nearest = cv2.remap(self.depth, cells, None, cv2.INTER_NEAREST, borderMode=cv2.BORDER_REPLICATE)  # type: ignore[call-overload]
+        return depth - tolerance <= np.asarray(nearest, np.float32).reshape(-1)[: len(depth)]
 
 
-def _sample(rgb: NDArray[np.uint8], points: NDArray[np.float32]) -> NDArray[np.uint8]:
-    """Bilinear photo colors at image positions (pixel centers at +0.5); black outside the photo."""
+def _sampling_map(points: NDArray[np.float32]) -> NDArray[np.float32]:
+    """An OpenCV remap grid (side, side, 2) of the points' image positions (pixel centers at integers),
+    padded to a square (the padding's samples are dropped)."""
     count = len(points)
     side = int(np.ceil(np.sqrt(max(count, 1))))
     padded = np.full((side * side, 2), -10.0, dtype=np.float32)
     np.subtract(points[:, :2], np.float32(0.5), out=padded[:count])
-    grid = padded.reshape(side, side, 2)
-    colors = cv2.remap(rgb, grid, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)  # type: ignore[call-overload]
+    return padded.reshape(side, side, 2)
+
+
+def _sample(rgb: NDArray[np.uint8], sampling_map: NDArray[np.float32], count: int) -> NDArray[np.uint8]:
+    """Bilinear photo colors along a sampling map; the edge pixels continue past the border (points
+    outside the photo are never visible, but those within half a pixel of its edge are)."""
+    colors = cv2.remap(rgb, sampling_map, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)  # type: ignore[call-overload]
     return np.asarray(colors, dtype=np.uint8).reshape(-1, 3)[:count]
 
 
@@ -193,25 +216,33 @@ def _fill_outside(texture: NDArray[np.uint8], coverage: NDArray[np.uint8]) -> ND
     small = size // block
     used = small * block
     # Block means of the covered texels (float, so that thinly covered blocks are not rounded away).
-    premultiplied = cv2.resize(texture[:used, :used].astype(np.float32), (small, small), interpolation=cv2.INTER_AREA)
-    weight = cv2.resize(coverage[:used, :used].astype(np.float32), (small, small), interpolation=cv2.INTER_AREA)
+    premultiplied = cv2.resize(
+        texture[:used, :used].astype(np.float32), (small, small), interpolation=cv2.INTER_AREA
+    )
+    weight = cv2.resize(
+        coverage[:used, :used].astype(np.float32), (small, small), interpolation=cv2.INTER_AREA
+    )
     weight = np.asarray(weight, np.float32).reshape(small, small)
     premultiplied = np.asarray(premultiplied, np.float32).reshape(small, small, 3)
-    mean = np.divide(premultiplied, weight[..., None], out=np.zeros_like(premultiplied), where=weight[..., None] > 0)
+    mean = np.divide(
+        premultiplied, weight[..., None], out=np.zeros_like(premultiplied), where=weight[..., None] > 0
+    )
     # Trust only blocks that are at least half covered; push-pull spreads them to the rest.
     trusted = (weight >= 0.5).astype(np.float32)
     fill = np.clip(push_pull_fill(mean, trusted) + 0.5, 0, 255).astype(np.uint8)
     if block > 1:
         fill = np.asarray(cv2.resize(fill, (used, used), interpolation=cv2.INTER_LINEAR), np.uint8)
     if used < size:
-        fill = np.asarray(cv2.copyMakeBorder(fill, 0, size - used, 0, size - used, cv2.BORDER_REPLICATE), np.uint8)
+        fill = np.asarray(
+            cv2.copyMakeBorder(fill, 0, size - used, 0, size - used, cv2.BORDER_REPLICATE), np.uint8
+        )
     cv2.copyTo(texture, coverage, fill)
     return fill
 
 
-def _inpaint(texture: NDArray[np.uint8], holes: NDArray[np.bool_]) -> NDArray[np.uint8]:
-    """cv2.inpaint (Navier-Stokes) over `holes`; big holes are done on a downscaled copy and upsampled."""
-    count = int(holes.sum())
+def _inpaint(texture: NDArray[np.uint8], holes: NDArray[np.uint8]) -> NDArray[np.uint8]:
+    """cv2.inpaint (Navier-Stokes) over `holes` (0/1); many holes are done on a downscaled copy."""
+    count = cv2.countNonZero(holes)
     if count == 0:
         return texture
     size = texture.shape[0]
@@ -219,17 +250,14 @@ def _inpaint(texture: NDArray[np.uint8], holes: NDArray[np.bool_]) -> NDArray[np
     while count / (factor * factor) > INPAINT_MAX_TEXELS and size // (factor * 2) >= 64:
         factor *= 2
     if factor == 1:
-        return np.asarray(
-            cv2.inpaint(texture, holes.astype(np.uint8), INPAINT_RADIUS, cv2.INPAINT_NS), np.uint8
-        )
+        return np.asarray(cv2.inpaint(texture, holes, INPAINT_RADIUS, cv2.INPAINT_NS), np.uint8)
     small_size = (size // factor, size // factor)
     small = cv2.resize(texture, small_size, interpolation=cv2.INTER_AREA)
-    small_holes = cv2.resize(holes.astype(np.float32), small_size, interpolation=cv2.INTER_AREA) > 0
-    patched = cv2.inpaint(small, small_holes.astype(np.uint8), INPAINT_RADIUS, cv2.INPAINT_NS)
+    small_holes = cv2.resize(holes * np.uint8(255), small_size, interpolation=cv2.INTER_AREA)
+    patched = cv2.inpaint(small, (small_holes > 0).view(np.uint8), INPAINT_RADIUS, cv2.INPAINT_NS)
     upsampled = cv2.resize(patched, (size, size), interpolation=cv2.INTER_LINEAR)
-    result = texture.copy()
-    result[holes] = upsampled[holes]
-    return result
+    cv2.copyTo(upsampled, holes, texture)
+    return texture
 
 
 def unwrap_texture(
@@ -268,7 +296,9 @@ def unwrap_texture(
     own = np.asarray(plan.own @ attributes, dtype=np.float32)
     stride = max(1, len(own) // (ZBUFFER_CELLS * ZBUFFER_CELLS * ZBUFFER_SAMPLES_PER_CELL))
     zbuffer = _ZBuffer(np.concatenate([own[::stride, :3], vertices]), vertices)
-    outside = (vertices[:, 0] < 0) | (vertices[:, 0] > width) | (vertices[:, 1] < 0) | (vertices[:, 1] > height)
+    outside = (
+        (vertices[:, 0] < 0) | (vertices[:, 0] > width) | (vertices[:, 1] < 0) | (vertices[:, 1] > height)
+    )
 
     def tolerance(triangle_faces: NDArray[np.int64]) -> NDArray[np.float32]:
         """Per triangle z-buffer slack; NaN (never visible) where a corner lies outside the photo."""
@@ -276,34 +306,40 @@ def unwrap_texture(
         slack[outside[triangle_faces].any(1)] = np.nan
         return slack
 
-    own_weight = own[:, 3] * zbuffer.visible(own, tolerance(faces)[plan.triangles])
-    colors = _sample(rgb, own)
+    own_map = _sampling_map(own)
+    own_weight = own[:, 3] * zbuffer.visible(own_map, own[:, 2], tolerance(faces)[plan.triangles])
+    colors = _sample(rgb, own_map, len(own))
     total = own_weight
     if plan.mirrored is not None:
         # Only texels the camera does not see squarely look at their mirror point.
         rows = np.flatnonzero(own_weight < 1.0)
-        mirror = np.asarray(plan.mirrored[rows] @ attributes, dtype=np.float32)
+        mirror = np.asarray(plan.mirrored @ attributes, dtype=np.float32)[rows]
+        mirror_map = _sampling_map(mirror)
         mirror_faces = np.asarray(symmetry, dtype=np.int64)[faces]
-        mirror_weight = mirror[:, 3] * zbuffer.visible(mirror, tolerance(mirror_faces)[plan.triangles[rows]])
+        mirror_tolerance = tolerance(mirror_faces)[plan.triangles[rows]]
+        mirror_weight = mirror[:, 3] * zbuffer.visible(mirror_map, mirror[:, 2], mirror_tolerance)
         mirror_weight *= 1.0 - own_weight[rows]
-        seen = np.flatnonzero(mirror_weight > 0)
-        rows, mirror_weight = rows[seen], mirror_weight[seen, None]
-        own_part = own_weight[rows, None]
-        blended = colors[rows] * own_part + _sample(rgb, mirror[seen]) * mirror_weight
-        colors[rows] = np.clip(blended / (own_part + mirror_weight) + 0.5, 0, 255).astype(np.uint8)
+        mirror_colors = _sample(rgb, mirror_map, len(rows))
+        own_part = own_weight[rows]
+        blended = cv2.blendLinear(
+            colors[rows][:, None], mirror_colors[:, None], own_part[:, None], mirror_weight[:, None]
+        )
+        colors[rows] = np.asarray(blended, np.uint8).reshape(-1, 3)
         total = own_weight.copy()
-        total[rows] += mirror_weight[:, 0]
+        total[rows] += mirror_weight
 
     flat_texture = np.zeros((size * size, 3), dtype=np.uint8)
     flat_texture[raster.texel_index] = colors
     flat_coverage = np.zeros(size * size, dtype=np.uint8)
     flat_coverage[raster.texel_index] = total >= MIN_WEIGHT
     # Isolated covered texels at occlusion edges read as speckles; let the inpainting take them.
-    coverage = np.asarray(cv2.morphologyEx(flat_coverage.reshape(size, size), cv2.MORPH_OPEN, _CROSS), np.uint8)
+    coverage = np.asarray(
+        cv2.morphologyEx(flat_coverage.reshape(size, size), cv2.MORPH_OPEN, _CROSS), np.uint8
+    )
     if not coverage.any():
         return np.full((size, size, 3), 128, dtype=np.uint8), coverage.view(bool)
     texture = np.zeros((size, size, 3), dtype=np.uint8)
     cv2.copyTo(flat_texture.reshape(size, size, 3), coverage, texture)  # drops the speckles too
     texture = _fill_outside(texture, coverage)
-    holes = raster.island_mask & (coverage == 0)
-    return _inpaint(texture, holes), coverage.view(bool)
+    holes = cv2.subtract(plan.islands, coverage)
+    return _inpaint(texture, np.asarray(holes, np.uint8)), coverage.view(bool)

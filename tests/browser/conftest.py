@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -43,6 +44,23 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """Stop the server and the worker it spawned: they share the process group started for it."""
+    for sig, grace in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            proc.poll()
+            try:
+                os.killpg(proc.pid, 0)  # anyone left in the group?
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
 
 
 @pytest.fixture(scope="session")
@@ -123,13 +141,7 @@ def server(
             pytest.fail("the server does not serve the web app at /")
         yield base
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        _stop_group(proc)
         log.close()
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(log_path, ARTIFACTS / "serve.log")
@@ -142,13 +154,13 @@ def drive() -> Callable[..., dict[str, Any]]:
 
 
 def _drive(
-    scenario: str, url: str, photo: Path, *, name: str = "", timeout_s: float = 300, **extra: Any
+    scenario: str, url: str, photo: Path | list[Path], *, name: str = "", timeout_s: float = 300, **extra: Any
 ) -> dict[str, Any]:
     """Run one scenario of drive.mjs and return its report; fails on a script crash. `extra` goes
     into the script's config (apiKey, submits)."""
     config = {
         "url": url,
-        "photo": str(photo),
+        "photo": [str(p) for p in photo] if isinstance(photo, list) else str(photo),
         "out": str(ARTIFACTS),
         "chromium": CHROMIUM,
         "name": name or scenario,

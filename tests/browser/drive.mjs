@@ -7,6 +7,7 @@
 // scenarios:
 //   reconstruct  upload a photo on a laptop-sized page, wait for the job, measure the 3D canvas in mesh
 //                and splat mode, the landmark overlay and every download link
+//   multi        upload several photos as one job (config.photo is a list) and look at each photo's head
 //   upload-error upload a photo on a phone-sized page and report the error the page shows (for a file
 //                that is not an image, or a photo without a face)
 //
@@ -226,6 +227,49 @@ async function reconstruct() {
   await context.close();
 }
 
+async function waitForJob(page) {
+  await page.waitForFunction(
+    () => ['succeeded', 'failed', 'canceled'].includes(document.getElementById('status').dataset.state),
+    null,
+    { timeout },
+  );
+  return page.evaluate(() => ({
+    state: document.getElementById('status').dataset.state,
+    text: document.getElementById('status').textContent,
+    jobId: document.getElementById('status').dataset.jobId,
+  }));
+}
+
+async function multi() {
+  const context = await browser.newContext({ viewport: { width: 1366, height: 900 } });
+  const page = await context.newPage();
+  watch(page);
+  await page.goto(config.url, { waitUntil: 'load' });
+  await enterApiKey(page);
+  await page.setInputFiles('#images', config.photo);
+  await page.getByRole('button', { name: 'Make 3D heads' }).click();
+  report.status = await waitForJob(page);
+  if (report.status.state !== 'succeeded') return;
+  report.photos = [];
+  const tabs = page.locator('#image-tabs button');
+  const count = await tabs.count();
+  for (let i = 0; i < count; i++) {
+    await tabs.nth(i).click();
+    const viewer = await waitForViewer(page, 'mesh');
+    const photo = await page.evaluate(() => ({
+      pressed: Array.from(document.querySelectorAll('#image-tabs button')).map((b) => b.getAttribute('aria-pressed')),
+      points: Number(document.getElementById('overlay').dataset.points),
+      photoSrc: document.getElementById('photo').src,
+    }));
+    report.photos.push({ ...photo, viewer, canvas: await measureCanvas(page) });
+    await page.locator('#viewer-canvas').screenshot({ path: join(config.out, `viewer-multi-${i}.png`) });
+  }
+  report.links = await page.locator('#downloads a').evaluateAll((as) =>
+    as.map((a) => ({ name: a.textContent, download: a.getAttribute('download') })),
+  );
+  await context.close();
+}
+
 async function uploadError() {
   // A phone-sized page: the layout must fit and the error must be readable.
   const context = await browser.newContext({
@@ -261,6 +305,7 @@ async function uploadError() {
 try {
   if (scenario === 'reconstruct') await reconstruct();
   else if (scenario === 'upload-error') await uploadError();
+  else if (scenario === 'multi') await multi();
   else throw new Error(`unknown scenario ${scenario}`);
 } catch (err) {
   report.exception = String(err?.stack ?? err);

@@ -148,6 +148,35 @@ def test_results_fit_a_phone(run: dict[str, Any]) -> None:
     assert _drawn(phone) > MIN_DRAWN_FRACTION, phone
 
 
+def test_several_photos_in_one_job(
+    server: str, astronaut_png: Path, api_keys: dict[str, str], drive: Drive, tmp_path: Path
+) -> None:
+    # The astronaut and her mirror image, as one job: one tab per photo, each with its own head.
+    mirrored = tmp_path / "mirrored.png"
+    Image.open(astronaut_png).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(mirrored)
+    report = drive("multi", server, [astronaut_png, mirrored], apiKey=api_keys["main"])
+    assert report["status"]["state"] == "succeeded", report["status"]
+    assert report["pageErrors"] == [], report["pageErrors"]
+    job = httpx.get(
+        f"{server}v1/jobs/{report['status']['jobId']}", headers=auth(api_keys["main"]), timeout=30
+    ).json()
+    documents = job["result"]["images"]
+    assert len(report["photos"]) == len(documents) == 2
+    for i, (photo, document) in enumerate(zip(report["photos"], documents, strict=True)):
+        assert photo["pressed"] == ["true" if j == i else "false" for j in range(2)]
+        assert photo["points"] == sum(len(h["landmarks_2d"]) for h in document["heads"]) > 0
+        assert photo["viewer"]["state"] == "ready"
+        assert _drawn(photo["canvas"]) > MIN_DRAWN_FRACTION, photo["canvas"]
+    # Both heads were shown (the second photo's head is mirrored, so the renders differ).
+    assert report["photos"][0]["canvas"] != report["photos"][1]["canvas"]
+    assert report["photos"][0]["photoSrc"] != report["photos"][1]["photoSrc"]
+    # Files of photo i are listed as "i/..." and save without the slash.
+    names = {link["name"]: link["download"] for link in report["links"]}
+    assert set(names) == {a["name"] for a in job["artifacts"]}
+    assert {"0/h0.glb", "1/h0.glb", "0/h0_splats.ply", "1/h0_splats.ply"} <= set(names)
+    assert names["1/h0.glb"] == "1-h0.glb"
+
+
 def test_invalid_upload_shows_the_api_error(
     server: str, not_an_image: Path, api_keys: dict[str, str], drive: Drive
 ) -> None:

@@ -82,9 +82,22 @@ const state = {
   headIndex: 0,
 };
 
-const viewer = new HeadViewer(els.viewer, (text) => {
-  els.viewerStatus.textContent = text;
-});
+const viewer = createViewer();
+
+/** The 3D viewer, or a stand-in that explains why there is none (no WebGL2): the rest still works. */
+function createViewer() {
+  const onStatus = (text) => {
+    els.viewerStatus.textContent = text;
+  };
+  try {
+    return new HeadViewer(els.viewer, onStatus);
+  } catch (err) {
+    const reason = `The 3D view is off: this browser could not start WebGL2 (${err.message || err}). Downloads still work.`;
+    onStatus(reason);
+    const none = () => onStatus(reason);
+    return { clear: none, show: none, setMode: none, resetView: none };
+  }
+}
 
 // ---------------------------------------------------------------- API key
 
