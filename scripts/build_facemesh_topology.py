@@ -15,7 +15,7 @@ triangles once, reproducibly, and writes `headforge/assets/facemesh_topology.npz
   network on `skimage.data.astronaut()`), so the asset can be rebuilt without the networks.
 
 Usage: python scripts/build_facemesh_topology.py [--source WHEEL_OR_PY] [--reuse-reference] [--out PATH]
-The source defaults to the mediapipe wheel cached under HEADFORGE_HOME, else /tmp/mpw.
+The source defaults to the mediapipe wheel `headforge models pull` keeps (see `default_source`).
 Nothing imports mediapipe: the connections module is parsed with `ast`.
 """
 
@@ -25,6 +25,7 @@ import argparse
 import ast
 import hashlib
 import itertools
+import os
 import sys
 import zipfile
 from collections import defaultdict
@@ -65,15 +66,16 @@ AFLW_PITCH_OFFSET_DEG = 3.7
 
 
 def default_source() -> Path:
-    """The mediapipe wheel `headforge models pull` cached, else the development copy in /tmp/mpw."""
-    candidates = [
-        *sorted(tflite_source_dir().parent.glob("mediapipe-*.whl")),
-        *sorted(headforge_home().rglob("mediapipe-*.whl")),
-        *sorted(Path("/tmp/mpw").glob("mediapipe-*.whl")),
-    ]
-    if not candidates:
-        raise SystemExit("no mediapipe wheel found; pass --source (the wheel or face_mesh_connections.py)")
-    return candidates[0]
+    """The mediapipe wheel: `$HEADFORGE_MEDIAPIPE_WHEEL`, the copy `headforge models pull` keeps in
+    `$HEADFORGE_HOME/downloads/`, else a development copy in /tmp/mpw."""
+    override = os.environ.get("HEADFORGE_MEDIAPIPE_WHEEL")
+    candidates = [Path(override)] if override else []
+    candidates += sorted((headforge_home() / "downloads").glob("mediapipe-*.whl"))
+    candidates += sorted(Path("/tmp/mpw").glob("mediapipe-*.whl"))
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise SystemExit("no mediapipe wheel found; pass --source (the wheel or face_mesh_connections.py)")
 
 
 def read_tessellation(source: Path) -> list[tuple[int, int]]:

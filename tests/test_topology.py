@@ -245,13 +245,12 @@ def test_template_is_a_plausible_head_in_meters() -> None:
 
 
 def _wheel_or_skip() -> Path:
-    candidates = sorted(Path("/tmp/mpw").glob("mediapipe-*.whl"))
-    from headforge.config import headforge_home
-
-    candidates += sorted(headforge_home().rglob("mediapipe-*.whl"))
-    if not candidates:
-        pytest.skip("no mediapipe wheel cached")
-    return candidates[0]
+    """The mediapipe wheel the build script would use (`headforge models pull` keeps one), or skip."""
+    script = _build_script()
+    try:
+        return Path(script.default_source())
+    except SystemExit:
+        pytest.skip("no mediapipe wheel cached; run `headforge models pull`")
 
 
 def _build_script():  # type: ignore[no-untyped-def]
