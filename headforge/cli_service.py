@@ -35,9 +35,13 @@ def serve(
         child = subprocess.Popen(
             [sys.executable, "-m", "headforge", "worker", "--concurrency", str(concurrency),
              "--queue", "cpu", "--queue", "gpu"],
+            preexec_fn=_terminate_with_parent if sys.platform == "linux" else None,
         )
         typer.echo(f"headforge: worker started (pid {child.pid})", err=True)
     typer.echo(f"headforge: API on http://{host}:{port} (OpenAPI at /docs)", err=True)
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal under the handler that was
+    # installed before it started. Make that handler an exit, so the `finally` below stops the worker.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         uvicorn.run("headforge.service.app:app_from_env", factory=True, host=host, port=port,
                     workers=api_workers, log_level="warning", access_log=False)
@@ -48,6 +52,18 @@ def serve(
                 child.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 child.kill()
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _terminate_with_parent() -> None:
+    """In the embedded worker: ask Linux to send SIGTERM if `headforge serve` dies, even by kill -9."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def worker(

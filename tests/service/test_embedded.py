@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import re
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,6 +72,28 @@ def test_serve_without_configuration(served: tuple[str, Process], tmp_path: Path
     refused = httpx.post(f"{url}/v1/jobs", files=[("images", ("me.jpg", astronaut_jpeg(224), "image/jpeg"))],
                          data={"webhook_url": "http://127.0.0.1:9/hook"})
     assert refused.status_code == 422 and refused.json()["error"]["code"] == "webhook_url_refused"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/stat")
+    return not (status.exists() and status.read_text().split()[2] == "Z")
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGKILL])
+def test_serve_takes_its_worker_down(served: tuple[str, Process], stop_signal: signal.Signals) -> None:
+    """Stopping `headforge serve` (gracefully, or by kill -9) must not leave the embedded worker behind."""
+    _, server = served
+    match = re.search(r"worker started \(pid (\d+)\)", server.log_path.read_text())
+    assert match, server.tail()
+    worker_pid = int(match.group(1))
+    assert _pid_alive(worker_pid)
+    os.kill(server.popen.pid, stop_signal)  # the serve process only, not its process group
+    server.popen.wait(timeout=60)
+    wait_until(lambda: not _pid_alive(worker_pid), 60, "the embedded worker to exit")
 
 
 @pytest.fixture()
