@@ -13,18 +13,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from headforge.models.layers import TFConv2d, add_padded_skip, depth_to_space_nhwc, nchw, nhwc
+from headforge.models.layers import DepthwiseResidualBlock, TFConv2d, depth_to_space_nhwc, nchw, nhwc
 
 # ----------------------------------------------------------------------------- short range
 
 
 @dataclass(frozen=True)
 class ShortRangeConfig:
-    """BlazeFace short range: a 5×5 stem and BlazeBlocks, with heads on 16×16 and 8×8 grids."""
+    """BlazeFace short range: a 5×5 stem and depthwise residual blocks, with heads on 16×16 and 8×8 grids."""
 
     input_size: int = 128
     stem_channels: int = 24
-    # (out_channels, stride) per BlazeBlock; the 16×16 head reads the output of block `fine_head_after`.
+    # (out_channels, stride) per block; the 16×16 head reads the output of block `fine_head_after`.
     blocks: tuple[tuple[int, int], ...] = (
         (24, 1), (28, 1), (32, 2), (36, 1), (42, 1), (48, 2), (56, 1), (64, 1), (72, 1), (80, 1), (88, 1),
         (96, 2), (96, 1), (96, 1), (96, 1), (96, 1),
@@ -32,24 +32,6 @@ class ShortRangeConfig:
     fine_head_after: int = 11
     anchors_per_cell: tuple[int, int] = (2, 6)
     num_coords: int = 16
-
-
-class BlazeBlock(nn.Module):
-    """Depthwise 3×3 then pointwise 1×1, added to the (pooled, zero-channel-padded) input, then ReLU."""
-
-    def __init__(self, in_channels: int, out_channels: int, stride: int):
-        super().__init__()
-        self.out_channels = out_channels
-        self.stride = stride
-        self.depthwise = TFConv2d(in_channels, in_channels, 3, stride, depthwise=True)
-        self.pointwise = TFConv2d(in_channels, out_channels, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skip = F.max_pool2d(x, 2) if self.stride == 2 else x
-        return F.relu(add_padded_skip(skip, self.pointwise, self.depthwise(x)))
-
-    def layers(self) -> list[nn.Module]:
-        return [self.depthwise, self.pointwise]
 
 
 class BlazeFaceShortRange(nn.Module):
@@ -60,7 +42,7 @@ class BlazeFaceShortRange(nn.Module):
         blocks = []
         channels = config.stem_channels
         for out_channels, stride in config.blocks:
-            blocks.append(BlazeBlock(channels, out_channels, stride))
+            blocks.append(DepthwiseResidualBlock(channels, out_channels, stride))
             channels = out_channels
         self.blocks = nn.ModuleList(blocks)
         fine_channels = config.blocks[config.fine_head_after - 1][0]
@@ -99,7 +81,7 @@ class BlazeFaceShortRange(nn.Module):
         """Weighted layers in the order the `.tflite` graph runs them."""
         layers: list[nn.Module] = [self.stem]
         for block in self.blocks:
-            layers += cast(BlazeBlock, block).layers()
+            layers += cast(DepthwiseResidualBlock, block).layers()
         return [
             *layers,
             self.classifier_fine,

@@ -10,10 +10,9 @@ from dataclasses import dataclass
 from typing import cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from headforge.models.layers import ChannelPReLU, TFConv2d, add_padded_skip, nchw, nhwc
+from headforge.models.layers import ChannelPReLU, DepthwiseResidualBlock, TFConv2d, nchw, nhwc
 
 
 @dataclass(frozen=True)
@@ -33,25 +32,6 @@ class FaceMeshConfig:
     num_landmarks: int = 468
 
 
-class PReLUBlock(nn.Module):
-    """Depthwise 3×3 + pointwise 1×1, added to the (pooled, channel-padded) input, then PReLU."""
-
-    def __init__(self, in_channels: int, out_channels: int, stride: int):
-        super().__init__()
-        self.out_channels = out_channels
-        self.stride = stride
-        self.depthwise = TFConv2d(in_channels, in_channels, 3, stride, depthwise=True)
-        self.pointwise = TFConv2d(in_channels, out_channels, 1)
-        self.activation = ChannelPReLU(out_channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skip = F.max_pool2d(x, 2) if self.stride == 2 else x
-        return self.activation(add_padded_skip(skip, self.pointwise, self.depthwise(x)))
-
-    def layers(self) -> list[nn.Module]:
-        return [self.depthwise, self.pointwise, self.activation]
-
-
 class _Head(nn.Module):
     """PReLU blocks, a 1×1 reduction with PReLU, one more block, and a 3×3 'VALID' conv to 1×1."""
 
@@ -61,11 +41,11 @@ class _Head(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList()
         for out_channels, stride in blocks:
-            self.blocks.append(PReLUBlock(in_channels, out_channels, stride))
+            self.blocks.append(DepthwiseResidualBlock(in_channels, out_channels, stride, prelu=True))
             in_channels = out_channels
         self.reduce = TFConv2d(in_channels, head_channels, 1)
         self.reduce_activation = ChannelPReLU(head_channels)
-        self.refine = PReLUBlock(head_channels, head_channels, 1)
+        self.refine = DepthwiseResidualBlock(head_channels, head_channels, 1, prelu=True)
         self.output = TFConv2d(head_channels, outputs, 3, 3, padding="VALID")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,7 +57,7 @@ class _Head(nn.Module):
     def layers(self) -> list[nn.Module]:
         layers: list[nn.Module] = []
         for block in self.blocks:
-            layers += cast(PReLUBlock, block).layers()
+            layers += cast(DepthwiseResidualBlock, block).layers()
         return [*layers, self.reduce, self.reduce_activation, *self.refine.layers(), self.output]
 
 
@@ -90,7 +70,7 @@ class FaceMesh(nn.Module):
         channels = config.stem_channels
         self.trunk = nn.ModuleList()
         for out_channels, stride in config.trunk:
-            self.trunk.append(PReLUBlock(channels, out_channels, stride))
+            self.trunk.append(DepthwiseResidualBlock(channels, out_channels, stride, prelu=True))
             channels = out_channels
         self.landmarks = _Head(
             channels, config.landmark_blocks, config.head_channels, 3 * config.num_landmarks
@@ -111,7 +91,7 @@ class FaceMesh(nn.Module):
         """
         layers: list[nn.Module] = [self.stem, self.stem_activation]
         for block in self.trunk:
-            layers += cast(PReLUBlock, block).layers()
+            layers += cast(DepthwiseResidualBlock, block).layers()
         landmark = self.landmarks.layers()
         presence = self.presence.layers()
         lead = len(landmark) - len(presence)

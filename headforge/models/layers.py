@@ -117,6 +117,28 @@ def add_padded_skip(skip: torch.Tensor, pointwise: TFConv2d, x: torch.Tensor) ->
     return torch.cat([summed, extra], dim=1)
 
 
+class DepthwiseResidualBlock(nn.Module):
+    """Depthwise 3×3 then pointwise 1×1, added to the (max-pooled, zero-channel-padded) input, then
+    ReLU (BlazeFace) or per-channel PReLU (FaceMesh)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, *, prelu: bool = False):
+        super().__init__()
+        self.out_channels = out_channels
+        self.stride = stride
+        self.depthwise = TFConv2d(in_channels, in_channels, 3, stride, depthwise=True)
+        self.pointwise = TFConv2d(in_channels, out_channels, 1)
+        self.activation: nn.Module = ChannelPReLU(out_channels) if prelu else nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = F.max_pool2d(x, 2) if self.stride == 2 else x
+        return self.activation(add_padded_skip(skip, self.pointwise, self.depthwise(x)))
+
+    def layers(self) -> list[nn.Module]:
+        """The layers that hold weights, in the order the `.tflite` graph stores them."""
+        weighted: list[nn.Module] = [self.depthwise, self.pointwise]
+        return [*weighted, self.activation] if isinstance(self.activation, ChannelPReLU) else weighted
+
+
 def pad_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
     """Append zero channels up to `channels` (TFLite's channel PAD on the residual path)."""
     extra = channels - x.shape[1]
