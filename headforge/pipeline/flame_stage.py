@@ -9,6 +9,7 @@ pipeline's stages, which take any topology.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -99,13 +100,7 @@ def _fill_head(
         uv_faces=asset.uv_faces,
         topology=TOPOLOGY,
     )
-    head.mesh = Mesh(
-        vertices=vertices.astype(np.float32),
-        faces=asset.faces,
-        uvs=asset.uvs,
-        uv_faces=asset.uv_faces,
-        topology=TOPOLOGY,
-    )
+    head.mesh = replace(head.mesh_image, vertices=vertices.astype(np.float32))
     yaw, pitch, roll = rotation_to_angles(fit.rotation)
     head.pose = Pose(
         yaw=yaw,
