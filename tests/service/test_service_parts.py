@@ -274,3 +274,25 @@ def test_webhook_signature_and_url_policy() -> None:
             check_webhook_url(url, allow_private=True)
     assert check_webhook_url("http://127.0.0.1:9/hook", allow_private=True) == "http://127.0.0.1:9/hook"
     assert check_webhook_url("https://93.184.215.14/hook", allow_private=False)  # a public literal address
+
+
+def test_retention_removes_only_jobs_finished_before_the_cutoff(backend: StateBackend, tmp_path: Path) -> None:
+    from headforge.service.tasks import remove_job
+
+    jobs = JobStore(backend, _settings(tmp_path, lease_seconds=30))
+    store = LocalArtifactStore(tmp_path / "artifacts")
+    for job_id in ("job_old", "job_queued"):
+        _job(jobs, job_id)
+        store.put_bytes(f"inputs/{job_id}/0.jpg", b"jpeg")
+    claim = jobs.claim("job_old", A)
+    assert isinstance(claim, Claim)
+    store.put_bytes("jobs/job_old/a/h0.glb", b"glb")
+    assert jobs.complete("job_old", claim.token, artifacts=[{"name": "h0.glb"}], result_key=None, timings_ms={})
+
+    assert jobs.finished_before(time.time() - 3600) == []  # finished just now: inside any TTL
+    expired = jobs.finished_before(time.time() + 1)
+    assert expired == ["job_old"]  # a queued job never expires, however old
+    for job_id in expired:
+        remove_job(jobs, store, job_id)
+    assert jobs.get("job_old") is None and store.list("jobs/job_old") == [] and store.list("inputs/job_old") == []
+    assert jobs.get("job_queued") is not None and store.list("inputs/job_queued") == ["inputs/job_queued/0.jpg"]
