@@ -232,7 +232,9 @@ def synthetic_poses(tile: int = 256, canvas: int = 448) -> list[PoseSample]:
             if found is not None:
                 pose = estimate_pose(found)
                 estimate = np.array([pose.yaw, pose.pitch, pose.roll])
-            samples.append(PoseSample(f"yaw {yaw:+d} pitch {pitch:+d}", np.array([yaw, pitch, 0.0]), estimate))
+            samples.append(
+                PoseSample(f"yaw {yaw:+d} pitch {pitch:+d}", np.array([yaw, pitch, 0.0]), estimate)
+            )
     return samples
 
 

@@ -23,6 +23,12 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 LABEL_CROP_MAE_BOUND = 6.0
 # With the labelled 3D landmarks themselves, only the template and the convention can be wrong.
 LABEL_LANDMARK_MAE_BOUND = 1.5
+# Renders of the astronaut's face at known angles (`bench/pose_error.py --synthetic`, no shared data
+# needed): measured 4.23° mean absolute error, 25 of 27 renders found, yaw gain 0.70 (FaceMesh
+# under-rotates turned heads; see docs/benchmarks.md). The gain floor catches a worse under-rotation.
+SYNTHETIC_MAE_BOUND = 5.0
+SYNTHETIC_MIN_FOUND = 23
+SYNTHETIC_MIN_YAW_GAIN = 0.6
 
 
 def _bench():  # type: ignore[no-untyped-def]
@@ -114,6 +120,23 @@ def test_pose_error_on_aflw2000_sample() -> None:
     print(f"FaceMesh landmarks MAE: {mae}")
     assert mae["found"] >= 7
     assert mae["mean"] < LABEL_CROP_MAE_BOUND
+
+
+def test_pose_on_synthetic_renders() -> None:
+    """The astronaut's textured face rendered at known yaw and pitch: exact ground truth, no labels."""
+    bench = _bench()
+    samples = bench.synthetic_poses()
+    mae = bench.mean_absolute_error(samples)
+    gain = bench.yaw_gain(samples)
+    print(f"synthetic renders MAE: {mae}, yaw gain {gain:.2f}")
+    assert mae["found"] >= SYNTHETIC_MIN_FOUND
+    assert mae["mean"] < SYNTHETIC_MAE_BOUND
+    assert SYNTHETIC_MIN_YAW_GAIN < gain < 1.1
+    for sample in samples:
+        if np.isfinite(sample.estimate).all() and abs(sample.truth[0]) >= 15:
+            assert np.sign(sample.estimate[0]) == np.sign(sample.truth[0]), sample.name
+        if np.isfinite(sample.estimate).all() and sample.truth[1] != 0:
+            assert np.sign(sample.estimate[1]) == np.sign(sample.truth[1]), sample.name
 
 
 def test_astronaut_pose_and_head_frame(astronaut_landmarks: NDArray[np.float32]) -> None:
