@@ -151,6 +151,9 @@ class OrtNetwork:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        # Keep the intra-op threads spinning during a run but park them after it: the pipeline's
+        # numpy/OpenCV stages that follow detection otherwise share the cores with idle spinners.
+        options.add_session_config_entry("session.force_spinning_stop", "1")
         try:
             self._session = ort.InferenceSession(
                 str(path), options, providers=[_provider_with_options(p, name, path) for p in providers]

@@ -88,9 +88,37 @@ def _kind_of(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
+# One-line encoder (C-accelerated: `json` falls back to pure Python whenever `indent` is set).
+_JSON_LINE = json.JSONEncoder(ensure_ascii=False, allow_nan=False)
+
+
 def json_bytes(document: Any) -> bytes:
-    """Pretty, stable JSON (UTF-8, trailing newline)."""
-    return (json.dumps(document, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+    """Pretty, stable JSON (UTF-8, trailing newline): objects indented by 2, arrays of scalars on one
+    line, arrays of such arrays one row per line (landmarks, matrices)."""
+    return (_pretty_json(document, "\n") + "\n").encode("utf-8")
+
+
+def _is_scalar(value: Any) -> bool:
+    return not isinstance(value, dict | list | tuple)
+
+
+def _pretty_json(value: Any, newline: str) -> str:
+    """`value` as JSON; `newline` is a line break plus the current indentation."""
+    inner = newline + "  "
+    if isinstance(value, dict) and value:
+        items = (
+            _JSON_LINE.encode(str(key)) + ": " + _pretty_json(item, inner) for key, item in value.items()
+        )
+        return "{" + inner + ("," + inner).join(items) + newline + "}"
+    if isinstance(value, list | tuple) and value:
+        if all(_is_scalar(item) for item in value):
+            return _JSON_LINE.encode(value)
+        if all(isinstance(row, list | tuple) and row and all(map(_is_scalar, row)) for row in value):
+            rows = _JSON_LINE.encode(value)[1:-1]  # "[1, 2], [3, 4]": numbers and literals only
+            if not any(isinstance(item, str) for row in value for item in row):
+                return "[" + inner + rows.replace("], [", "]," + inner + "[") + newline + "]"
+        return "[" + inner + ("," + inner).join(_pretty_json(item, inner) for item in value) + newline + "]"
+    return _JSON_LINE.encode(value)
 
 
 def encode_png(rgb: NDArray[np.uint8]) -> bytes:
@@ -139,10 +167,13 @@ def split_uv_seams(
     return vertices[source], inverse.reshape(-1, 3).astype(np.int32), uvs[unique_pairs[:, 1]], source
 
 
-def glb_bytes(mesh: Mesh, texture_png: bytes | None, name: str) -> bytes:
+def glb_bytes(
+    mesh: Mesh, texture_png: bytes | None, name: str, normals: NDArray[np.float32] | None = None
+) -> bytes:
     """glTF 2.0 binary: indexed triangles with normals, TEXCOORD_0 and a PBR material whose
-    base color is `texture_png` (already-encoded PNG bytes)."""
-    welded_normals = vertex_normals(mesh.vertices, mesh.faces)
+    base color is `texture_png` (already-encoded PNG bytes). `normals` are `vertex_normals` of the
+    mesh, when the caller has them already."""
+    welded_normals = vertex_normals(mesh.vertices, mesh.faces) if normals is None else normals
     vertices, faces, uvs, source = split_uv_seams(mesh)
     material = trimesh.visual.material.PBRMaterial(
         name=name,
@@ -242,24 +273,28 @@ def _padded(length: int) -> int:
     return (length + 3) & ~3
 
 
-def obj_files(mesh: Mesh, stem: str, texture_png: bytes | None) -> dict[str, bytes]:
-    """Wavefront OBJ (v, vt, vn; faces v/vt/vn) + MTL + texture PNG, as {file name: bytes}."""
+def obj_files(
+    mesh: Mesh, stem: str, texture_png: bytes | None, normals: NDArray[np.float32] | None = None
+) -> dict[str, bytes]:
+    """Wavefront OBJ (v, vt, vn; faces v/vt/vn) + MTL + texture PNG, as {file name: bytes}.
+    `normals` are `vertex_normals` of the mesh, when the caller has them already."""
     vertices = np.asarray(mesh.vertices, dtype=np.float64)
     faces = np.asarray(mesh.faces, dtype=np.int64)
     uvs = np.asarray(mesh.uvs, dtype=np.float64)
     uv_faces = faces if mesh.uv_faces is None else np.asarray(mesh.uv_faces, dtype=np.int64)
-    normals = vertex_normals(mesh.vertices, mesh.faces).astype(np.float64)
+    if normals is None:
+        normals = vertex_normals(mesh.vertices, mesh.faces)
     mtl_name = f"{stem}.mtl"
     texture_name = f"{stem}_texture.png"
     out = io.StringIO()
     out.write("# headforge head mesh: head frame, meters, +Y up, face toward +Z\n")
     out.write(f"mtllib {mtl_name}\no {stem}\n")
-    np.savetxt(out, vertices, fmt="v %.6f %.6f %.6f")
-    np.savetxt(out, uvs, fmt="vt %.6f %.6f")
-    np.savetxt(out, normals, fmt="vn %.6f %.6f %.6f")
+    out.write(_lines("v %.6f %.6f %.6f\n", vertices))
+    out.write(_lines("vt %.6f %.6f\n", uvs))
+    out.write(_lines("vn %.6f %.6f %.6f\n", np.asarray(normals, dtype=np.float64)))
     out.write(f"usemtl {stem}\ns 1\n")
     corners = np.stack([faces + 1, uv_faces + 1, faces + 1], axis=2).reshape(len(faces), 9)
-    np.savetxt(out, corners, fmt="f %d/%d/%d %d/%d/%d %d/%d/%d")
+    out.write(_lines("f %d/%d/%d %d/%d/%d %d/%d/%d\n", corners))
     mtl_lines = [
         f"newmtl {stem}",
         "Ka 1.000000 1.000000 1.000000",
@@ -274,6 +309,11 @@ def obj_files(mesh: Mesh, stem: str, texture_png: bytes | None) -> dict[str, byt
         files[texture_name] = texture_png
     files[mtl_name] = ("\n".join(mtl_lines) + "\n").encode("ascii")
     return files
+
+
+def _lines(line_format: str, rows: NDArray[Any]) -> str:
+    """One `line_format` line per row (what `np.savetxt` writes, in one formatting call)."""
+    return (line_format * len(rows)) % tuple(rows.reshape(-1).tolist())
 
 
 def splats_ply_bytes(splats: Splats) -> bytes:
@@ -323,10 +363,13 @@ def write_head_files(
 ) -> list[WrittenFile]:
     """Write one head's requested artifacts (`glb`, `obj`, `splats`) into `out_dir`."""
     written: list[WrittenFile] = []
+    normals = None
+    if mesh is not None and outputs & {"glb", "obj"}:
+        normals = vertex_normals(mesh.vertices, mesh.faces)  # once, for both formats
     if mesh is not None and "glb" in outputs:
-        written.append(write_atomic(out_dir / f"{stem}.glb", glb_bytes(mesh, texture_png, stem)))
+        written.append(write_atomic(out_dir / f"{stem}.glb", glb_bytes(mesh, texture_png, stem, normals)))
     if mesh is not None and "obj" in outputs:
-        for name, data in obj_files(mesh, stem, texture_png).items():
+        for name, data in obj_files(mesh, stem, texture_png, normals).items():
             written.append(write_atomic(out_dir / name, data))
     if splats is not None and "splats" in outputs:
         written.append(write_atomic(out_dir / f"{stem}_splats.ply", splats_ply_bytes(splats)))

@@ -96,7 +96,8 @@ def rasterize(
     w2_0 = w2_x * origin_x + w2_y * origin_y
     dz1, dz2 = b64[:, 2] - a64[:, 2], c64[:, 2] - a64[:, 2]
     z_x, z_y, z_0 = dz1 * w1_x + dz2 * w2_x, dz1 * w1_y + dz2 * w2_y, a64[:, 2] + dz1 * w1_0 + dz2 * w2_0
-    coefficients = np.stack([w1_x, w1_y, w1_0, w2_x, w2_y, w2_0, z_x, z_y, z_0], axis=1).astype(np.float32)
+    # One contiguous row per coefficient, so each candidate gathers only the ones it needs.
+    coefficients = np.stack([w1_x, w1_y, w1_0, w2_x, w2_y, w2_0, z_x, z_y, z_0]).astype(np.float32)
 
     counts = (spans_x[index] * spans_y[index]).astype(np.int64)
     slot = np.repeat(np.arange(len(index), dtype=np.int32), counts)
@@ -107,22 +108,24 @@ def rasterize(
     local_y = local // span
     local_x = (local - local_y * span).astype(np.float32)
     local_y_f = local_y.astype(np.float32)
-    k = coefficients[slot]
-    w1 = k[:, 0] * local_x + k[:, 1] * local_y_f + k[:, 2]
-    w2 = k[:, 3] * local_x + k[:, 4] * local_y_f + k[:, 5]
+    w1 = coefficients[0][slot] * local_x + coefficients[1][slot] * local_y_f + coefficients[2][slot]
+    w2 = coefficients[3][slot] * local_x + coefficients[4][slot] * local_y_f + coefficients[5][slot]
     w0 = 1.0 - w1 - w2
     tolerance = -1e-5
     inside = np.flatnonzero((w0 >= tolerance) & (w1 >= tolerance) & (w2 >= tolerance))
-    slot, k = slot[inside], k[inside]
+    slot = slot[inside]
     w0, w1, w2 = w0[inside], w1[inside], w2[inside]
     local_x, local_y = local_x[inside].astype(np.int64), local_y[inside].astype(np.int64)
-    depth = k[:, 6] * local_x + k[:, 7] * local_y + k[:, 8]
+    depth = coefficients[6][slot] * local_x + coefficients[7][slot] * local_y + coefficients[8][slot]
     pixel = (y0[index][slot] + local_y) * width + x0[index][slot] + local_x
     zbuffer = np.full(width * height, np.inf, dtype=np.float32)
     np.minimum.at(zbuffer, pixel, depth.astype(np.float32))
     first = np.flatnonzero(depth.astype(np.float32) == zbuffer[pixel])  # ties (shared edges): last write wins
-    triangle.reshape(-1)[pixel[first]] = index[slot[first]]
-    barycentric.reshape(-1, 3)[pixel[first]] = np.stack([w0[first], w1[first], w2[first]], axis=1)
+    pixel = pixel[first]
+    triangle.reshape(-1)[pixel] = index[slot[first]]
+    flat = barycentric.reshape(-1)  # one channel at a time: single-element scatters are fast
+    for corner, weight in enumerate((w0, w1, w2)):
+        flat[pixel * 3 + corner] = weight[first]
     return Raster(triangle, barycentric)
 
 
@@ -143,8 +146,7 @@ def render_textured(
     `yaw_degrees` about +Y, orthographic, Lambert-shaded, textured when `texture` is given."""
     vertices = np.asarray(mesh.vertices, dtype=np.float64)
     faces = np.asarray(mesh.faces, dtype=np.int64)
-    image = np.empty((size, size, 3), dtype=np.uint8)
-    image[:] = background
+    image = _filled(size, size, background)
     if len(vertices) == 0 or len(faces) == 0:
         return image
     view = vertices @ _rotation_y(yaw_degrees).T
@@ -161,23 +163,32 @@ def render_textured(
     if len(pixels) == 0:
         return image
     triangle = raster.triangle.reshape(-1)[pixels]
-    weights = raster.barycentric.reshape(-1, 3)[pixels]
+    # np.take gathers whole rows at once (much faster than fancy indexing for short rows).
+    weights = np.take(raster.barycentric.reshape(-1, 3), pixels, axis=0)
     # Gouraud shading: light per vertex, interpolate the scalar (cheap, smooth enough for a preview).
     vertex_shade = AMBIENT + (1.0 - AMBIENT) * np.clip(
         _vertex_normals(view, faces) @ LIGHT_DIRECTION, 0.0, 1.0
     )
-    shade = _interpolate(vertex_shade.astype(np.float32), faces[triangle], weights)
+    shade = _interpolate(vertex_shade.astype(np.float32), np.take(faces, triangle, axis=0), weights)
     if texture is not None and mesh.uvs is not None and len(mesh.uvs) > 0:
         uv_faces = faces if mesh.uv_faces is None else np.asarray(mesh.uv_faces, dtype=np.int64)
-        corners = uv_faces[triangle]
+        corners = np.take(uv_faces, triangle, axis=0)
         uvs = np.asarray(mesh.uvs, dtype=np.float32)
         u = _interpolate(np.ascontiguousarray(uvs[:, 0]), corners, weights)
         v = _interpolate(np.ascontiguousarray(uvs[:, 1]), corners, weights)
         colors = _sample_bilinear(texture, u, v)
     else:
         colors = np.full((len(triangle), 3), 200.0, dtype=np.float32)
-    image.reshape(-1, 3)[pixels] = np.clip(colors * shade[:, None], 0, 255).astype(np.uint8)
+    shaded = np.clip(colors * shade[:, None], 0, 255).astype(np.uint8)
+    flat = image.reshape(-1)  # one channel at a time: single-byte scatters are fast
+    for channel in range(3):
+        flat[pixels * 3 + channel] = shaded[:, channel]
     return image
+
+
+def _filled(height: int, width: int, color: tuple[int, int, int]) -> NDArray[np.uint8]:
+    """A (height, width, 3) image of one color (row-wise copies: faster than broadcasting a pixel)."""
+    return np.tile(np.asarray(color, dtype=np.uint8), (height, width, 1))
 
 
 def _interpolate(
@@ -283,8 +294,7 @@ def compose_preview(rgb: NDArray[np.uint8], heads: list[Head]) -> NDArray[np.uin
     rows = math.ceil(math.sqrt(len(rendered)))
     columns = math.ceil(len(rendered) / rows)
     tile = display_height // rows
-    panel = np.empty((display_height, tile * columns, 3), dtype=np.uint8)
-    panel[:] = BACKGROUND
+    panel = _filled(display_height, tile * columns, BACKGROUND)
     for slot, head in enumerate(rendered):
         assert head.mesh is not None
         row, column = divmod(slot, columns)

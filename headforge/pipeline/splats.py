@@ -95,7 +95,7 @@ def sample_splats(
     normal = cross / np.maximum(np.linalg.norm(cross, axis=1, keepdims=True), 1e-30)
     tangent = edge / np.maximum(np.linalg.norm(edge, axis=1, keepdims=True), 1e-30)
     frames = np.stack([tangent, np.cross(normal, tangent), normal], axis=2)  # columns
-    rotations = matrix_to_quaternion_wxyz(frames[triangles])
+    rotations = matrix_to_quaternion_wxyz(frames)[triangles]  # once per triangle, not per splat
 
     # Tangent scale from the local sampling density.
     total_area = 0.5 * float(np.linalg.norm(cross, axis=1).sum())

@@ -62,20 +62,17 @@ def check_texture_size(size: int) -> int:
 
 @dataclass(frozen=True)
 class _TexelPlan:
-    """Per (layout, faces, mirror map, size): the UV raster and sparse barycentric matrices that turn
-    vertex positions into the surface point (and mirror point) behind every covered texel."""
+    """Per (layout, faces, size): the UV raster and a sparse barycentric matrix that turns per-vertex
+    values into their value at the surface point behind every covered texel."""
 
     raster: UVRaster
     islands: NDArray[np.uint8]  # (S, S) 1 inside the UV islands
     triangles: NDArray[np.int32]  # (N,) triangle per covered texel
     own: sp.csr_matrix  # (N, V): texel point = own @ vertices
-    mirrored: sp.csr_matrix | None  # (N, V): the same barycentrics on the mirrored vertices
 
 
 @lru_cache(maxsize=2)
-def _cached_plan(
-    uvs: bytes, uv_faces: bytes, faces: bytes, mirror: bytes, vertex_count: int, size: int
-) -> _TexelPlan:
+def _cached_plan(uvs: bytes, uv_faces: bytes, faces: bytes, vertex_count: int, size: int) -> _TexelPlan:
     raster = cached_uv_raster(
         np.frombuffer(uvs, np.float64).reshape(-1, 2), np.frombuffer(uv_faces, np.int64).reshape(-1, 3), size
     )
@@ -83,25 +80,18 @@ def _cached_plan(
     corners = np.frombuffer(faces, np.int64).reshape(-1, 3).astype(np.int32)[triangles]
     count = len(triangles)
     indptr = np.arange(0, 3 * count + 1, 3, dtype=np.int32 if 3 * count < 2**31 else np.int64)
-    weights = raster.barycentric.reshape(-1)  # float32, shared by both matrices (no copies)
+    weights = raster.barycentric.reshape(-1)  # float32, shared with the raster (no copy)
     own = sp.csr_matrix((weights, corners.reshape(-1), indptr), shape=(count, vertex_count), copy=False)
-    mirrored = None
-    if mirror:
-        mirror_map = np.frombuffer(mirror, np.int64).astype(np.int32)
-        mirrored = sp.csr_matrix(
-            (weights, mirror_map[corners].reshape(-1), indptr), shape=(count, vertex_count), copy=False
-        )
     islands = raster.island_mask.astype(np.uint8)
-    return _TexelPlan(raster, islands, triangles, own, mirrored)
+    return _TexelPlan(raster, islands, triangles, own)
 
 
-def texel_plan(mesh: Mesh, size: int, symmetry: NDArray[np.integer] | None) -> _TexelPlan:
+def texel_plan(mesh: Mesh, size: int) -> _TexelPlan:
     """The cached `_TexelPlan` for this mesh's topology at this texture size."""
     uvs = np.ascontiguousarray(mesh.uvs, dtype=np.float64)
     faces = np.ascontiguousarray(mesh.faces, dtype=np.int64)
     uv_faces = faces if mesh.uv_faces is None else np.ascontiguousarray(mesh.uv_faces, dtype=np.int64)
-    mirror = b"" if symmetry is None else np.ascontiguousarray(symmetry, dtype=np.int64).tobytes()
-    return _cached_plan(uvs.tobytes(), uv_faces.tobytes(), faces.tobytes(), mirror, len(mesh.vertices), size)
+    return _cached_plan(uvs.tobytes(), uv_faces.tobytes(), faces.tobytes(), len(mesh.vertices), size)
 
 
 def _facing(vertices: NDArray[np.float64], faces: NDArray[np.int64]) -> NDArray[np.float32]:
@@ -170,11 +160,12 @@ def _sampling_map(points: NDArray[np.float32]) -> NDArray[np.float32]:
     return padded.reshape(side, side, 2)
 
 
-def _sample(rgb: NDArray[np.uint8], sampling_map: NDArray[np.float32], count: int) -> NDArray[np.uint8]:
-    """Bilinear photo colors along a sampling map; the edge pixels continue past the border (points
-    outside the photo are never visible, but those within half a pixel of its edge are)."""
-    colors = cv2.remap(rgb, sampling_map, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)  # type: ignore[call-overload]
-    return np.asarray(colors, dtype=np.uint8).reshape(-1, 3)[:count]
+def _sample(rgba: NDArray[np.uint8], sampling_map: NDArray[np.float32], count: int) -> NDArray[np.uint32]:
+    """Bilinear photo colors along a sampling map, one packed RGBA uint32 per point; the edge pixels
+    continue past the border (points outside the photo are never visible, but those within half a
+    pixel of its edge are). Packed colors move through gathers and scatters as single elements."""
+    colors = cv2.remap(rgba, sampling_map, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)  # type: ignore[call-overload]
+    return np.ascontiguousarray(colors, dtype=np.uint8).view(np.uint32).reshape(-1)[:count]
 
 
 def push_pull_fill(colors: NDArray[np.float32], weights: NDArray[np.float32]) -> NDArray[np.float32]:
@@ -287,13 +278,18 @@ def unwrap_texture(
         raise InvalidOptionError(
             f"symmetry map must have one entry per vertex ({len(vertices)}), got shape {np.shape(symmetry)}"
         )
-    plan = texel_plan(mesh_image, size, symmetry)
+    plan = texel_plan(mesh_image, size)
     raster = plan.raster
     height, width = rgb.shape[:2]
     vertices64 = vertices.astype(np.float64)
-    # Per vertex (x, y, z, facing weight); the sparse plan interpolates all four per texel at once.
+    # Per vertex (x, y, z, facing weight), then the same at its mirror vertex: the sparse plan
+    # interpolates all of them per texel in one product (the mirror point of a texel has the same
+    # barycentrics on the mirrored corners).
     attributes = np.column_stack([vertices, _facing(vertices64, faces)]).astype(np.float32)
-    own = np.asarray(plan.own @ attributes, dtype=np.float32)
+    if symmetry is not None:
+        attributes = np.hstack([attributes, attributes[np.asarray(symmetry, dtype=np.int64)]])
+    interpolated = np.asarray(plan.own @ attributes, dtype=np.float32)
+    own = interpolated[:, :4]
     stride = max(1, len(own) // (ZBUFFER_CELLS * ZBUFFER_CELLS * ZBUFFER_SAMPLES_PER_CELL))
     zbuffer = _ZBuffer(np.concatenate([own[::stride, :3], vertices]), vertices)
     outside = (
@@ -306,29 +302,34 @@ def unwrap_texture(
         slack[outside[triangle_faces].any(1)] = np.nan
         return slack
 
+    rgba = np.asarray(cv2.cvtColor(rgb, cv2.COLOR_RGB2RGBA), np.uint8)
     own_map = _sampling_map(own)
-    own_weight = own[:, 3] * zbuffer.visible(own_map, own[:, 2], tolerance(faces)[plan.triangles])
-    colors = _sample(rgb, own_map, len(own))
+    own_weight = own[:, 3] * zbuffer.visible(own_map, own[:, 2], np.take(tolerance(faces), plan.triangles))
+    colors = _sample(rgba, own_map, len(own))
     total = own_weight
-    if plan.mirrored is not None:
+    if symmetry is not None:
         # Only texels the camera does not see squarely look at their mirror point.
         rows = np.flatnonzero(own_weight < 1.0)
-        mirror = np.asarray(plan.mirrored @ attributes, dtype=np.float32)[rows]
+        mirror = np.take(interpolated, rows, axis=0)[:, 4:]  # np.take: whole rows, much faster here
         mirror_map = _sampling_map(mirror)
         mirror_faces = np.asarray(symmetry, dtype=np.int64)[faces]
-        mirror_tolerance = tolerance(mirror_faces)[plan.triangles[rows]]
+        mirror_tolerance = np.take(tolerance(mirror_faces), plan.triangles[rows])
         mirror_weight = mirror[:, 3] * zbuffer.visible(mirror_map, mirror[:, 2], mirror_tolerance)
-        mirror_weight *= 1.0 - own_weight[rows]
-        mirror_colors = _sample(rgb, mirror_map, len(rows))
         own_part = own_weight[rows]
+        mirror_weight *= 1.0 - own_part
+        mirror_colors = _sample(rgba, mirror_map, len(rows))
         blended = cv2.blendLinear(
-            colors[rows][:, None], mirror_colors[:, None], own_part[:, None], mirror_weight[:, None]
+            colors[rows].view(np.uint8).reshape(-1, 1, 4),
+            mirror_colors.view(np.uint8).reshape(-1, 1, 4),
+            own_part[:, None],
+            mirror_weight[:, None],
         )
-        colors[rows] = np.asarray(blended, np.uint8).reshape(-1, 3)
+        colors[rows] = np.ascontiguousarray(blended, np.uint8).view(np.uint32).reshape(-1)
         total = own_weight.copy()
         total[rows] += mirror_weight
+    del own, interpolated  # per-texel geometry (17 MB at 1024²): not needed for the fill
 
-    flat_texture = np.zeros((size * size, 3), dtype=np.uint8)
+    flat_texture = np.zeros(size * size, dtype=np.uint32)  # packed RGBA
     flat_texture[raster.texel_index] = colors
     flat_coverage = np.zeros(size * size, dtype=np.uint8)
     flat_coverage[raster.texel_index] = total >= MIN_WEIGHT
@@ -338,8 +339,9 @@ def unwrap_texture(
     )
     if not coverage.any():
         return np.full((size, size, 3), 128, dtype=np.uint8), coverage.view(bool)
+    sampled = cv2.cvtColor(flat_texture.view(np.uint8).reshape(size, size, 4), cv2.COLOR_RGBA2RGB)
     texture = np.zeros((size, size, 3), dtype=np.uint8)
-    cv2.copyTo(flat_texture.reshape(size, size, 3), coverage, texture)  # drops the speckles too
+    cv2.copyTo(sampled, coverage, texture)  # drops the speckles too
     texture = _fill_outside(texture, coverage)
     holes = cv2.subtract(plan.islands, coverage)
     return _inpaint(texture, np.asarray(holes, np.uint8)), coverage.view(bool)
