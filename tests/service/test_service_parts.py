@@ -163,9 +163,13 @@ def test_token_bucket(backend: StateBackend) -> None:
 
 
 def test_sqlite_claims_are_exclusive_across_processes(tmp_path: Path) -> None:
-    """Many processes race to claim the same jobs through the embedded store: one winner per job."""
+    """Many live processes race to claim the same jobs through the embedded store: one winner per job.
+
+    The racers start together (they wait for a `go` file) and stay alive until every racer has
+    answered: a holder that has exited counts as a dead worker, whose jobs may rightly be reclaimed."""
+    go = tmp_path / "go"
     script = f"""
-import os, sys
+import os, sys, time
 sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
 from pathlib import Path
 from headforge.service.jobs import Claim, JobStore, indexes
@@ -173,14 +177,23 @@ from headforge.service.settings import Settings
 from headforge.service.state import SqliteState
 jobs = JobStore(SqliteState(Path({str(tmp_path / 'race.sqlite')!r}), indexer=indexes),
                 Settings(data_dir=Path('.'), lease_seconds=60))
+while not Path({str(go)!r}).exists():
+    time.sleep(0.005)
 won = [f"job_{{i}}" for i in range(30) if isinstance(jobs.claim(f"job_{{i}}", {{"host": "h", "pid": os.getpid()}}), Claim)]
-print(",".join(won))
+print(",".join(won), flush=True)
+sys.stdin.read()  # hold the leases until the test has every answer
 """
     jobs = JobStore(SqliteState(tmp_path / "race.sqlite", indexer=indexes), _settings(tmp_path))
     for i in range(30):
         _job(jobs, f"job_{i}")
-    racers = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) for _ in range(4)]
-    outputs = [r.communicate(timeout=60)[0].strip() for r in racers]
+    racers = [subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               text=True) for _ in range(4)]
+    try:
+        go.touch()
+        outputs = [racer.stdout.readline().strip() for racer in racers if racer.stdout is not None]
+    finally:
+        for racer in racers:
+            racer.communicate(input="", timeout=60)
     winners = [job for out in outputs for job in out.split(",") if job]
     assert sorted(winners) == sorted(f"job_{i}" for i in range(30))
 
