@@ -23,7 +23,7 @@ MAX_SPLATS = 1_000_000
 DEFAULT_OPACITY = 0.9
 # Neighbours used for the local density, and the Gaussian's sigma as a fraction of the local spacing.
 DENSITY_NEIGHBOURS = 4
-SIGMA_PER_SPACING = 0.6
+SIGMA_PER_SPACING = 1.0
 # Local spacing is kept within these multiples of the mean spacing sqrt(area / count).
 MIN_SPACING_RATIO, MAX_SPACING_RATIO = 0.5, 2.0
 NORMAL_SCALE_RATIO = 1e-3  # epsilon along the normal, relative to the tangent scale
