@@ -41,13 +41,12 @@ from headforge.errors import (
 )
 from headforge.models.runtime import DefaultNetworks
 from headforge.pipeline.package import WrittenFile, encode_png, json_bytes, write_atomic, write_head_files
+from headforge.pipeline.splats import MAX_SPLATS
+from headforge.pipeline.texture import MAX_TEXTURE_SIZE, MIN_TEXTURE_SIZE
 from headforge.pipeline.types import DecodedImage, Head
 
 RESULT_SCHEMA_VERSION = 1
 ALL_OUTPUTS = frozenset({"glb", "obj", "splats", "preview"})
-MIN_TEXTURE_SIZE = 512
-MAX_TEXTURE_SIZE = 4096
-MAX_SPLATS = 1_000_000
 MAX_HEADS_LIMIT = 64
 
 Progress = Callable[[str, float], None]
