@@ -134,6 +134,19 @@ def test_colors_come_from_the_texture_through_uvs() -> None:
     assert np.allclose(swapped.colors[~on_right], [0, 0, 1], atol=1e-6)
 
 
+def test_large_counts_are_colored_too() -> None:
+    """More samples than OpenCV's remap takes in one row (32767) still get their texture colors."""
+    mesh = two_triangles()
+    texture = np.zeros((64, 64, 3), np.uint8)
+    texture[:, :32] = (255, 0, 0)
+    texture[:, 32:] = (0, 0, 255)
+    splats = sample_splats(mesh, texture, 40_000, seed=1)
+    on_right = splats.means[:, 0] >= 2
+    assert len(splats.colors) == 40_000
+    assert np.allclose(splats.colors[~on_right], [1, 0, 0], atol=1e-6)
+    assert np.allclose(splats.colors[on_right], [0, 0, 1], atol=1e-6)
+
+
 def test_colors_match_the_face_texture(astronaut_head: tuple[Mesh, NDArray[np.uint8]]) -> None:
     mesh, texture = astronaut_head
     splats = sample_splats(mesh, texture, 8192, seed=0)

@@ -22,6 +22,7 @@ from numpy.typing import NDArray
 
 from headforge.errors import InvalidLandmarksError, PipelineUnavailableError
 from headforge.models.flame_import import FlameAsset
+from headforge.pipeline.geometry import umeyama  # re-exported: callers import it from here too
 
 F64 = NDArray[np.float64]
 JAW = 2  # FLAME joint index of the jaw
@@ -70,22 +71,6 @@ def _skew(v: F64) -> F64:
     return np.stack(
         [zeros, -v[..., 2], v[..., 1], v[..., 2], zeros, -v[..., 0], -v[..., 1], v[..., 0], zeros], axis=-1
     ).reshape(*v.shape[:-1], 3, 3)
-
-
-def umeyama(source: F64, target: F64) -> tuple[float, F64, F64]:
-    """Closed-form similarity with target ≈ s · R · source + t (proper rotation)."""
-    mu_source, mu_target = source.mean(axis=0), target.mean(axis=0)
-    centered_source, centered_target = source - mu_source, target - mu_target
-    covariance = centered_target.T @ centered_source / len(source)
-    u, singular, vt = np.linalg.svd(covariance)
-    correction = np.eye(3)
-    if np.linalg.det(u) * np.linalg.det(vt) < 0:
-        correction[2, 2] = -1.0
-    rotation = u @ correction @ vt
-    variance = (centered_source**2).sum() / len(source)
-    scale = float((singular * np.diag(correction)).sum() / variance)
-    translation = mu_target - scale * rotation @ mu_source
-    return scale, rotation, translation
 
 
 class FlameLandmarkModel:

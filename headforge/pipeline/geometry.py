@@ -1,4 +1,5 @@
-"""Shared mesh math for the geometry stages: normals, areas, boundaries, rigid fits, UV rasterization.
+"""Shared mesh math for the geometry stages: normals, areas, boundaries, rigid fits, UV rasterization
+and UV texture lookup.
 
 Everything here works on any triangle mesh (468-vertex face mesh, 5023-vertex FLAME, templates).
 """
@@ -44,13 +45,27 @@ def face_normals(vertices: NDArray[np.floating], faces: NDArray[np.integer]) -> 
 
 
 def vertex_normals(vertices: NDArray[np.floating], faces: NDArray[np.integer]) -> NDArray[np.float64]:
-    """Area-weighted unit vertex normals."""
+    """Area-weighted unit vertex normals (zero where the summed face normals vanish)."""
     n = triangle_cross(vertices, faces)
     acc = np.zeros((len(vertices), 3))
     for k in range(3):
         np.add.at(acc, faces[:, k], n)
     length = np.linalg.norm(acc, axis=1, keepdims=True)
     return np.divide(acc, length, out=np.zeros_like(acc), where=length > 0)
+
+
+def angle_weighted_vertex_normals(
+    vertices: NDArray[np.floating], faces: NDArray[np.integer]
+) -> NDArray[np.float64]:
+    """Unit vertex normals weighted by each face's corner angle at the vertex (trimesh's rule).
+
+    A different weighting from `vertex_normals` (area), so the two disagree by a few degrees on
+    uneven meshes; the GLB/OBJ exports use this one.
+    """
+    import trimesh
+
+    mesh = trimesh.Trimesh(vertices=vertices, faces=faces, process=False, validate=False)
+    return np.asarray(mesh.vertex_normals, dtype=np.float64)
 
 
 def directed_edge_counts(faces: NDArray[np.integer]) -> dict[tuple[int, int], int]:
@@ -112,6 +127,33 @@ def matrix_to_quaternion_wxyz(matrices: NDArray[np.floating]) -> NDArray[np.floa
     wxyz = np.concatenate([xyzw[:, 3:], xyzw[:, :3]], axis=1)
     wxyz *= np.where(wxyz[:, :1] < 0, -1.0, 1.0)
     return wxyz
+
+
+def sample_uv_bilinear(
+    texture: NDArray[np.uint8], u: NDArray[np.floating], v: NDArray[np.floating]
+) -> NDArray[np.uint8]:
+    """Texture values at (u, v) (v up; texture row 0 is v = 1), bilinear, clamped at the border: (N, C).
+
+    Pixel coordinates are computed in the precision of `u` and `v`, then rounded to float32 for OpenCV.
+    """
+    height, width = texture.shape[:2]
+    count = len(u)
+    if count == 0:
+        return np.zeros((0, texture.shape[2] if texture.ndim == 3 else 1), dtype=np.uint8)
+    row_length = 1024  # OpenCV remap needs both map sides under 32767: wrap into rows of 1024
+    padded = -(-count // row_length) * row_length
+    map_x = np.zeros(padded, dtype=np.float32)
+    map_y = np.zeros(padded, dtype=np.float32)
+    map_x[:count] = u * width - 0.5
+    map_y[:count] = (1.0 - v) * height - 0.5
+    sampled = cv2.remap(
+        texture,
+        map_x.reshape(-1, row_length),
+        map_y.reshape(-1, row_length),
+        cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_REPLICATE,
+    )
+    return np.asarray(sampled, dtype=np.uint8).reshape(padded, -1)[:count]
 
 
 @dataclass(frozen=True)

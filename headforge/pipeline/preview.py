@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
+from headforge.pipeline.geometry import sample_uv_bilinear, vertex_normals
 from headforge.pipeline.types import Head, Mesh
 
 BACKGROUND = (38, 40, 46)
@@ -167,7 +168,7 @@ def render_textured(
     weights = np.take(raster.barycentric.reshape(-1, 3), pixels, axis=0)
     # Gouraud shading: light per vertex, interpolate the scalar (cheap, smooth enough for a preview).
     vertex_shade = AMBIENT + (1.0 - AMBIENT) * np.clip(
-        _vertex_normals(view, faces) @ LIGHT_DIRECTION, 0.0, 1.0
+        vertex_normals(view, faces) @ LIGHT_DIRECTION, 0.0, 1.0
     )
     shade = _interpolate(vertex_shade.astype(np.float32), np.take(faces, triangle, axis=0), weights)
     if texture is not None and mesh.uvs is not None and len(mesh.uvs) > 0:
@@ -176,7 +177,7 @@ def render_textured(
         uvs = np.asarray(mesh.uvs, dtype=np.float32)
         u = _interpolate(np.ascontiguousarray(uvs[:, 0]), corners, weights)
         v = _interpolate(np.ascontiguousarray(uvs[:, 1]), corners, weights)
-        colors = _sample_bilinear(texture, u, v)
+        colors = sample_uv_bilinear(texture, u, v).astype(np.float32)
     else:
         colors = np.full((len(triangle), 3), 200.0, dtype=np.float32)
     shaded = np.clip(colors * shade[:, None], 0, 255).astype(np.uint8)
@@ -199,39 +200,6 @@ def _interpolate(
     result += values[corners[:, 1]] * weights[:, 1]
     result += values[corners[:, 2]] * weights[:, 2]
     return result
-
-
-def _vertex_normals(vertices: NDArray[np.float64], faces: NDArray[np.int64]) -> NDArray[np.float64]:
-    """Area-weighted vertex normals (right-hand rule on the face winding)."""
-    cross = np.cross(
-        vertices[faces[:, 1]] - vertices[faces[:, 0]], vertices[faces[:, 2]] - vertices[faces[:, 0]]
-    )
-    normals = np.zeros_like(vertices)
-    for corner in range(3):
-        np.add.at(normals, faces[:, corner], cross)
-    return normals / np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)
-
-
-def _sample_bilinear(
-    texture: NDArray[np.uint8], u: NDArray[np.float32], v: NDArray[np.float32]
-) -> NDArray[np.float32]:
-    """Texture colours at (u, v) (v up; texture row 0 is v = 1), bilinear, clamped at the border."""
-    texture_height, texture_width = texture.shape[:2]
-    count = len(u)
-    row_length = 1024  # remap maps must stay under 32767 columns
-    padded = -(-count // row_length) * row_length
-    map_x = np.zeros(padded, dtype=np.float32)
-    map_y = np.zeros(padded, dtype=np.float32)
-    map_x[:count] = u * texture_width - 0.5
-    map_y[:count] = (1.0 - v) * texture_height - 0.5
-    sampled = cv2.remap(
-        texture,
-        map_x.reshape(-1, row_length),
-        map_y.reshape(-1, row_length),
-        cv2.INTER_LINEAR,
-        borderMode=cv2.BORDER_REPLICATE,
-    )
-    return sampled.reshape(-1, 3)[:count].astype(np.float32)
 
 
 def draw_wireframes(rgb: NDArray[np.uint8], heads: list[Head], scale: float = 1.0) -> NDArray[np.uint8]:

@@ -10,13 +10,17 @@ UV, and the opacity is constant. Works on any topology (`uv_faces` seams include
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
 from numpy.typing import NDArray
 from scipy.spatial import cKDTree
 
 from headforge.errors import InvalidOptionError
-from headforge.pipeline.geometry import matrix_to_quaternion_wxyz, triangle_cross
+from headforge.pipeline.geometry import (
+    face_normals,
+    matrix_to_quaternion_wxyz,
+    sample_uv_bilinear,
+    triangle_areas,
+)
 from headforge.pipeline.types import Mesh, Splats
 
 MAX_SPLATS = 1_000_000
@@ -35,7 +39,7 @@ def sample_surface(
     """`count` area-weighted points on the mesh: triangle index, barycentrics (N, 3) and positions (N, 3)."""
     vertices = np.asarray(mesh.vertices, dtype=np.float64)
     faces = np.asarray(mesh.faces, dtype=np.int64)
-    areas = 0.5 * np.linalg.norm(triangle_cross(vertices, faces), axis=1)
+    areas = triangle_areas(vertices, faces)
     cumulative = np.cumsum(areas)
     if not np.isfinite(cumulative[-1]) or cumulative[-1] <= 0:
         raise InvalidOptionError("cannot sample splats on a mesh with zero or non-finite area")
@@ -52,11 +56,7 @@ def sample_surface(
 
 def _texture_colors(texture: NDArray[np.uint8], uv: NDArray[np.float64]) -> NDArray[np.float32]:
     """Bilinear texture colors in [0, 1] at UVs (v up; texture row 0 at v = 1)."""
-    size_y, size_x = texture.shape[:2]
-    map_x = (uv[:, 0] * size_x - 0.5).astype(np.float32)[:, None]
-    map_y = ((1.0 - uv[:, 1]) * size_y - 0.5).astype(np.float32)[:, None]
-    colors = cv2.remap(texture, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-    return colors.reshape(-1, 3).astype(np.float32) / 255.0
+    return sample_uv_bilinear(texture, uv[:, 0], uv[:, 1]).astype(np.float32) / 255.0
 
 
 def sample_splats(
@@ -91,14 +91,13 @@ def sample_splats(
 
     # Tangent frame per triangle: first edge, normal x edge, normal.
     edge = vertices[faces[:, 1]] - vertices[faces[:, 0]]
-    cross = triangle_cross(vertices, faces)
-    normal = cross / np.maximum(np.linalg.norm(cross, axis=1, keepdims=True), 1e-30)
+    normal = face_normals(vertices, faces)
     tangent = edge / np.maximum(np.linalg.norm(edge, axis=1, keepdims=True), 1e-30)
     frames = np.stack([tangent, np.cross(normal, tangent), normal], axis=2)  # columns
     rotations = matrix_to_quaternion_wxyz(frames)[triangles]  # once per triangle, not per splat
 
     # Tangent scale from the local sampling density.
-    total_area = 0.5 * float(np.linalg.norm(cross, axis=1).sum())
+    total_area = float(triangle_areas(vertices, faces).sum())
     mean_spacing = np.sqrt(total_area / count)
     if count > DENSITY_NEIGHBOURS:
         distances, _ = cKDTree(means).query(means, k=DENSITY_NEIGHBOURS + 1)
