@@ -65,6 +65,9 @@ def test_export_writes_a_complete_repository_entry(tmp_path: Path) -> None:
     assert manifest["source"] == source and manifest["note"] == "x"
     assert 0.0 <= manifest["parity"]["max_rel_error"] <= SPEC.parity_tolerance
     assert manifest["export"]["opset"] == SPEC.opset
+    # Images pull models as root at build time and serve them as another user: entries stay readable.
+    for name in ("manifest.json", "model.onnx"):
+        assert (directory / name).stat().st_mode & 0o044 == 0o044, name
     entry = read_entry("two_input", "1", tmp_path)
     assert entry is not None and entry.is_intact()
     assert [e.name for e in list_entries(tmp_path)] == ["two_input"]

@@ -11,13 +11,8 @@ import numpy as np
 from torch import nn
 
 from headforge.export.onnx import ExportSpec, export_onnx
-from headforge.export.repository import (
-    MANIFEST,
-    MANIFEST_SCHEMA_VERSION,
-    entry_dir,
-    sha256_file,
-    write_json_atomic,
-)
+from headforge.export.repository import MANIFEST, MANIFEST_SCHEMA_VERSION, entry_dir, write_json_atomic
+from headforge.files import sha256_file
 
 
 def export_model(

@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from headforge.config import model_repository
+from headforge.files import sha256_file, write_atomic
 
 MANIFEST = "manifest.json"
 MANIFEST_SCHEMA_VERSION = 1
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def entry_dir(name: str, version: str, root: Path | None = None) -> Path:
@@ -29,13 +19,9 @@ def entry_dir(name: str, version: str, root: Path | None = None) -> Path:
 
 
 def write_json_atomic(path: Path, document: dict[str, Any]) -> None:
-    """Write JSON through a temp file and rename, so readers never see a half-written manifest."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=".manifest-", suffix=".json")
-    with os.fdopen(handle, "w") as stream:
-        json.dump(document, stream, indent=2, sort_keys=True)
-        stream.write("\n")
-    os.replace(temp, path)
+    """Write a manifest atomically, so readers never see a half-written one (owner-only, as it has
+    always been)."""
+    write_atomic(path, (json.dumps(document, indent=2, sort_keys=True) + "\n").encode())
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from headforge.errors import ModelExportError
-from headforge.export.repository import MANIFEST, sha256_file, write_json_atomic
+from headforge.export.repository import MANIFEST, write_json_atomic
+from headforge.files import sha256_file
 
 
 def tensorrt_available() -> bool:

@@ -17,12 +17,10 @@ Accepted inputs (see docs/flame.md):
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
 import pickle
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ from numpy.typing import NDArray
 
 from headforge.config import asset_dir
 from headforge.errors import AssetError, PipelineUnavailableError
+from headforge.files import atomic_writer, sha256_file
 
 NUM_VERTICES = 5023
 NUM_FACES = 9976
@@ -431,10 +430,6 @@ def flame_asset_path() -> Path:
     return Path(override).expanduser() if override else asset_dir() / ASSET_FILE_NAME
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def import_flame(
     model_path: Path,
     landmarks_paths: list[Path] | Path | None = None,
@@ -444,10 +439,9 @@ def import_flame(
     """Read, check and convert the operator's FLAME files into one `.npz`; returns its path.
 
     `landmarks_paths` may name one embedding of each format (MediaPipe and 68-point)."""
-    model_bytes = _read_bytes(model_path, "FLAME model")
     model = _load_mapping(model_path, "FLAME model")
     arrays = validate_model(model, str(model_path))
-    sources: dict[str, Any] = {"model": {"file": model_path.name, "sha256": _sha256(model_bytes)}}
+    sources: dict[str, Any] = {"model": {"file": model_path.name, "sha256": sha256_file(model_path)}}
     if isinstance(landmarks_paths, Path):
         landmarks_paths = [landmarks_paths]
     for landmarks_path in landmarks_paths or []:
@@ -460,7 +454,7 @@ def import_flame(
         kind = "mediapipe" if "mp_face_idx" in embedding else "ibug68"
         sources[f"landmarks_{kind}"] = {
             "file": landmarks_path.name,
-            "sha256": _sha256(landmarks_path.read_bytes()),
+            "sha256": sha256_file(landmarks_path),
         }
     if uv_path is not None:
         uvs, uv_faces, obj_faces = read_head_template_uvs(uv_path)
@@ -470,20 +464,15 @@ def import_flame(
             )
         arrays["uvs"] = uvs
         arrays["uv_faces"] = uv_faces
-        sources["uv"] = {"file": uv_path.name, "sha256": _sha256(uv_path.read_bytes())}
+        sources["uv"] = {"file": uv_path.name, "sha256": sha256_file(uv_path)}
     metadata = {"format_version": ASSET_FORMAT_VERSION, "sources": sources}
     arrays["metadata_json"] = np.array(json.dumps(metadata, sort_keys=True))
     destination = destination or flame_asset_path()
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=destination.parent, prefix=".flame-", suffix=".npz")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            np.savez(stream, **arrays)  # type: ignore[arg-type]
-        load_flame_asset(Path(temp_name))  # the file we publish must load
-        os.replace(temp_name, destination)
-    finally:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
+    # Owner-only (0600), as the asset has always been written.
+    with atomic_writer(destination) as stream:
+        np.savez(stream, **arrays)  # type: ignore[arg-type]
+        stream.flush()
+        load_flame_asset(Path(stream.name))  # the file we publish must load
     return destination
 
 

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from headforge.config import MEDIAPIPE_VERSION, headforge_home, model_repository, tflite_source_dir
 from headforge.errors import ModelFetchError
-from headforge.export.repository import read_entry, sha256_file
+from headforge.export.repository import read_entry
+from headforge.files import sha256_file
 
 if TYPE_CHECKING:
     from torch import nn

@@ -15,9 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,8 @@ import trimesh
 from numpy.typing import NDArray
 from plyfile import PlyData, PlyElement
 
+from headforge.files import write_atomic as write_bytes_atomic
+from headforge.pipeline.geometry import angle_weighted_vertex_normals
 from headforge.pipeline.types import Mesh, Splats
 
 SH_C0 = 0.28209479177387814  # the zeroth real spherical-harmonic basis constant
@@ -62,17 +62,8 @@ class WrittenFile:
 
 
 def write_atomic(path: Path, data: bytes) -> WrittenFile:
-    """Write `data` to a temp file beside `path`, then rename over it: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as temp_file:
-            temp_file.write(data)
-        os.chmod(temp_name, 0o644)  # mkstemp creates 0600; artifacts are meant to be shared
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    """Write one artifact atomically (mode 0644: artifacts are meant to be shared) and describe it."""
+    write_bytes_atomic(path, data, mode=0o644)
     return WrittenFile(path.name, _kind_of(path.name), len(data), hashlib.sha256(data).hexdigest())
 
 
@@ -137,10 +128,9 @@ def encode_png(rgb: NDArray[np.uint8]) -> bytes:
     return encoded.tobytes()
 
 
-def vertex_normals(vertices: NDArray[np.float32], faces: NDArray[np.int32]) -> NDArray[np.float32]:
-    """Area-weighted unit vertex normals (trimesh)."""
-    mesh = trimesh.Trimesh(vertices=vertices, faces=faces, process=False, validate=False)
-    return np.asarray(mesh.vertex_normals, dtype=np.float32)
+def _export_normals(mesh: Mesh) -> NDArray[np.float32]:
+    """The normals written into GLB and OBJ: angle-weighted, float32."""
+    return angle_weighted_vertex_normals(mesh.vertices, mesh.faces).astype(np.float32)
 
 
 def split_uv_seams(
@@ -171,9 +161,9 @@ def glb_bytes(
     mesh: Mesh, texture_png: bytes | None, name: str, normals: NDArray[np.float32] | None = None
 ) -> bytes:
     """glTF 2.0 binary: indexed triangles with normals, TEXCOORD_0 and a PBR material whose
-    base color is `texture_png` (already-encoded PNG bytes). `normals` are `vertex_normals` of the
+    base color is `texture_png` (already-encoded PNG bytes). `normals` are `_export_normals` of the
     mesh, when the caller has them already."""
-    welded_normals = vertex_normals(mesh.vertices, mesh.faces) if normals is None else normals
+    welded_normals = _export_normals(mesh) if normals is None else normals
     vertices, faces, uvs, source = split_uv_seams(mesh)
     material = trimesh.visual.material.PBRMaterial(
         name=name,
@@ -277,13 +267,13 @@ def obj_files(
     mesh: Mesh, stem: str, texture_png: bytes | None, normals: NDArray[np.float32] | None = None
 ) -> dict[str, bytes]:
     """Wavefront OBJ (v, vt, vn; faces v/vt/vn) + MTL + texture PNG, as {file name: bytes}.
-    `normals` are `vertex_normals` of the mesh, when the caller has them already."""
+    `normals` are `_export_normals` of the mesh, when the caller has them already."""
     vertices = np.asarray(mesh.vertices, dtype=np.float64)
     faces = np.asarray(mesh.faces, dtype=np.int64)
     uvs = np.asarray(mesh.uvs, dtype=np.float64)
     uv_faces = faces if mesh.uv_faces is None else np.asarray(mesh.uv_faces, dtype=np.int64)
     if normals is None:
-        normals = vertex_normals(mesh.vertices, mesh.faces)
+        normals = _export_normals(mesh)
     mtl_name = f"{stem}.mtl"
     texture_name = f"{stem}_texture.png"
     out = io.StringIO()
@@ -365,7 +355,7 @@ def write_head_files(
     written: list[WrittenFile] = []
     normals = None
     if mesh is not None and outputs & {"glb", "obj"}:
-        normals = vertex_normals(mesh.vertices, mesh.faces)  # once, for both formats
+        normals = _export_normals(mesh)  # once, for both formats
     if mesh is not None and "glb" in outputs:
         written.append(write_atomic(out_dir / f"{stem}.glb", glb_bytes(mesh, texture_png, stem, normals)))
     if mesh is not None and "obj" in outputs:

@@ -39,6 +39,7 @@ from headforge.errors import (
     PipelineUnavailableError,
     UnknownPipelineError,
 )
+from headforge.files import sha256_file
 from headforge.models.runtime import DefaultNetworks
 from headforge.pipeline.package import WrittenFile, encode_png, json_bytes, write_atomic, write_head_files
 from headforge.pipeline.splats import MAX_SPLATS
@@ -526,5 +527,5 @@ def _describe_model_file(name: str, path_text: str | None) -> dict[str, Any]:
             "sha256": manifest.get("model_sha256"),
             "format": str(manifest.get("format", path.suffix.lstrip("."))),
         }
-    digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    digest = sha256_file(path) if path.is_file() else None
     return {"name": name, "version": "file", "sha256": digest, "format": path.suffix.lstrip(".")}

@@ -11,7 +11,6 @@ are exactly the files that attempt wrote.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import tempfile
@@ -24,6 +23,7 @@ from celery import bootsteps, signals
 from celery.exceptions import SoftTimeLimitExceeded
 
 from headforge.errors import HeadforgeError, JobTimeoutError
+from headforge.files import sha256_file
 from headforge.service import webhooks
 from headforge.service.celery_app import JOB_TASK, WEBHOOK_TASK, app, dispatch
 from headforge.service.jobs import FAILED, SUCCEEDED, TERMINAL, Claim, JobStore, make_backend
@@ -124,14 +124,6 @@ class _Heartbeat(threading.Thread):
             self.push()
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1024 * 1024):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _upload_outputs(
     store: ArtifactStore, folder: Path, prefix: str, name_prefix: str, document: dict[str, Any]
 ) -> list[dict[str, Any]]:
@@ -149,7 +141,7 @@ def _upload_outputs(
         if listed is not None and listed.get("bytes") == size and listed.get("sha256"):
             digest = str(listed["sha256"])
         else:
-            digest = _sha256_file(path)
+            digest = sha256_file(path)
         moves.append((key, path))
         artifacts.append({"name": name, "key": key, "size": size, "sha256": digest,
                           "media_type": media_type_for(name)})
@@ -202,7 +194,7 @@ def _execute(ctx: _ProcessContext, claim: Claim, beat: _Heartbeat) -> tuple[list
             combined.write_bytes(json_bytes({"images": documents}))
             combined_entry = {
                 "name": "result.json", "key": f"{prefix}result.json", "size": combined.stat().st_size,
-                "sha256": _sha256_file(combined), "media_type": "application/json",
+                "sha256": sha256_file(combined), "media_type": "application/json",
             }
             ctx.store.adopt_file(f"{prefix}result.json", combined)
             artifacts.insert(0, combined_entry)
