@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -310,3 +311,27 @@ class WebhookReceiver:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+@contextlib.contextmanager
+def running_stack(root: Path, *, redis: bool, worker_concurrency: int = 0) -> Iterator[Stack]:
+    """A stack with Redis (if asked), a worker (if `worker_concurrency`) and the API; the logs are
+    printed when starting it fails, and every process is stopped at the end."""
+    if redis:
+        require_redis()
+    require_models()
+    stack = make_stack(root, redis=redis)
+    try:
+        if redis:
+            stack.start_redis()
+        if worker_concurrency:
+            stack.start_worker(concurrency=worker_concurrency)
+        stack.start_api()
+        if worker_concurrency:
+            stack.wait_for_workers(1)
+        yield stack
+    except BaseException:
+        print(stack.logs(), file=sys.stderr)
+        raise
+    finally:
+        stack.stop()

@@ -19,8 +19,8 @@ from stacklib import (
     astronaut_jpeg,
     base_env,
     free_port,
-    make_stack,
     require_models,
+    running_stack,
     wait_until,
 )
 
@@ -98,16 +98,8 @@ def test_serve_takes_its_worker_down(served: tuple[str, Process], stop_signal: s
 
 @pytest.fixture()
 def embedded_stack(tmp_path: Path) -> Iterator[Stack]:
-    require_models()
-    stack = make_stack(tmp_path / "stack", redis=False)
-    try:
-        stack.start_api()
+    with running_stack(tmp_path / "stack", redis=False) as stack:
         yield stack
-    except BaseException:
-        print(stack.logs())
-        raise
-    finally:
-        stack.stop()
 
 
 def test_embedded_kill9_worker_mid_job(embedded_stack: Stack) -> None:

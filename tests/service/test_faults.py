@@ -11,9 +11,7 @@ from stacklib import (
     Stack,
     WebhookReceiver,
     astronaut_jpeg,
-    make_stack,
-    require_models,
-    require_redis,
+    running_stack,
     wait_until,
 )
 
@@ -25,18 +23,8 @@ SLOW_JOB = {"texture_size": 2048, "splats": 20000}
 
 @pytest.fixture()
 def fault_stack(tmp_path: Path) -> Iterator[Stack]:
-    require_redis()
-    require_models()
-    stack = make_stack(tmp_path / "stack", redis=True)
-    try:
-        stack.start_redis()
-        stack.start_api()
+    with running_stack(tmp_path / "stack", redis=True) as stack:
         yield stack
-    except BaseException:
-        print(stack.logs())
-        raise
-    finally:
-        stack.stop()
 
 
 @pytest.fixture()
