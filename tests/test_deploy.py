@@ -667,15 +667,9 @@ def test_gpu_worker_lands_on_gpu_nodes() -> None:
 # ---------------------------------------------------------------------------------- Grafana
 
 
-def exported_series(tmp_path: Path) -> set[str] | None:
-    """Series names the service's /metrics exports (its real registry over an empty embedded store),
-    or None before headforge/service/metrics.py exists."""
-    try:
-        metrics = importlib.import_module("headforge.service.metrics")
-    except ModuleNotFoundError as error:
-        if error.name == "headforge.service.metrics":
-            return None
-        raise
+def exported_series(tmp_path: Path) -> set[str]:
+    """Series names the service's /metrics exports (its real registry over an empty embedded store)."""
+    from headforge.service import metrics
     from headforge.service.jobs import JobStore, make_backend
 
     settings = service_settings.Settings(data_dir=tmp_path)
@@ -774,8 +768,5 @@ def test_dashboard_queries_use_exported_metrics(tmp_path: Path) -> None:
     own = {name for name in used if name.startswith("headforge_")}
     assert own, "the dashboard charts headforge's own metrics"
     assert all(name.startswith(("headforge_", *EXTERNAL_SERIES)) for name in used), used
-    series = exported_series(tmp_path)
-    if series is None:
-        pytest.skip("headforge/service/metrics.py does not exist yet")
-    missing = own - series
+    missing = own - exported_series(tmp_path)
     assert not missing, f"dashboard queries series the service does not export: {sorted(missing)}"

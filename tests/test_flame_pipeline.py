@@ -68,8 +68,6 @@ def test_flame_pipeline_on_astronaut(
     networks: DefaultNetworks,
     astronaut: NDArray[np.uint8],
 ) -> None:
-    pytest.importorskip("headforge.pipeline.texture", reason="the texture stage is not in this tree yet")
-    pytest.importorskip("headforge.pipeline.splats", reason="the splat stage is not in this tree yet")
     _, asset_path = imported_synthetic_flame(tmp_path_factory.getbasetemp())
     monkeypatch.setenv("HEADFORGE_FLAME_ASSET", str(asset_path))
     assert pipeline_missing_reason("flame") is None
