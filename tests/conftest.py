@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from collections.abc import Callable
+from functools import cache
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
 from numpy.typing import NDArray
 
 from headforge.models.runtime import DefaultNetworks
+
+REPO = Path(__file__).resolve().parents[1]
 
 # Real photos with labels sit beside the repository (../shared/data); absent on users' machines.
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -74,3 +81,20 @@ def networks() -> DefaultNetworks:
         except ModelsMissingError:
             pass
     return load_litert_or_skip()
+
+
+@cache
+def _load_repo_script(relative_path: str) -> ModuleType:
+    path = REPO / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses in the script look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def repo_script() -> Callable[[str], ModuleType]:
+    """Import a script of the repository that is not a package module (`bench/…`, `scripts/…`)."""
+    return _load_repo_script

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -29,15 +29,6 @@ LABEL_LANDMARK_MAE_BOUND = 1.5
 SYNTHETIC_MAE_BOUND = 5.0
 SYNTHETIC_MIN_FOUND = 23
 SYNTHETIC_MIN_YAW_GAIN = 0.6
-
-
-def _bench():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("pose_error", ROOT / "bench" / "pose_error.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _aflw_or_skip() -> Path:
@@ -99,10 +90,10 @@ def test_angle_convention_round_trip_and_directions() -> None:
     assert rolled[left_eye, 1] > rolled[right_eye, 1] + 0.01
 
 
-def test_label_landmarks_match_aflw_angles() -> None:
+def test_label_landmarks_match_aflw_angles(repo_script: Callable[[str], ModuleType]) -> None:
     """Fitting the labelled 3D landmarks checks the template frame and the angle convention against
     AFLW2000's own poses, independent of any network."""
-    bench = _bench()
+    bench = repo_script("bench/pose_error.py")
     samples = bench.label_landmark_poses(_aflw_or_skip())
     mae = bench.mean_absolute_error(samples)
     print(f"label landmarks MAE: {mae}")
@@ -112,9 +103,9 @@ def test_label_landmarks_match_aflw_angles() -> None:
         assert np.sign(sample.estimate[0]) == np.sign(sample.truth[0])
 
 
-def test_pose_error_on_aflw2000_sample() -> None:
+def test_pose_error_on_aflw2000_sample(repo_script: Callable[[str], ModuleType]) -> None:
     """FaceMesh landmarks (label crops, the usual AFLW2000 protocol) -> mean absolute error under a bound."""
-    bench = _bench()
+    bench = repo_script("bench/pose_error.py")
     samples = bench.evaluate(_aflw_or_skip(), label_crops=True)
     mae = bench.mean_absolute_error(samples)
     print(f"FaceMesh landmarks MAE: {mae}")
@@ -122,9 +113,9 @@ def test_pose_error_on_aflw2000_sample() -> None:
     assert mae["mean"] < LABEL_CROP_MAE_BOUND
 
 
-def test_pose_on_synthetic_renders() -> None:
+def test_pose_on_synthetic_renders(repo_script: Callable[[str], ModuleType]) -> None:
     """The astronaut's textured face rendered at known yaw and pitch: exact ground truth, no labels."""
-    bench = _bench()
+    bench = repo_script("bench/pose_error.py")
     samples = bench.synthetic_poses()
     mae = bench.mean_absolute_error(samples)
     gain = bench.yaw_gain(samples)

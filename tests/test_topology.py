@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
-import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -244,44 +244,32 @@ def test_template_is_a_plausible_head_in_meters() -> None:
     )  # forehead, bridge, nose, chin
 
 
-def _wheel_or_skip() -> Path:
+def _wheel_or_skip(script: ModuleType) -> Path:
     """The mediapipe wheel the build script would use (`headforge models pull` keeps one), or skip."""
-    script = _build_script()
     try:
         return Path(script.default_source())
     except SystemExit:
         pytest.skip("no mediapipe wheel cached; run `headforge models pull`")
 
 
-def _build_script():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location(
-        "build_facemesh_topology", ROOT / "scripts" / "build_facemesh_topology.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_triangles_rebuild_from_the_wheel_edge_list() -> None:
+def test_triangles_rebuild_from_the_wheel_edge_list(repo_script: Callable[[str], ModuleType]) -> None:
     """The committed triangles are exactly what the build script derives from FACEMESH_TESSELATION, and
     every tessellation edge belongs to a triangle."""
-    script = _build_script()
-    edges = script.read_tessellation(_wheel_or_skip())
+    script = repo_script("scripts/build_facemesh_topology.py")
+    edges = script.read_tessellation(_wheel_or_skip(script))
     faces = script.real_faces(script.edge_cliques(edges))
     committed = load_topology().faces
     assert {tuple(sorted(t)) for t in faces} == {tuple(sorted(t)) for t in committed.tolist()}
     assert {tuple(sorted(e)) for e in edges} == set(undirected_edges(committed))
 
 
-def test_asset_rebuilds_exactly_from_wheel_and_reference() -> None:
+def test_asset_rebuilds_exactly_from_wheel_and_reference(repo_script: Callable[[str], ModuleType]) -> None:
     """The whole asset is reproducible: the build script, given the wheel's edge list and the committed
     reference landmarks, gives back the committed arrays."""
-    script = _build_script()
+    script = repo_script("scripts/build_facemesh_topology.py")
     committed = np.load(ROOT / "headforge" / "assets" / "facemesh_topology.npz")
     rebuilt = script.build_asset(
-        script.read_tessellation(_wheel_or_skip()), committed["reference"].astype(np.float64)
+        script.read_tessellation(_wheel_or_skip(script)), committed["reference"].astype(np.float64)
     )
     assert np.array_equal(rebuilt["faces"], committed["faces"])
     assert np.array_equal(rebuilt["mirror"], committed["mirror"])
