@@ -83,6 +83,16 @@ def networks() -> DefaultNetworks:
     return load_litert_or_skip()
 
 
+@pytest.fixture(scope="session")
+def astronaut_landmarks(astronaut: NDArray[np.uint8], networks: DefaultNetworks) -> NDArray[np.float32]:
+    """The astronaut's 468 face-mesh landmarks (image pixels) from the real detection and landmark stages."""
+    from headforge.pipeline.landmarks import find_heads
+
+    heads = find_heads(astronaut, networks)
+    assert len(heads) == 1 and heads[0].landmarks_3d is not None
+    return np.asarray(heads[0].landmarks_3d[:468], dtype=np.float32)
+
+
 @cache
 def _load_repo_script(relative_path: str) -> ModuleType:
     path = REPO / relative_path

@@ -11,7 +11,6 @@ import pytest
 from numpy.typing import NDArray
 
 from headforge.errors import InvalidLandmarksError
-from headforge.models.runtime import DefaultNetworks
 from headforge.pipeline.geometry import face_normals
 from headforge.pipeline.pose import angles_to_rotation, estimate_pose, rotation_to_angles, to_head_frame
 from headforge.pipeline.topology import build_image_mesh, load_topology
@@ -36,15 +35,6 @@ def _aflw_or_skip() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared test data not present: {path}")
     return path
-
-
-@pytest.fixture(scope="module")
-def astronaut_landmarks(astronaut: NDArray[np.uint8], networks: DefaultNetworks) -> NDArray[np.float32]:
-    from headforge.pipeline.landmarks import find_heads
-
-    heads = find_heads(astronaut, networks)
-    assert len(heads) == 1 and heads[0].landmarks_3d is not None
-    return np.asarray(heads[0].landmarks_3d[:468], dtype=np.float32)
 
 
 @pytest.mark.parametrize(

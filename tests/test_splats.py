@@ -9,7 +9,6 @@ from scipy.spatial.transform import Rotation
 from scipy.stats import chisquare
 
 from headforge.errors import InvalidOptionError
-from headforge.models.runtime import DefaultNetworks
 from headforge.pipeline.geometry import face_normals, triangle_areas
 from headforge.pipeline.pose import estimate_pose, to_head_frame
 from headforge.pipeline.splats import sample_splats, sample_surface
@@ -19,13 +18,11 @@ from headforge.pipeline.types import Mesh
 
 
 @pytest.fixture(scope="module")
-def astronaut_head(astronaut: NDArray[np.uint8], networks: DefaultNetworks) -> tuple[Mesh, NDArray[np.uint8]]:
+def astronaut_head(
+    astronaut: NDArray[np.uint8], astronaut_landmarks: NDArray[np.float32]
+) -> tuple[Mesh, NDArray[np.uint8]]:
     """The astronaut's face mesh in the head frame and its texture, from the real pipeline stages."""
-    from headforge.pipeline.landmarks import find_heads
-
-    heads = find_heads(astronaut, networks)
-    assert heads and heads[0].landmarks_3d is not None
-    mesh_image = build_image_mesh(heads[0].landmarks_3d[:468])
+    mesh_image = build_image_mesh(astronaut_landmarks)
     texture, _ = unwrap_texture(astronaut, mesh_image, 512, symmetry=load_topology().mirror)
     return to_head_frame(mesh_image, estimate_pose(mesh_image.vertices)), texture
 

@@ -8,7 +8,6 @@ import pytest
 from numpy.typing import NDArray
 
 from headforge.errors import InvalidOptionError
-from headforge.models.runtime import DefaultNetworks
 from headforge.pipeline.geometry import cached_uv_raster, vertex_normals
 from headforge.pipeline.pose import angles_to_rotation
 from headforge.pipeline.texture import unwrap_texture
@@ -17,12 +16,8 @@ from headforge.pipeline.types import Mesh
 
 
 @pytest.fixture(scope="module")
-def astronaut_mesh(astronaut: NDArray[np.uint8], networks: DefaultNetworks) -> Mesh:
-    from headforge.pipeline.landmarks import find_heads
-
-    heads = find_heads(astronaut, networks)
-    assert len(heads) == 1 and heads[0].landmarks_3d is not None
-    return build_image_mesh(heads[0].landmarks_3d[:468])
+def astronaut_mesh(astronaut_landmarks: NDArray[np.float32]) -> Mesh:
+    return build_image_mesh(astronaut_landmarks)
 
 
 def seamed(mesh: Mesh) -> Mesh:

@@ -13,7 +13,6 @@ import pytest
 from numpy.typing import NDArray
 
 from headforge.errors import InvalidLandmarksError
-from headforge.models.runtime import DefaultNetworks
 from headforge.pipeline.geometry import (
     boundary_loops,
     directed_edge_counts,
@@ -71,15 +70,6 @@ INNER_LIPS = {78, 95, 88, 178, 87, 14, 317, 402, 318, 324, 308, 191, 80, 81, 82,
 
 def undirected_edges(faces: NDArray[np.int32]) -> Counter[tuple[int, int]]:
     return Counter(tuple(sorted(e)) for tri in faces.tolist() for e in itertools.combinations(tri, 2))
-
-
-@pytest.fixture(scope="module")
-def astronaut_landmarks(astronaut: NDArray[np.uint8], networks: DefaultNetworks) -> NDArray[np.float32]:
-    from headforge.pipeline.landmarks import find_heads
-
-    heads = find_heads(astronaut, networks)
-    assert len(heads) == 1 and heads[0].landmarks_3d is not None
-    return np.asarray(heads[0].landmarks_3d[:468], dtype=np.float32)
 
 
 def test_asset_shapes_and_ranges() -> None:
