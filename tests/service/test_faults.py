@@ -70,35 +70,45 @@ def test_kill9_worker_mid_job_completes_exactly_once(
     assert len(receiver.for_job(job_id)) == 1  # one completion, one notification
 
 
+def _statuses(stack: Stack, ids: list[str]) -> dict[str, str] | None:
+    """Every job's status, or None while the API answers 503 (Redis reloading)."""
+    with stack.client() as client:
+        try:
+            return {i: client.job(i)["status"] for i in ids}
+        except Exception:
+            return None
+
+
 def test_restart_api_and_redis_loses_nothing(fault_stack: Stack, receiver: WebhookReceiver) -> None:
     stack = fault_stack
-    stack.start_worker()
-    stack.wait_for_workers(1)
+    # Phase 1, no worker yet: every accepted job is certainly still queued through both restarts.
     with stack.client() as client:
         ids = [client.submit([(f"{i}.jpg", astronaut_jpeg(400 + 16 * i))], webhook_url=receiver.url,
-                             texture_size=1024, splats=5000)["id"] for i in range(6)]
-        wait_until(lambda: client.job(ids[0])["status"] != "queued", 120, "the first job to start", 0.05)
-        statuses = {client.job(i)["status"] for i in ids}
-        assert "queued" in statuses  # some jobs are still waiting when the restarts happen
-
+                             texture_size=1024, splats=5000)["id"] for i in range(5)]
     stack.stop_api()
     stack.start_api()
     with stack.client() as client:
         ids.append(client.submit([("late.jpg", astronaut_jpeg(360))], webhook_url=receiver.url,
                                  texture_size=1024, splats=5000)["id"])
-        before_redis = {i: client.job(i)["status"] for i in ids}
-    assert "queued" in before_redis.values()
+    assert set(wait_until(lambda: _statuses(stack, ids), 60, "the API").values()) == {"queued"}
 
     stack.stop_redis()
     stack.start_redis()
-    with stack.client() as client:
-        def all_finished() -> bool:
-            try:
-                return all(client.job(i)["status"] in ("succeeded", "failed", "canceled") for i in ids)
-            except Exception:  # the API answers 503 while Redis reloads
-                return False
+    assert set(wait_until(lambda: _statuses(stack, ids), 60, "the API after Redis").values()) == {"queued"}
 
-        wait_until(all_finished, 400, "every accepted job to finish", 0.5)
+    # Phase 2: a worker drains the queue, and Redis restarts again while it is mid-job.
+    stack.start_worker()
+    stack.wait_for_workers(1)
+    wait_until(lambda: "running" in (_statuses(stack, ids) or {}).values(), 120, "a job to start", 0.05)
+    stack.stop_redis()
+    stack.start_redis()
+
+    def all_finished() -> bool:
+        statuses = _statuses(stack, ids)
+        return statuses is not None and set(statuses.values()) <= {"succeeded", "failed", "canceled"}
+
+    wait_until(all_finished, 400, "every accepted job to finish", 0.5)
+    with stack.client() as client:
         jobs = [client.job(i) for i in ids]
     assert [j["status"] for j in jobs] == ["succeeded"] * len(ids), [j["error"] for j in jobs]
     for job in jobs:
