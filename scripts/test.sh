@@ -32,6 +32,9 @@ if [ -f web/package-lock.json ]; then
 fi
 (cd tools/gltf && npm ci --no-audit --no-fund --loglevel=error)
 
+# Missing tools, services or models fail their tests instead of skipping them (GPU tests still skip).
+export HEADFORGE_STRICT_TESTS=1
+
 # Default networks: fetched from the pinned mediapipe wheel, converted and exported to ONNX.
 headforge models pull
 
