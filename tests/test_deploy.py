@@ -12,13 +12,15 @@ import functools
 import importlib
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import tomllib
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import dockerfile as buildkit_dockerfile
@@ -26,12 +28,17 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from needs import missing
 
 from headforge.service import settings as service_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 KUBE = ROOT / "deploy" / "kubernetes"
 OVERLAYS = ("cpu", "gpu")
+# Optional Kustomize components (deploy/kubernetes/components/<name>), added from an overlay of one's own.
+COMPONENTS = ("flame",)
+# Each overlay alone, and with every optional component.
+RENDERINGS = [(overlay, ()) for overlay in OVERLAYS] + [(overlay, COMPONENTS) for overlay in OVERLAYS]
 # The oldest Kubernetes minor release the manifests must validate against.
 KUBERNETES_VERSION = "1.31.0"
 KEDA_SCHEMA = KUBE / "schemas" / "keda-v1alpha1.json"
@@ -40,14 +47,27 @@ HARD_LIMIT_DEFAULT = service_settings.Settings(data_dir=Path("/nonexistent")).ha
 
 
 def _tool(name: str) -> str:
-    """A console script from this venv, else from PATH; skip when neither has it."""
+    """A console script from this venv, else from PATH. Without it the test skips, or fails under
+    HEADFORGE_STRICT_TESTS=1 (CI), so the static checks cannot pass unseen."""
     candidate = Path(sys.executable).with_name(name)
     if candidate.exists():
         return str(candidate)
     found = shutil.which(name)
     if found is None:
-        pytest.skip(f"{name} not installed (pip install -e '.[dev]')")
+        missing(f"{name} not installed (pip install -e '.[dev]')")
     return found
+
+
+def test_missing_tool_skips_or_fails_when_strict(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A missing validator must not let CI (HEADFORGE_STRICT_TESTS=1) pass these checks as skipped."""
+    absent = "headforge-no-such-tool"
+    monkeypatch.setenv("HEADFORGE_STRICT_TESTS", "1")
+    with pytest.raises(pytest.fail.Exception, match=absent):
+        _tool(absent)
+    monkeypatch.setenv("HEADFORGE_STRICT_TESTS", "0")
+    with pytest.raises(pytest.skip.Exception, match=absent):
+        _tool(absent)
+    assert _tool("kubectl").endswith("kubectl")
 
 
 def _seconds(value: str | int) -> float:
@@ -337,6 +357,54 @@ def test_compose_services(compose: dict[str, Any]) -> None:
     assert services["api"]["build"]["args"]["VARIANT"] == "cpu"
 
 
+# Where the deployment files mount the directory holding the imported FLAME asset (docs/deploy.md).
+FLAME_MOUNT = PurePosixPath("/etc/headforge/flame")
+# The commented-out FLAME lines of docker-compose.yml: the volume, and the variable pointing at the file.
+COMPOSE_FLAME_LINE = re.compile(r"^(\s*)# ((?:- \./flame:|HEADFORGE_FLAME_ASSET: )\S.*)$", flags=re.MULTILINE)
+
+
+def _flame_asset_env(monkeypatch: pytest.MonkeyPatch, value: str) -> PurePosixPath:
+    """The file headforge reads with HEADFORGE_FLAME_ASSET=value: it must be the imported asset's name."""
+    from headforge.models.flame_import import ASSET_FILE_NAME, flame_asset_path
+
+    assert "HEADFORGE_FLAME_ASSET" in known_env_names()
+    monkeypatch.setenv("HEADFORGE_FLAME_ASSET", value)
+    path = PurePosixPath(flame_asset_path().as_posix())
+    assert path == PurePosixPath(value) and path.name == ASSET_FILE_NAME
+    return path
+
+
+def test_compose_flame_volume(
+    compose: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FLAME is off by default; uncommenting the documented lines mounts ./flame read-only where
+    HEADFORGE_FLAME_ASSET points, in the API (which checks the asset on submit) and both workers."""
+    services = ("api", "worker-cpu", "worker-gpu")
+    for name in services:
+        service = compose["services"][name]
+        assert "HEADFORGE_FLAME_ASSET" not in service["environment"]
+        assert all(str(FLAME_MOUNT) not in volume for volume in service["volumes"])
+
+    text = (ROOT / "docker-compose.yml").read_text(encoding="utf-8")
+    enabled, count = COMPOSE_FLAME_LINE.subn(r"\1\2", text)
+    assert count == 3, "one variable, and one volume line each in x-headforge-common and worker-gpu"
+    (tmp_path / "docker-compose.yml").write_text(enabled, encoding="utf-8")
+    result = _check_compose(tmp_path / "docker-compose.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = yaml.safe_load(enabled)
+    for name in services:
+        service = data["services"][name]
+        asset = _flame_asset_env(monkeypatch, service["environment"]["HEADFORGE_FLAME_ASSET"])
+        volumes = {volume.split(":")[1]: volume.split(":") for volume in service["volumes"]}
+        assert volumes[str(asset.parent)] == ["./flame", str(FLAME_MOUNT), "ro"], service["volumes"]
+        # The other mounts are unchanged (worker-gpu lists its volumes itself).
+        assert "/var/lib/headforge" in volumes
+
+    # docs/deploy.md imports straight into the folder the volume mounts.
+    deploy_doc = (ROOT / "docs" / "deploy.md").read_text(encoding="utf-8")
+    assert "HEADFORGE_FLAME_ASSET=./flame/flame.npz headforge flame import" in deploy_doc
+
+
 def read_env_example() -> dict[str, str]:
     values: dict[str, str] = {}
     for line in (ROOT / ".env.example").read_text(encoding="utf-8").splitlines():
@@ -359,14 +427,28 @@ def test_env_example_names_are_read_by_headforge() -> None:
 
 
 @functools.cache
-def rendered(overlay: str) -> tuple[dict[str, Any], ...]:
-    """`kubectl kustomize` output of an overlay, as documents."""
-    result = subprocess.run(
-        [_tool("kubectl"), "kustomize", str(KUBE / "overlays" / overlay)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+def rendered(overlay: str, components: tuple[str, ...] = ()) -> tuple[dict[str, Any], ...]:
+    """`kubectl kustomize` output of an overlay, as documents. With `components`, of a kustomization
+    that adds them to the overlay, as docs/deploy.md tells operators to write one."""
+    with tempfile.TemporaryDirectory() as scratch:
+        target = KUBE / "overlays" / overlay
+        if components:
+            # kustomize refuses absolute paths: refer to the repository relative to the scratch folder.
+            relative = Path(os.path.relpath(KUBE, scratch))
+            kustomization = {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [str(relative / "overlays" / overlay)],
+                "components": [str(relative / "components" / name) for name in components],
+            }
+            target = Path(scratch)
+            (target / "kustomization.yaml").write_text(yaml.safe_dump(kustomization), encoding="utf-8")
+        result = subprocess.run(
+            [_tool("kubectl"), "kustomize", str(target)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert result.returncode == 0, result.stderr
     return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
 
@@ -388,9 +470,11 @@ def keda_validator() -> jsonschema.Draft202012Validator:
     return jsonschema.Draft202012Validator(schema)
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_manifests_validate(overlay: str, keda_validator: jsonschema.Draft202012Validator) -> None:
-    docs = rendered(overlay)
+@pytest.mark.parametrize(("overlay", "components"), RENDERINGS)
+def test_manifests_validate(
+    overlay: str, components: tuple[str, ...], keda_validator: jsonschema.Draft202012Validator
+) -> None:
+    docs = rendered(overlay, components)
     keda = 0
     for doc in docs:
         assert doc["metadata"].get("namespace", "headforge") == "headforge"
@@ -434,10 +518,10 @@ def _env(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {entry["name"]: entry for entry in container.get("env", [])}
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_references_resolve(overlay: str) -> None:
+@pytest.mark.parametrize(("overlay", "components"), RENDERINGS)
+def test_references_resolve(overlay: str, components: tuple[str, ...]) -> None:
     """Every Secret/ConfigMap/PVC a pod uses exists, with the keys it reads; selectors match pods."""
-    docs = rendered(overlay)
+    docs = rendered(overlay, components)
     secret = find(docs, "Secret", "headforge-secrets")
     config = find(docs, "ConfigMap", "headforge-config")
     keys = {
@@ -560,7 +644,8 @@ def test_workers_scale_on_their_queue_and_stop_warm(overlay: str, queue: str) ->
     name = f"headforge-worker-{queue}"
     worker = find(docs, "Deployment", name)
     container = _container(worker)
-    assert container["args"] == ["worker", "--queue", queue]
+    # The Celery worker's name carries its queue (cpu@<pod>, gpu@<pod>), as in docker-compose.yml.
+    assert container["args"] == ["worker", "--queue", queue, "--hostname", f"{queue}@%h"]
     assert queue in service_settings.QUEUES
     assert "replicas" not in worker["spec"], "KEDA owns the replica count"
 
@@ -621,6 +706,51 @@ def test_tensorrt_cache_is_writable(compose: dict[str, Any], monkeypatch: pytest
     assert f"mkdir -p {cache} && chown headforge:headforge {cache}" in (ROOT / "Dockerfile").read_text(
         encoding="utf-8"
     )
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_flame_component_mounts_the_asset(overlay: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """components/flame mounts the `headforge-flame` claim read-only in the API and every worker, with
+    HEADFORGE_FLAME_ASSET pointing into it; without the component nothing refers to FLAME."""
+    plain = rendered(overlay)
+    assert not [d for d in plain if d["metadata"]["name"] == "headforge-flame"]
+    for workload in workloads(plain):
+        assert "HEADFORGE_FLAME_ASSET" not in _env(_container(workload))
+    assert "HEADFORGE_FLAME_ASSET" not in find(plain, "ConfigMap", "headforge-config")["data"]
+
+    docs = rendered(overlay, ("flame",))
+    claim = find(docs, "PersistentVolumeClaim", "headforge-flame")
+    assert claim["metadata"]["namespace"] == "headforge"
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"], "every API and worker pod mounts it"
+    expected = {"headforge-api", "headforge-worker-cpu"} | (
+        {"headforge-worker-gpu"} if overlay == "gpu" else set()
+    )
+    patched = set()
+    for workload in workloads(docs):
+        container = _container(workload)
+        entry = _env(container).get("HEADFORGE_FLAME_ASSET")
+        if entry is None:
+            continue
+        patched.add(workload["metadata"]["name"])
+        asset = _flame_asset_env(monkeypatch, entry["value"])
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        mount = mounts[str(asset.parent)]
+        assert asset.parent == FLAME_MOUNT and mount["readOnly"] is True
+        volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
+        assert volumes[mount["name"]]["persistentVolumeClaim"] == {
+            "claimName": "headforge-flame",
+            "readOnly": True,
+        }
+        # The component adds to the pod; it replaces nothing.
+        before = find(plain, workload["kind"], workload["metadata"]["name"])
+        assert {m["mountPath"] for m in _container(before)["volumeMounts"]} | {str(FLAME_MOUNT)} == set(
+            mounts
+        )
+        assert _env(_container(before)).keys() | {"HEADFORGE_FLAME_ASSET"} == _env(container).keys()
+    assert patched == expected
+
+    deploy_doc = (ROOT / "docs" / "deploy.md").read_text(encoding="utf-8")
+    assert "deploy/kubernetes/components/flame" in deploy_doc and "headforge-flame" in deploy_doc
 
 
 def test_commands_match_the_cli(dockerfile: str, compose: dict[str, Any]) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 import pytest
+from needs import missing
 
 ROOT = Path(__file__).resolve().parents[2]
 DRIVER = Path(__file__).with_name("drive.mjs")
@@ -34,10 +35,11 @@ ARTIFACTS = ROOT / "test-artifacts" / "browser"
 
 def unavailable(reason: str) -> None:
     """Skip when a browser-test prerequisite is missing, or fail where the CI script installed them
-    all (it sets HEADFORGE_REQUIRE_BROWSER=1), so a broken setup cannot pass as skipped."""
+    all (it sets HEADFORGE_REQUIRE_BROWSER=1 and HEADFORGE_STRICT_TESTS=1), so a broken setup cannot
+    pass as skipped."""
     if os.environ.get("HEADFORGE_REQUIRE_BROWSER") == "1":
         pytest.fail(f"browser tests required but {reason}")
-    pytest.skip(reason)
+    missing(reason)
 
 
 def _free_port() -> int:
@@ -107,6 +109,8 @@ def server(
     env.update(
         HEADFORGE_DATA_DIR=str(data),
         HEADFORGE_API_KEYS_FILE=str(keys_file),
+        # No FLAME asset, whatever HEADFORGE_HOME holds: the page must show `flame` as unavailable.
+        HEADFORGE_FLAME_ASSET=str(data / "no-flame" / "flame.npz"),
         HEADFORGE_JSON_LOGS="0",
         PYTHONUNBUFFERED="1",
     )

@@ -10,6 +10,9 @@
 //   multi        upload several photos as one job (config.photo is a list) and look at each photo's head
 //   upload-error upload a photo on a phone-sized page and report the error the page shows (for a file
 //                that is not an image, or a photo without a face)
+//   options      save the API key twice, report the pipeline list as shown, pick config.options
+//                ({textureSize, splats, maxHeads}) in the form, submit, wait for the job and report
+//                what the viewer says about the splats
 //
 // config: {"url", "photo", "out" (screenshot folder), "name"?, "apiKey"?, "submits"?, "chromium"?,
 //          "timeoutMs"?}. With an apiKey the script types it into the page's API key form first.
@@ -227,6 +230,64 @@ async function reconstruct() {
   await context.close();
 }
 
+async function options() {
+  const context = await browser.newContext({ viewport: { width: 1366, height: 900 } });
+  // Count the `change` listeners the app adds to the pipeline <select>: the list is reloaded on every
+  // key save, and each reload must not add another one.
+  await context.addInitScript(() => {
+    window.__pipelineChangeListeners = 0;
+    const add = EventTarget.prototype.addEventListener;
+    EventTarget.prototype.addEventListener = function (type, ...rest) {
+      if (type === 'change' && this instanceof HTMLSelectElement && this.id === 'pipeline') {
+        window.__pipelineChangeListeners++;
+      }
+      return add.call(this, type, ...rest);
+    };
+  });
+  const page = await context.newPage();
+  watch(page);
+  await page.goto(config.url, { waitUntil: 'load' });
+  // Each save reloads GET /v1/models (the first load, without a key, is refused by the server).
+  await enterApiKey(page);
+  await page.locator('#key-details > summary').click();
+  await Promise.all([
+    page.waitForResponse((r) => new URL(r.url()).pathname === '/v1/models'),
+    page.getByRole('button', { name: 'Save' }).click(),
+  ]);
+  await page.waitForFunction(() => document.querySelectorAll('#pipeline option').length > 1);
+
+  const chosen = config.options ?? {};
+  await page.getByLabel('Texture size').selectOption(String(chosen.textureSize));
+  await page.getByLabel('Splats per head').fill(String(chosen.splats));
+  await page.getByLabel('Most heads per photo').fill(String(chosen.maxHeads));
+  report.pipeline = await page.evaluate(() => ({
+    value: document.getElementById('pipeline').value,
+    note: document.getElementById('pipeline-note').textContent,
+    options: Array.from(document.querySelectorAll('#pipeline option')).map((o) => ({
+      value: o.value,
+      text: o.textContent,
+      disabled: o.disabled,
+      title: o.title,
+    })),
+  }));
+  report.form = await page.evaluate(() => ({
+    textureSize: document.getElementById('texture-size').value,
+    splats: document.getElementById('splats').value,
+    maxHeads: document.getElementById('max-heads').value,
+  }));
+
+  await page.setInputFiles('#images', config.photo);
+  await page.getByRole('button', { name: 'Make 3D heads' }).click();
+  report.status = await waitForJob(page);
+  report.pipelineChangeListeners = await page.evaluate(() => window.__pipelineChangeListeners);
+  if (report.status.state !== 'succeeded') return;
+  await waitForViewer(page, 'mesh');
+  await page.getByLabel('Gaussian splats').check();
+  report.splatsViewer = await waitForViewer(page, 'splats');
+  await page.screenshot({ path: join(config.out, 'web-options.png'), fullPage: true });
+  await context.close();
+}
+
 async function waitForJob(page) {
   await page.waitForFunction(
     () => ['succeeded', 'failed', 'canceled'].includes(document.getElementById('status').dataset.state),
@@ -306,6 +367,7 @@ try {
   if (scenario === 'reconstruct') await reconstruct();
   else if (scenario === 'upload-error') await uploadError();
   else if (scenario === 'multi') await multi();
+  else if (scenario === 'options') await options();
   else throw new Error(`unknown scenario ${scenario}`);
 } catch (err) {
   report.exception = String(err?.stack ?? err);

@@ -7,6 +7,7 @@ says. Screenshots go to test-artifacts/browser/.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,12 @@ def _drawn(measure: dict[str, Any]) -> float:
     return float(measure["differing"]) / float(measure["width"] * measure["height"])
 
 
+def ply_vertex_count(data: bytes) -> int:
+    """The `element vertex N` count from a PLY file's header."""
+    header = data[: data.index(b"end_header")].decode("ascii")
+    return next(int(line.split()[2]) for line in header.splitlines() if line.startswith("element vertex"))
+
+
 def test_page_shows_progress_and_success(run: dict[str, Any], job: dict[str, Any]) -> None:
     assert run["pageErrors"] == [], run["pageErrors"]
     assert run["stages"], "no per-stage progress was shown"
@@ -105,8 +112,7 @@ def test_viewer_draws_splats(
     # The viewer says how many splats it drew: the PLY's vertex count.
     ply = next(a for a in job["artifacts"] if a["name"].endswith("_splats.ply"))
     data = httpx.get(urljoin(server, ply["url"]), headers=auth(api_keys["main"]), timeout=30).content
-    header = data[: data.index(b"end_header")].decode("ascii")
-    count = next(int(line.split()[2]) for line in header.splitlines() if line.startswith("element vertex"))
+    count = ply_vertex_count(data)
     assert f"{count:,} splats" in run["splatsViewer"]["text"], (count, run["splatsViewer"]["text"])
 
 
@@ -175,6 +181,104 @@ def test_several_photos_in_one_job(
     assert set(names) == {a["name"] for a in job["artifacts"]}
     assert {"0/h0.glb", "1/h0.glb", "0/h0_splats.ply", "1/h0_splats.ply"} <= set(names)
     assert names["1/h0.glb"] == "1-h0.glb"
+
+
+# What the options scenario picks in the form; each differs from the form's and the API's default.
+CHOSEN = {"textureSize": 512, "splats": 1000, "maxHeads": 1}
+
+
+@pytest.fixture(scope="session")
+def two_faces(astronaut_png: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The astronaut beside her mirror image, in one photo: two faces."""
+    photo = Image.open(astronaut_png).convert("RGB")
+    pair = Image.new("RGB", (photo.width * 2, photo.height))
+    pair.paste(photo, (0, 0))
+    pair.paste(photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT), (photo.width, 0))
+    path = tmp_path_factory.mktemp("photos") / "two-faces.png"
+    pair.save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def options_run(server: str, two_faces: Path, api_keys: dict[str, str], drive: Drive) -> dict[str, Any]:
+    """Pick CHOSEN in the form, submit the two-face photo, wait for the job (drive.mjs `options`)."""
+    report = drive("options", server, two_faces, apiKey=api_keys["main"], options=CHOSEN)
+    assert report["pageErrors"] == [], report["pageErrors"]
+    assert report["status"]["state"] == "succeeded", report["status"]
+    return report
+
+
+def test_chosen_options_reach_the_job(
+    server: str, options_run: dict[str, Any], two_faces: Path, api_keys: dict[str, str]
+) -> None:
+    assert options_run["form"] == {key: str(value) for key, value in CHOSEN.items()}
+    job = httpx.get(
+        f"{server}v1/jobs/{options_run['status']['jobId']}", headers=auth(api_keys["main"]), timeout=30
+    ).json()
+    assert job["status"] == "succeeded"
+    options = job["options"]
+    assert (options["pipeline"], options["texture_size"], options["splats"], options["max_heads"]) == (
+        "facemesh",
+        CHOSEN["textureSize"],
+        CHOSEN["splats"],
+        CHOSEN["maxHeads"],
+    ), options
+
+    # The options took effect: one head of the two, a 512² texture, 1000 splats in the PLY (and in
+    # what the viewer says it drew).
+    assert len(job["result"]["heads"]) == CHOSEN["maxHeads"]
+    files = {a["name"]: a for a in job["artifacts"]}
+
+    def fetch(name: str) -> bytes:
+        response = httpx.get(urljoin(server, files[name]["url"]), headers=auth(api_keys["main"]), timeout=30)
+        assert response.status_code == 200, response.text
+        return response.content
+
+    assert ply_vertex_count(fetch("h0_splats.ply")) == CHOSEN["splats"]
+    assert "h1_splats.ply" not in files
+    with Image.open(io.BytesIO(fetch("h0_texture.png"))) as texture:
+        assert texture.size == (CHOSEN["textureSize"], CHOSEN["textureSize"])
+    assert f"{CHOSEN['splats']:,} splats" in options_run["splatsViewer"]["text"], options_run["splatsViewer"]
+
+    # Without max_heads the same photo gives two heads, so the limit is what dropped one.
+    with two_faces.open("rb") as handle:
+        response = httpx.post(
+            f"{server}v1/jobs",
+            params={"wait": 60},
+            files={"images": (two_faces.name, handle, "image/png")},
+            data={"splats": "0", "texture_size": "512"},
+            headers=auth(api_keys["main"]),
+            timeout=90,
+        )
+    assert response.status_code in (200, 201, 202), response.text
+    control = response.json()
+    assert control["status"] == "succeeded", control
+    assert len(control["result"]["heads"]) == 2
+
+
+def test_unavailable_pipeline_is_disabled(
+    server: str, options_run: dict[str, Any], api_keys: dict[str, str]
+) -> None:
+    # The test server has no FLAME asset (conftest points HEADFORGE_FLAME_ASSET at a missing file).
+    models = httpx.get(f"{server}v1/models", headers=auth(api_keys["main"]), timeout=30).json()
+    listed = {p["name"]: p for p in models["pipelines"]}
+    assert listed["flame"]["available"] is False and listed["facemesh"]["available"] is True
+
+    shown = {o["value"]: o for o in options_run["pipeline"]["options"]}
+    assert set(shown) == set(listed)
+    flame = shown["flame"]
+    assert flame["disabled"] is True
+    assert flame["text"] == "flame (unavailable)"
+    assert flame["title"] == listed["flame"]["reason"]
+    assert shown["facemesh"] == {"value": "facemesh", "text": "facemesh", "disabled": False, "title": ""}
+    assert options_run["pipeline"]["value"] == "facemesh"
+    assert options_run["pipeline"]["note"] == listed["facemesh"]["description"]
+
+
+def test_pipeline_list_reloads_without_piling_up_listeners(options_run: dict[str, Any]) -> None:
+    # The key was saved twice, so the page loaded GET /v1/models twice with it; the <select> still
+    # has one `change` listener.
+    assert options_run["pipelineChangeListeners"] == 1
 
 
 def test_invalid_upload_shows_the_api_error(

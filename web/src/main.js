@@ -80,6 +80,7 @@ const state = {
   images: [],
   imageIndex: 0,
   headIndex: 0,
+  pipelines: [], // the last list from GET /v1/models
 };
 
 const viewer = createViewer();
@@ -152,14 +153,18 @@ async function loadModels() {
     ?? entries.find((p) => p.default && p.available !== false)
     ?? entries.find((p) => p.available !== false);
   if (preferred) els.pipeline.value = preferred.name;
-  describePipeline(entries);
-  els.pipeline.addEventListener('change', () => describePipeline(entries));
+  state.pipelines = entries;
+  describePipeline();
 }
 
-function describePipeline(entries) {
-  const p = entries.find((e) => e.name === els.pipeline.value);
+/** Show the chosen pipeline's description from the last GET /v1/models. */
+function describePipeline() {
+  const p = state.pipelines.find((e) => e.name === els.pipeline.value);
   els.pipelineNote.textContent = p?.description ?? '';
 }
+
+// Registered once: loadModels() runs again whenever a key is saved, and only replaces the list.
+els.pipeline.addEventListener('change', describePipeline);
 
 // ---------------------------------------------------------------- photos
 
