@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,40 @@ def test_round_trip_pickle_to_layer(files: SyntheticFiles, tmp_path: Path) -> No
     with torch.no_grad():
         vertices = layer(shape, torch.zeros(1, 50), torch.zeros(1, 15), torch.zeros(1, 3))[0].numpy()
     np.testing.assert_allclose(vertices, source.v_template + 1.5 * source.shapedirs[:, :, 4], atol=1e-6)
+
+
+def test_imported_asset_is_owner_only(files: SyntheticFiles, tmp_path: Path) -> None:
+    """FLAME's licence forbids redistribution: the asset is 0600, also when it replaces a file
+    that was readable by others, whatever the umask."""
+    destination = tmp_path / "assets" / "flame.npz"
+    destination.parent.mkdir()
+    destination.write_bytes(b"an older asset")
+    destination.chmod(0o644)
+    previous = os.umask(0o000)
+    try:
+        import_flame(files.model, [files.mediapipe_embedding], files.head_template, destination)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(destination.stat().st_mode) == 0o600
+    assert flame_available(destination)
+    assert not [path.name for path in destination.parent.iterdir() if path != destination]  # no temp files
+
+
+def test_asset_this_user_cannot_read_is_unavailable_with_the_reason(
+    files: SyntheticFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 0600 asset copied or mounted for another user: the reason says what to fix, not "re-import"."""
+    destination = import_flame(
+        files.model, [files.mediapipe_embedding], files.head_template, tmp_path / "f.npz"
+    )
+    assert flame_unavailable_reason(destination) is None
+    # The tests may run as root, which reads any file: stand in for another user's permission check.
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != destination)
+    reason = flame_unavailable_reason(destination)
+    assert reason is not None and "not readable by this process's user" in reason
+    assert "0600" in reason and "docs/flame.md" in reason
+    with pytest.raises(PipelineUnavailableError, match="not readable by this process's user"):
+        load_flame_asset(destination)
 
 
 def test_protocol_0_pickle_imports(files: SyntheticFiles, tmp_path: Path) -> None:

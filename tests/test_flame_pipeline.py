@@ -1,23 +1,34 @@
-"""The `flame` pipeline end to end on a real photo with the synthetic FLAME asset, and its clean
-failure when no FLAME asset is imported."""
+"""The `flame` pipeline end to end on a real photo with the synthetic FLAME asset (artifacts,
+result.json against its schema, the FLAME asset's record, no pickle read while serving), and its
+clean failure when no usable FLAME asset is configured."""
 
 from __future__ import annotations
 
+import copy
 import io
 import json
+import pickle
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import jsonschema
 import numpy as np
 import pytest
-from flame_synthetic import imported_synthetic_flame
+from flame_synthetic import SyntheticFiles, imported_synthetic_flame
 from numpy.typing import NDArray
 from PIL import Image
 
-from headforge.errors import PipelineUnavailableError
+from headforge.errors import AssetError, PipelineUnavailableError
+from headforge.files import sha256_file
+from headforge.models import flame_import
+from headforge.models.flame_import import import_flame
 from headforge.models.runtime import DefaultNetworks
 from headforge.pipeline.run import ReconstructOptions, pipeline_missing_reason, reconstruct_image
+from headforge.schemas import validate_result
 
 
 def _png(rgb: NDArray[np.uint8]) -> bytes:
@@ -26,18 +37,83 @@ def _png(rgb: NDArray[np.uint8]) -> bytes:
     return buffer.getvalue()
 
 
-def test_without_asset_flame_fails_cleanly(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, astronaut: NDArray[np.uint8]
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory: pytest.TempPathFactory) -> tuple[SyntheticFiles, Path]:
+    """The synthetic FLAME source files and their imported asset (shared by the session)."""
+    return imported_synthetic_flame(tmp_path_factory.getbasetemp())
+
+
+def _absent_override(tmp_path: Path, synthetic: tuple[SyntheticFiles, Path]) -> dict[str, str]:
+    return {"HEADFORGE_FLAME_ASSET": str(tmp_path / "absent.npz")}
+
+
+def _empty_home(tmp_path: Path, synthetic: tuple[SyntheticFiles, Path]) -> dict[str, str]:
+    (tmp_path / "home").mkdir()
+    return {"HEADFORGE_HOME": str(tmp_path / "home")}
+
+
+def _unreadable_asset(tmp_path: Path, synthetic: tuple[SyntheticFiles, Path]) -> dict[str, str]:
+    (tmp_path / "flame.npz").write_bytes(b"not an npz")
+    return {"HEADFORGE_FLAME_ASSET": str(tmp_path / "flame.npz")}
+
+
+def _asset_without_uvs(tmp_path: Path, synthetic: tuple[SyntheticFiles, Path]) -> dict[str, str]:
+    files = synthetic[0]
+    path = import_flame(files.model, [files.mediapipe_embedding], None, tmp_path / "flame.npz")
+    return {"HEADFORGE_FLAME_ASSET": str(path)}
+
+
+def _asset_without_embedding(tmp_path: Path, synthetic: tuple[SyntheticFiles, Path]) -> dict[str, str]:
+    files = synthetic[0]
+    path = import_flame(files.model, None, files.head_template, tmp_path / "flame.npz")
+    return {"HEADFORGE_FLAME_ASSET": str(path)}
+
+
+@pytest.mark.parametrize(
+    ("configure", "names"),
+    [
+        (_absent_override, "no FLAME model is imported"),
+        (_empty_home, "no FLAME model is imported"),
+        (_unreadable_asset, "unreadable"),
+        (_asset_without_uvs, "--uv head_template.obj"),
+        (_asset_without_embedding, "--landmarks mediapipe_landmark_embedding.npz"),
+    ],
+)
+def test_unusable_asset_makes_flame_unavailable(
+    configure: Callable[[Path, tuple[SyntheticFiles, Path]], dict[str, str]],
+    names: str,
+    synthetic: tuple[SyntheticFiles, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    astronaut: NDArray[np.uint8],
 ) -> None:
-    monkeypatch.setenv("HEADFORGE_FLAME_ASSET", str(tmp_path / "absent.npz"))
+    """No service and no networks: the check runs before any model is loaded."""
+    monkeypatch.delenv("HEADFORGE_FLAME_ASSET", raising=False)
+    for name, value in configure(tmp_path, synthetic).items():
+        monkeypatch.setenv(name, value)
+
+    def no_networks() -> DefaultNetworks:
+        raise AssertionError("an unavailable pipeline must fail before loading networks")
+
+    monkeypatch.setattr("headforge.models.runtime.load_default_networks", no_networks)
     reason = pipeline_missing_reason("flame")
-    assert reason is not None and "docs/flame.md" in reason
-    with pytest.raises(PipelineUnavailableError, match=r"docs/flame\.md") as caught:
+    assert reason is not None and names in reason and "docs/flame.md" in reason
+    assert pipeline_missing_reason("facemesh") is None
+    with pytest.raises(PipelineUnavailableError) as caught:
         reconstruct_image(
             _png(astronaut), "astronaut.png", ReconstructOptions(pipeline="flame"), tmp_path / "out"
         )
-    assert caught.value.code == "pipeline_unavailable"
-    # The command line says the same, with the stable code and a non-zero exit.
+    assert caught.value.code == "pipeline_unavailable" and caught.value.http_status == 422
+    assert caught.value.message == f"pipeline 'flame' is unavailable: {reason}"
+    assert caught.value.details == {"pipeline": "flame"}
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_without_asset_the_cli_fails_cleanly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, astronaut: NDArray[np.uint8]
+) -> None:
+    monkeypatch.setenv("HEADFORGE_FLAME_ASSET", str(tmp_path / "absent.npz"))
+    # The command line names the stable code and the docs, and exits with 2.
     image = tmp_path / "astronaut.png"
     image.write_bytes(_png(astronaut))
     completed = subprocess.run(
@@ -63,12 +139,12 @@ def test_without_asset_flame_fails_cleanly(
 
 def test_flame_pipeline_on_astronaut(
     tmp_path: Path,
-    tmp_path_factory: pytest.TempPathFactory,
+    synthetic: tuple[SyntheticFiles, Path],
     monkeypatch: pytest.MonkeyPatch,
     networks: DefaultNetworks,
     astronaut: NDArray[np.uint8],
 ) -> None:
-    _, asset_path = imported_synthetic_flame(tmp_path_factory.getbasetemp())
+    files, asset_path = synthetic
     monkeypatch.setenv("HEADFORGE_FLAME_ASSET", str(asset_path))
     assert pipeline_missing_reason("flame") is None
     options = ReconstructOptions(pipeline="flame", texture_size=512, splats=2000)
@@ -93,7 +169,20 @@ def test_flame_pipeline_on_astronaut(
     assert 400 < params["scale_px_per_m"] < 2000
     assert params["fit_residual_px"] < 10
     assert np.abs(params["jaw_pose"]).max() < 0.5
-    assert json.loads((out / "result.json").read_text())["heads"][0]["params"]["model"] == "flame"
+    written = json.loads((out / "result.json").read_text())
+    assert written == json.loads(json.dumps(document))
+    validate_result(written)
+    _check_flame_params_schema(written)
+
+    # `models`: the landmark stage's networks (no Iris), then the FLAME asset the fit used.
+    names = [model["name"] for model in written["models"]]
+    assert names == [networks.full_range.name, networks.face_landmark.name, "flame"]
+    flame = written["models"][-1]
+    assert flame["sha256"] == sha256_file(asset_path)
+    assert flame["version"] == "generic_model.pkl" and flame["format"] == "npz"
+    assert flame["sources"]["model"] == {"file": "generic_model.pkl", "sha256": sha256_file(files.model)}
+    assert flame["sources"]["uv"]["sha256"] == sha256_file(files.head_template)
+    assert flame["sources"]["landmarks_mediapipe"]["sha256"] == sha256_file(files.mediapipe_embedding)
 
     # Artifacts: a valid glTF, an OBJ with FLAME's faces, the texture, the splats.
     from gltf_validator import validate_gltf
@@ -118,3 +207,79 @@ def test_flame_pipeline_on_astronaut(
     extent = positions.max(axis=0) - positions.min(axis=0)
     assert 0.1 < extent[1] < 0.5 and extent[2] > 0.1
     assert (out / "preview.png").is_file()
+
+
+def _check_flame_params_schema(document: dict[str, Any]) -> None:
+    """The schema defines FLAME's `params`: malformed ones, or the wrong kind for the pipeline, fail."""
+
+    def broken(change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+        copied = copy.deepcopy(document)
+        change(copied)
+        return copied
+
+    def params(doc: dict[str, Any]) -> dict[str, Any]:
+        value: dict[str, Any] = doc["heads"][0]["params"]
+        return value
+
+    cases: list[Callable[[dict[str, Any]], None]] = [
+        lambda doc: params(doc)["shape"].pop(),
+        lambda doc: params(doc)["expression"].append(0.0),
+        lambda doc: params(doc).pop("fit_residual_px"),
+        lambda doc: params(doc).update(jaw_pose=[0.0, 0.0]),
+        lambda doc: params(doc).update(rotation=[[1.0, 0.0, 0.0]]),
+        lambda doc: params(doc).update(scale_px_per_m=-1.0),
+        lambda doc: params(doc).update(fit_iterations=2.5),
+        lambda doc: params(doc).update(shape=["a"] * 100),
+        lambda doc: params(doc).update(extra=1),
+        lambda doc: doc["heads"][0].update(params={}),  # a flame head must carry FLAME parameters
+        lambda doc: doc.update(pipeline="facemesh"),  # facemesh heads carry none
+        lambda doc: doc["models"][-1]["sources"].update(model={"file": "x.pkl"}),
+    ]
+    for change in cases:
+        with pytest.raises(jsonschema.ValidationError):
+            validate_result(broken(change))
+
+
+def test_serving_never_reads_a_pickle(
+    tmp_path: Path,
+    synthetic: tuple[SyntheticFiles, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    networks: DefaultNetworks,
+    astronaut: NDArray[np.uint8],
+) -> None:
+    """A flame reconstruct from an imported asset, with every way to unpickle made to fail."""
+    files, imported = synthetic
+    served = tmp_path / "served" / "flame.npz"  # a path no cache has seen: the run must load it
+    served.parent.mkdir()
+    shutil.copyfile(imported, served)
+    monkeypatch.setenv("HEADFORGE_FLAME_ASSET", str(served))
+    attempts: list[str] = []
+
+    def refuse(name: str) -> Callable[..., Any]:
+        def refused(*args: Any, **kwargs: Any) -> Any:
+            attempts.append(name)
+            raise AssertionError(f"{name} called while serving")
+
+        return refused
+
+    monkeypatch.setattr(pickle, "load", refuse("pickle.load"))
+    monkeypatch.setattr(pickle, "loads", refuse("pickle.loads"))
+    monkeypatch.setattr(pickle, "Unpickler", refuse("pickle.Unpickler"))
+    monkeypatch.setattr(flame_import.RestrictedUnpickler, "load", refuse("RestrictedUnpickler.load"))
+
+    options = ReconstructOptions(pipeline="flame", texture_size=512, splats=500)
+    document = reconstruct_image(
+        _png(astronaut), "astronaut.png", options, tmp_path / "out", networks=networks
+    )
+    assert len(document["heads"]) == 1 and document["heads"][0]["params"]["model"] == "flame"
+    assert attempts == []
+
+    # The traps work: unpickling, numpy's pickled arrays and importing FLAME's pickle all hit them.
+    with pytest.raises(AssertionError):
+        pickle.loads(pickle.dumps(1))
+    np.save(tmp_path / "objects.npy", np.array({"a": 1}, dtype=object), allow_pickle=True)
+    with pytest.raises(AssertionError):
+        np.load(tmp_path / "objects.npy", allow_pickle=True)
+    with pytest.raises(AssetError, match=r"RestrictedUnpickler\.load called while serving"):
+        import_flame(files.model, destination=tmp_path / "again.npz")
+    assert attempts == ["pickle.loads", "pickle.load", "RestrictedUnpickler.load"]

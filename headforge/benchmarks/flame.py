@@ -2,8 +2,11 @@
 against Adam (the usual PyTorch recipe) on the same objective, same heads, same thread count.
 
 Heads: known shape, expression, jaw and similarity → the 105 embedded landmarks in pixels, plus
-1 px of noise. The asset is the operator's imported FLAME when present, otherwise a random one at
-FLAME's sizes built here (fit cost depends on the sizes, not the values), and `flame_asset` says which.
+1 px of noise. Besides `fit_flame` alone (batched, and one head per call), the `flame` pipeline's
+fit stage is timed as the runner calls it: `fit_flame_heads` on all heads at once, which adds the
+full 5023-vertex meshes and the heads' fields. The asset is the operator's imported FLAME when
+present, otherwise a random one at FLAME's sizes built here (fit cost depends on the sizes, not the
+values), and `flame_asset` says which.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from headforge.models.flame_import import (
     load_flame_asset,
 )
 from headforge.pipeline.flame_fit import FitSettings, FlameLandmarkModel, fit_flame, rodrigues, umeyama
+from headforge.pipeline.flame_stage import fit_flame_heads
+from headforge.pipeline.types import Detection, Head
 
 THREADS = 1
 ADAM_STEPS = 300
@@ -135,6 +140,15 @@ def _adam_fit(
     return np.asarray(residual.numpy())
 
 
+def _stage_heads(landmarks: np.ndarray) -> list[Head]:
+    """Fresh `Head` records holding `landmarks`, as the landmark stage hands them to the fit."""
+    detection = Detection(box=np.zeros(4, np.float32), score=1.0, keypoints=np.zeros((6, 2), np.float32))
+    return [
+        Head(index=index, detection=detection, landmarks_3d=points, landmarks_2d=points[:, :2])
+        for index, points in enumerate(landmarks.astype(np.float32))
+    ]
+
+
 def _median_ms(function: Any, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -145,7 +159,8 @@ def _median_ms(function: Any, repeats: int) -> float:
 
 
 def run(quick: bool) -> dict[str, Any]:
-    """Fit ms per head (batched and one at a time), residuals and vertex error; Adam as reference."""
+    """Fit ms per head (batched, one at a time, and the pipeline's batched fit stage), residuals and
+    vertex error; Adam as reference."""
     import torch
 
     torch.set_num_threads(THREADS)  # numpy's BLAS threads follow OMP_NUM_THREADS
@@ -161,6 +176,8 @@ def run(quick: bool) -> dict[str, Any]:
         _median_ms(lambda: [fit_flame(model, landmarks[i : i + 1], settings) for i in range(count)], repeats)
         / count
     )
+    heads = _stage_heads(landmarks)  # refilled by each repeat
+    stage_ms = _median_ms(lambda: fit_flame_heads(heads, (1024, 1024, 3), model, settings), repeats) / count
     fits = fit_flame(model, landmarks, settings)
     z = np.stack([np.concatenate([fit.shape, fit.expression]) for fit in fits])
     vertices = model.vertices(z, np.stack([fit.jaw_pose for fit in fits]))
@@ -172,6 +189,7 @@ def run(quick: bool) -> dict[str, Any]:
     return {
         "flame_fit_ms_per_head": round(batched_ms, 2),
         "flame_fit_ms_per_head_unbatched": round(single_ms, 2),
+        "flame_stage_ms_per_head": round(stage_ms, 2),
         "flame_fit_residual_px": round(float(np.mean([fit.residual_px for fit in fits])), 3),
         "flame_fit_vertex_error_mm": round(
             float(np.linalg.norm(vertices - true_vertices, axis=2).mean() * 1000), 3

@@ -43,6 +43,7 @@ NUM_EXPRESSION_TOTAL = 100
 JOINT_NAMES = ("global", "neck", "jaw", "left_eye", "right_eye")
 ASSET_FORMAT_VERSION = 1
 ASSET_FILE_NAME = "flame.npz"
+ASSET_FILE_MODE = 0o600  # readable by the importing user only (see docs/flame.md)
 MAX_INPUT_BYTES = 1 << 30
 DOCS_HINT = "see docs/flame.md for where to get FLAME and how to import it with `headforge flame import`"
 
@@ -436,7 +437,8 @@ def import_flame(
     uv_path: Path | None = None,
     destination: Path | None = None,
 ) -> Path:
-    """Read, check and convert the operator's FLAME files into one `.npz`; returns its path.
+    """Read, check and convert the operator's FLAME files into one `.npz`, written atomically and
+    readable by its owner only (mode 0600); returns its path.
 
     `landmarks_paths` may name one embedding of each format (MediaPipe and 68-point)."""
     model = _load_mapping(model_path, "FLAME model")
@@ -468,8 +470,9 @@ def import_flame(
     metadata = {"format_version": ASSET_FORMAT_VERSION, "sources": sources}
     arrays["metadata_json"] = np.array(json.dumps(metadata, sort_keys=True))
     destination = destination or flame_asset_path()
-    # Owner-only (0600), as the asset has always been written.
-    with atomic_writer(destination) as stream:
+    # Owner-only: FLAME's licence forbids redistributing the model, and the asset holds all of it.
+    # The temporary file is created 0600 and keeps that mode when it is renamed into place.
+    with atomic_writer(destination, mode=ASSET_FILE_MODE) as stream:
         np.savez(stream, **arrays)  # type: ignore[arg-type]
         stream.flush()
         load_flame_asset(Path(stream.name))  # the file we publish must load
@@ -506,6 +509,8 @@ def load_flame_asset(path: Path | None = None) -> FlameAsset:
     path = path or flame_asset_path()
     if not path.is_file():
         raise PipelineUnavailableError(f"no FLAME model is imported ({path} is missing); {DOCS_HINT}")
+    if not os.access(path, os.R_OK):
+        raise PipelineUnavailableError(_not_readable(path))
     try:
         with np.load(path, allow_pickle=False) as npz:
             data = {key: npz[key] for key in npz.files}
@@ -543,11 +548,20 @@ def load_flame_asset(path: Path | None = None) -> FlameAsset:
     return FlameAsset(**checked, metadata=metadata, ibug=ibug or None, **optional)
 
 
+def _not_readable(path: Path) -> str:
+    return (
+        f"the FLAME asset {path} is not readable by this process's user: the import writes it readable "
+        f"by its owner only (0600), so give this user read access ({DOCS_HINT})"
+    )
+
+
 def flame_unavailable_reason(path: Path | None = None) -> str | None:
     """Why the `flame` pipeline cannot run here, or None when it can. Cheap: no arrays are loaded."""
     path = path or flame_asset_path()
     if not path.is_file():
         return f"no FLAME model is imported; {DOCS_HINT}"
+    if not os.access(path, os.R_OK):
+        return _not_readable(path)
     try:
         with np.load(path, allow_pickle=False) as npz:
             names = set(npz.files)

@@ -5,10 +5,14 @@ FLAME's UVs and seams), `mesh` (head frame: meters, +Y up, face toward +Z, FLAME
 `pose` (from the fitted rotation) and `params` (FLAME shape, expression, jaw/neck/eye poses, the
 similarity to the image and the fit's residual in pixels). Texture and splats are the default
 pipeline's stages, which take any topology.
+
+The runner calls `fit_flame_image` once per image, so all of its heads are fitted in one batch;
+`fit_flame_head` (one head) is its fallback when the batch refuses some head's landmarks.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
@@ -18,6 +22,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from headforge.errors import InvalidLandmarksError, PipelineUnavailableError
+from headforge.files import sha256_file
 from headforge.models.flame_import import (
     FlameAsset,
     flame_asset_path,
@@ -28,7 +33,15 @@ from headforge.models.flame_import import (
 from headforge.pipeline.flame_fit import FitSettings, FlameFit, FlameLandmarkModel, fit_flame
 from headforge.pipeline.types import Head, Mesh, Pose
 
-__all__ = ["fit_flame_head", "fit_flame_heads", "flame_available", "flame_unavailable_reason", "load_model"]
+__all__ = [
+    "describe_flame_asset",
+    "fit_flame_head",
+    "fit_flame_heads",
+    "fit_flame_image",
+    "flame_available",
+    "flame_unavailable_reason",
+    "load_model",
+]
 
 TOPOLOGY = "flame5023"
 
@@ -79,9 +92,36 @@ def fit_flame_heads(
         _fill_head(head, fit, head_vertices, model.asset, rgb_shape)
 
 
+def fit_flame_image(heads: list[Head], rgb: NDArray[np.uint8]) -> None:
+    """The runner's batch hook (`PIPELINES["flame"].fit_batch`): every head of the image at once."""
+    fit_flame_heads(heads, rgb.shape)
+
+
 def fit_flame_head(head: Head, rgb: NDArray[np.uint8]) -> None:
-    """The runner's per-head hook (`PIPELINES["flame"].fit`)."""
+    """The runner's per-head hook (`PIPELINES["flame"].fit`), used when the batch fails on a head."""
     fit_flame_heads([head], rgb.shape)
+
+
+def describe_flame_asset(path: Path | None = None) -> list[dict[str, Any]]:
+    """result.json's record of the FLAME asset the fit used: name, version (the FLAME model file it
+    was imported from), sha256 of the imported `.npz`, format, and the source files with their sha256."""
+    path = path or flame_asset_path()
+    stat = path.stat()
+    return [copy.deepcopy(_describe_asset(str(path), stat.st_mtime_ns, stat.st_size))]
+
+
+@lru_cache(maxsize=2)
+def _describe_asset(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
+    metadata = load_model(Path(path)).asset.metadata
+    sources = metadata.get("sources", {})
+    model_file = sources.get("model", {}).get("file")
+    return {
+        "name": "flame",
+        "version": str(model_file) if model_file else "unknown",
+        "sha256": sha256_file(Path(path)),
+        "format": "npz",
+        "sources": sources,
+    }
 
 
 def _fill_head(

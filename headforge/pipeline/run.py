@@ -5,9 +5,11 @@ preview ► result. The CLI, the Celery worker and the benchmarks all call `reco
 
 Pipelines are rows of `PIPELINES`: a name and the `"module:function"` that turns a `Head` with
 landmarks into a posed mesh, `(head, rgb) -> None`, filling `pose`, `mesh_image`, `mesh` and
-`params`. Optional hooks say why the pipeline cannot run here (`missing`), give a mirror-vertex map
-for texture filling (`symmetry`), and list extra model records for `result.json` (`models`).
-Texture, splats, packaging and preview are shared and work on any topology.
+`params`. Optional hooks fit all heads of an image in one call (`fit_batch`, run before the per-head
+loop; the per-head `fit` then only runs when the batch refuses a head), say why the pipeline cannot
+run here (`missing`), give a mirror-vertex map for texture filling (`symmetry`), and list extra model
+records for `result.json` (`models`). Texture, splats, packaging and preview are shared and work on
+any topology.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -52,6 +54,11 @@ MAX_HEADS_LIMIT = 64
 
 Progress = Callable[[str, float], None]
 FitFunction = Callable[[Head, NDArray[np.uint8]], None]
+BatchFitFunction = Callable[[list[Head], NDArray[np.uint8]], None]
+
+# The networks the shared detect + landmarks stage runs (`find_heads` with its defaults: the tiled
+# full-range detector and FaceMesh, without Iris), as `DefaultNetworks` fields. result.json lists these.
+LANDMARK_STAGE_NETWORKS = ("full_range", "face_landmark")
 
 # Files this runner writes; stale ones from an earlier run into the same folder are removed.
 _ARTIFACT_NAME = re.compile(
@@ -68,9 +75,10 @@ class PipelineEntry:
     name: str
     fit: str
     description: str
+    fit_batch: str | None = None  # "module:function" (heads, rgb) -> None: `fit` for all heads in one call
     missing: str | None = None
     symmetry: str | None = None  # "module:function" () -> (V,) mirror vertex map, for texture filling
-    models: str | None = None  # "module:function" () -> [{name, version, sha256, format}] beyond the networks
+    models: str | None = None  # "module:function" () -> [{name, version, sha256, format, ...}] after the networks
 
 
 PIPELINES: dict[str, PipelineEntry] = {
@@ -84,7 +92,9 @@ PIPELINES: dict[str, PipelineEntry] = {
         name="flame",
         fit="headforge.pipeline.flame_stage:fit_flame_head",
         description="FLAME full head with FLAME UVs, fitted to the face-mesh landmarks (needs FLAME files)",
+        fit_batch="headforge.pipeline.flame_stage:fit_flame_image",
         missing="headforge.models.flame_import:flame_unavailable_reason",
+        models="headforge.pipeline.flame_stage:describe_flame_asset",
     ),
 }
 
@@ -239,6 +249,7 @@ def reconstruct_image(
             f"pipeline {options.pipeline!r} is unavailable: {reason}", details={"pipeline": options.pipeline}
         )
     fit: FitFunction = _resolve(entry.fit)
+    fit_batch: BatchFitFunction | None = _resolve(entry.fit_batch) if entry.fit_batch else None
     symmetry = np.asarray(_resolve(entry.symmetry)(), dtype=np.int32) if entry.symmetry else None
 
     report("decode", 0.0)
@@ -264,6 +275,11 @@ def reconstruct_image(
     kept: list[Head] = []
     coverages: list[float] = []
     per_head = 0.75 / max(len(heads), 1)
+    batch_fitted = False
+    if fit_batch is not None and heads:
+        report("fit", 0.15)
+        with timer.stage("fit"):
+            batch_fitted = _fit_all_heads(fit_batch, heads, decoded.rgb)
     # Encoding PNGs and writing files runs on worker threads (zlib and OpenCV release the GIL) while
     # the next head or the preview is computed; the stage timings are each job's own wall time.
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="headforge-package") as pool:
@@ -271,9 +287,10 @@ def reconstruct_image(
         for position, head in enumerate(heads):
             base = 0.15 + position * per_head
             try:
-                report("fit", base)
-                with timer.stage("fit"):
-                    fit(head, decoded.rgb)
+                if not batch_fitted:
+                    report("fit", base)
+                    with timer.stage("fit"):
+                        fit(head, decoded.rgb)
                 report("texture", base + 0.25 * per_head)
                 with timer.stage("texture"):
                     head.texture, coverage = _build_texture(decoded.rgb, head, options.texture_size, symmetry)
@@ -286,7 +303,7 @@ def reconstruct_image(
                             head, options.splats, _head_seed(options.seed, head.index)
                         )
             except HeadforgeError as error:
-                if error.http_status >= 500 or isinstance(error, PipelineUnavailableError):
+                if _fails_the_image(error):
                     raise
                 notes.append(f"head {head.index} skipped: [{error.code}] {error.message}")
                 continue
@@ -337,11 +354,29 @@ def reconstruct_image(
             ],
             "notes": notes,
             "timings_ms": timings,
-            "models": describe_networks(networks) + (_resolve(entry.models)() if entry.models else []),
+            "models": describe_models(entry, networks),
         }
         write_atomic(out_dir / "result.json", json_bytes(document))
     report("done", 1.0)
     return document
+
+
+def _fails_the_image(error: HeadforgeError) -> bool:
+    """Whether a stage's error stops the whole image (server-side or unavailable) rather than
+    skipping just the head it concerns."""
+    return error.http_status >= 500 or isinstance(error, PipelineUnavailableError)
+
+
+def _fit_all_heads(fit_batch: BatchFitFunction, heads: list[Head], rgb: NDArray[np.uint8]) -> bool:
+    """Run the pipeline's batch fit over every head. False when it refused some head's input (a
+    client-side error): the per-head fits then run instead, so only the heads at fault are skipped."""
+    try:
+        fit_batch(heads, rgb)
+    except HeadforgeError as error:
+        if _fails_the_image(error):
+            raise
+        return False
+    return True
 
 
 # glibc malloc settings (mallopt parameters): blocks up to 32 MiB come from the heap, and the heap
@@ -500,11 +535,21 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def describe_networks(networks: DefaultNetworks) -> list[dict[str, Any]]:
-    """Name, version and sha256 of each network, from the model repository manifests (ONNX
-    Runtime backends) or the model files themselves (other backends)."""
+def describe_models(entry: PipelineEntry, networks: DefaultNetworks) -> list[dict[str, Any]]:
+    """result.json's `models`: the networks the landmark stage ran, then the pipeline's own models
+    (e.g. the imported FLAME asset)."""
+    extra: list[dict[str, Any]] = _resolve(entry.models)() if entry.models else []
+    return describe_networks(networks) + extra
+
+
+def describe_networks(
+    networks: DefaultNetworks, used: Sequence[str] = LANDMARK_STAGE_NETWORKS
+) -> list[dict[str, Any]]:
+    """Name, version and sha256 of each network in `used` (`DefaultNetworks` fields), from the model
+    repository manifests (ONNX Runtime backends) or the model files themselves (other backends)."""
     described = []
-    for network in (networks.short_range, networks.full_range, networks.face_landmark, networks.iris):
+    for field_name in used:
+        network = getattr(networks, field_name)
         path = getattr(network, "path", None)
         described.append(_describe_model_file(str(network.name), str(path) if path is not None else None))
     return described
