@@ -105,19 +105,28 @@ def output_folders(images: list[Path], out: Path) -> list[Path]:
 
 @contextmanager
 def _progress_display(enabled: bool) -> Iterator[Any]:
-    """A rich progress bar on stderr while the block runs, or None."""
+    """A rich progress bar on stderr while the block runs, or None.
+
+    Only when stderr is a terminal (rich's test, so `TTY_COMPATIBLE=1` or `FORCE_COLOR` force it):
+    the bar redraws in place and is erased when done, which a pipe or a log file cannot show, so
+    there the summary table alone reports the run.
+    """
     if not enabled:
         yield None
         return
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        yield None
+        return
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        console=Console(stderr=True),
+        console=console,
         transient=True,
     ) as progress:
         yield progress

@@ -35,6 +35,8 @@ class InputError(HeadforgeError):
 
 
 class NotAnImageError(InputError):
+    """Not a format headforge reads: an unknown signature, or a known but unsupported format."""
+
     code = "not_an_image"
     http_status = 415
 
@@ -44,7 +46,16 @@ class EmptyFileError(InputError):
 
 
 class TruncatedImageError(InputError):
+    """A recognized image format whose data ends early."""
+
     code = "truncated_image"
+
+
+class CorruptImageError(InputError):
+    """A recognized image format (by its signature) whose header or data is broken: a failed
+    checksum, an unparsable header, or pixel data the decoder refuses."""
+
+    code = "corrupt_image"
 
 
 class TooManyPixelsError(InputError):

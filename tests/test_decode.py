@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from collections.abc import Callable
 
 import cv2
 import numpy as np
@@ -13,7 +14,13 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from headforge.errors import EmptyFileError, NotAnImageError, TooManyPixelsError, TruncatedImageError
+from headforge.errors import (
+    CorruptImageError,
+    EmptyFileError,
+    NotAnImageError,
+    TooManyPixelsError,
+    TruncatedImageError,
+)
 from headforge.pipeline.decode import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV, decode_image, probe_image
 
 FORMATS = ["JPEG", "PNG", "WEBP", "BMP", "TIFF"]
@@ -185,20 +192,97 @@ def test_header_only_fragment_is_truncated(small_photo: np.ndarray, fmt: str) ->
         decode_image(payload[:40])
 
 
+def _jpeg_segment(payload: bytes | bytearray, marker: int) -> int:
+    """Offset of the first JPEG segment with this marker (0xC4 DHT, 0xDA SOS, ...), walking the
+    segment lengths from SOI."""
+    offset = 2
+    while offset + 4 <= len(payload):
+        assert payload[offset] == 0xFF, "not at a marker"
+        if payload[offset + 1] == marker:
+            return offset
+        offset += 2 + struct.unpack(">H", payload[offset + 2 : offset + 4])[0]
+    raise AssertionError(f"no marker {marker:#x}")
+
+
+def _assert_corrupt(payload: bytes, fmt: str) -> CorruptImageError:
+    with pytest.raises(CorruptImageError) as caught:
+        decode_image(payload)
+    error = caught.value
+    assert error.code == "corrupt_image" and error.http_status == 400
+    assert error.details["format"] == fmt and fmt in error.message
+    assert "BytesIO" not in error.message  # Pillow's object repr says nothing to a user
+    return error
+
+
 def test_corrupt_png_data_is_refused(small_photo: np.ndarray) -> None:
+    """The file is whole (IEND present) and its signature is PNG, but IDAT's CRC fails: corrupt,
+    neither truncated nor "not an image"."""
     payload = bytearray(encode(Image.fromarray(small_photo), "PNG"))
     middle = len(payload) // 2
     payload[middle : middle + 64] = bytes(64)  # damage IDAT; its CRC no longer matches
-    with pytest.raises(NotAnImageError) as caught:
-        decode_image(bytes(payload))
-    assert caught.value.code == "not_an_image"
+    error = _assert_corrupt(bytes(payload), "PNG")
+    assert "checksum" in error.message
 
 
 def test_corrupt_header_is_refused(small_photo: np.ndarray) -> None:
+    """IHDR's width and height overwritten without fixing its CRC: the header is damaged, which is a
+    corrupt PNG. (The same absurd size with a valid CRC is a decompression bomb: too_many_pixels,
+    see test_pixel_limit_checked_from_header.)"""
     payload = bytearray(encode(Image.fromarray(small_photo), "PNG"))
-    payload[16:24] = b"\xff" * 8  # IHDR width/height become absurd, CRC mismatches
-    with pytest.raises((NotAnImageError, TooManyPixelsError)):
-        decode_image(bytes(payload))
+    payload[16:24] = b"\xff" * 8
+    for call in (decode_image, probe_image):
+        with pytest.raises(CorruptImageError) as caught:
+            call(bytes(payload))
+        assert caught.value.code == "corrupt_image" and caught.value.details["format"] == "PNG"
+
+
+def _jpeg_bad_huffman_table(payload: bytearray) -> None:
+    table = _jpeg_segment(payload, 0xC4)
+    payload[table + 5 : table + 21] = b"\xff" * 16  # code counts that no Huffman tree can hold
+
+
+def _jpeg_random_scan(payload: bytearray) -> None:
+    scan = _jpeg_segment(payload, 0xDA)
+    noise = np.random.default_rng(0).integers(0, 256, 4900, dtype=np.uint8).tobytes()
+    payload[scan + 100 : scan + 5000] = noise
+
+
+def _bmp_bad_depth(payload: bytearray) -> None:
+    payload[28:30] = struct.pack("<H", 7)  # 7 bits per pixel does not exist
+
+
+def _tiff_bad_directory(payload: bytearray) -> None:
+    directory = struct.unpack("<I", payload[4:8])[0]
+    payload[directory + 2 : directory + 2 + 36] = b"\xff" * 36  # first three IFD entries
+
+
+@pytest.mark.parametrize(
+    ("fmt", "damage"),
+    [
+        ("JPEG", _jpeg_bad_huffman_table),
+        ("JPEG", _jpeg_random_scan),
+        ("BMP", _bmp_bad_depth),
+        ("TIFF", _tiff_bad_directory),
+    ],
+    ids=["jpeg-huffman-table", "jpeg-scan-noise", "bmp-depth", "tiff-directory"],
+)
+def test_corrupt_files_of_each_format(
+    small_photo: np.ndarray, fmt: str, damage: Callable[[bytearray], None]
+) -> None:
+    """Whole files of an accepted format with damaged headers or data: `corrupt_image` (400), kept
+    apart from `not_an_image` (415, another format) and `truncated_image` (400, bytes missing)."""
+    payload = bytearray(encode(Image.fromarray(small_photo), fmt))
+    intact = bytes(payload)
+    damage(payload)
+    assert len(payload) == len(intact) and bytes(payload) != intact
+    _assert_corrupt(bytes(payload), fmt)
+    decode_image(intact)  # the same file undamaged decodes
+
+
+def test_lzw_tiff_with_garbage_strips_is_corrupt(small_photo: np.ndarray) -> None:
+    payload = bytearray(encode(Image.fromarray(small_photo), "TIFF", compression="tiff_lzw"))
+    payload[200:2000] = b"\xff" * 1800  # inside the compressed strips; the directory is intact
+    _assert_corrupt(bytes(payload), "TIFF")
 
 
 def _png_header_only(width: int, height: int) -> bytes:

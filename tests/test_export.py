@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.machinery
 import json
+import sys
+import types
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -128,3 +132,74 @@ def test_tensorrt_absent_is_a_clear_error(tmp_path: Path) -> None:
 
     with pytest.raises(ModelExportError, match="TensorRT is not installed"):
         build_engine(tmp_path / "model.onnx", tmp_path / "model.plan")
+
+
+def _stand_in_tensorrt(serialized: bytes | None) -> types.ModuleType:
+    """A stand-in for the `tensorrt` package with just the builder calls `build_engine` makes, whose
+    build returns `serialized`. It exercises the file handling on machines without a GPU; the real
+    engine build is test_tensorrt_engine_from_an_entry."""
+    module = types.ModuleType("tensorrt")
+    module.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)
+    module.__version__ = "stand-in"  # type: ignore[attr-defined]
+    shapes: dict[str, Any] = {}
+
+    class Builder:
+        def __init__(self, logger: object) -> None:
+            self.network = types.SimpleNamespace(
+                num_inputs=1, get_input=lambda index: types.SimpleNamespace(name="x", shape=(-1, 6))
+            )
+
+        def create_network(self, flags: int) -> object:
+            return self.network
+
+        def create_builder_config(self) -> object:
+            return types.SimpleNamespace(
+                set_memory_pool_limit=lambda *args: None,
+                set_flag=lambda *args: None,
+                add_optimization_profile=lambda profile: None,
+            )
+
+        def create_optimization_profile(self) -> object:
+            return types.SimpleNamespace(set_shape=lambda name, *sizes: shapes.__setitem__(name, sizes))
+
+        def build_serialized_network(self, network: object, config: object) -> bytes | None:
+            return serialized
+
+    module.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})  # type: ignore[attr-defined]
+    module.Builder = Builder  # type: ignore[attr-defined]
+    module.OnnxParser = lambda network, logger: types.SimpleNamespace(parse=lambda data: True, num_errors=0)  # type: ignore[attr-defined]
+    module.MemoryPoolType = types.SimpleNamespace(WORKSPACE=0)  # type: ignore[attr-defined]
+    module.BuilderFlag = types.SimpleNamespace(FP16=0)  # type: ignore[attr-defined]
+    module.shapes = shapes  # type: ignore[attr-defined]
+    return module
+
+
+def test_engine_plan_is_written_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plan appears whole or not at all: a failed build or a failed write keeps the previous
+    plan byte for byte and leaves no temp file beside it."""
+    from headforge.export.tensorrt import build_engine
+
+    onnx_path = tmp_path / "model.onnx"
+    onnx_path.write_bytes(b"read by the stand-in parser, which accepts anything")
+    plan = tmp_path / "model.plan"
+
+    monkeypatch.setitem(sys.modules, "tensorrt", _stand_in_tensorrt(b"engine v1" * 1000))
+    settings = build_engine(onnx_path, plan, batch=(1, 4, 16))
+    assert plan.read_bytes() == b"engine v1" * 1000
+    assert settings == {"tensorrt": "stand-in", "fp16": True, "batch_profile": [1, 4, 16]}
+    assert sys.modules["tensorrt"].shapes == {"x": ((1, 6), (4, 6), (16, 6))}  # type: ignore[attr-defined]
+
+    monkeypatch.setitem(sys.modules, "tensorrt", _stand_in_tensorrt(None))
+    with pytest.raises(ModelExportError, match="failed to build"):
+        build_engine(onnx_path, plan)
+    assert plan.read_bytes() == b"engine v1" * 1000
+
+    def refuse_rename(source: object, target: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setitem(sys.modules, "tensorrt", _stand_in_tensorrt(b"engine v2" * 1000))
+    monkeypatch.setattr("headforge.files.os.replace", refuse_rename)
+    with pytest.raises(OSError, match="No space left"):
+        build_engine(onnx_path, plan)
+    assert plan.read_bytes() == b"engine v1" * 1000
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model.onnx", "model.plan"]

@@ -22,6 +22,7 @@ from headforge.pipeline.landmarks import (
     predict_landmarks,
     roi_from_detection,
 )
+from headforge.pipeline.types import Detection
 
 
 class CountingNetwork:
@@ -46,6 +47,54 @@ def test_roi_round_trip_and_rotation() -> None:
         roi.to_image(np.array([[1.0, 0.5]]))[0],
         [120 + 30 * math.cos(math.pi / 6), 80 + 30 * math.sin(math.pi / 6)],
     )
+
+
+@pytest.mark.parametrize(
+    ("box", "angle"),
+    [
+        ((100.0, 50.0, 180.0, 170.0), 30.0),  # tall box, head tilted 30° (left eye lower)
+        ((300.0, 40.0, 420.0, 130.0), -20.0),  # wide box, tilted the other way
+        ((60.0, 60.0, 124.0, 124.0), 135.0),  # square box, face nearly upside down
+    ],
+)
+def test_roi_from_detection_follows_the_documented_rule(
+    box: tuple[float, float, float, float], angle: float
+) -> None:
+    """A detection built by hand, with eye keypoints on a line at a known angle: the ROI is centred on
+    the box, 1.5 × its long side, and rotated by the eye-line angle (docs/detection.md), independent
+    of where the other four keypoints are."""
+    x0, y0, x1, y1 = box
+    right_eye = np.array([x0 + 0.3 * (x1 - x0), y0 + 0.4 * (y1 - y0)])
+    direction = np.array([math.cos(math.radians(angle)), math.sin(math.radians(angle))])
+    left_eye = right_eye + 0.4 * (x1 - x0) * direction
+    others = np.random.default_rng(5).uniform([x0, y0], [x1, y1], size=(4, 2))
+    detection = Detection(
+        box=np.array(box, np.float32),
+        score=0.9,
+        keypoints=np.vstack([right_eye, left_eye, others]).astype(np.float32),
+    )
+    roi = roi_from_detection(detection)
+    assert roi.center == pytest.approx(((x0 + x1) / 2, (y0 + y1) / 2), abs=1e-4)
+    assert roi.size == pytest.approx(1.5 * max(x1 - x0, y1 - y0), rel=1e-6)
+    assert math.degrees(roi.rotation) == pytest.approx(angle, abs=1e-3)
+    # In ROI units both eyes sit on one row, right eye left of the left eye: the crop is levelled.
+    eyes = roi.from_image(np.array([right_eye, left_eye]))
+    assert eyes[0, 1] == pytest.approx(eyes[1, 1], abs=1e-5) and eyes[0, 0] < eyes[1, 0]
+    # The same holds for the pixels of the 192 × 192 crop: soft dots centred exactly on the two eyes
+    # (pixel (i, j) has its centre at (i + 0.5, j + 0.5)) land on one row, in order.
+    ys, xs = np.mgrid[0:480, 0:640] + 0.5
+    rgb = np.zeros((480, 640, 3), np.uint8)
+    for eye, channel in ((right_eye, 0), (left_eye, 1)):
+        blob = np.exp(-((xs - eye[0]) ** 2 + (ys - eye[1]) ** 2) / (2 * 1.5**2))
+        rgb[:, :, channel] = np.rint(255 * blob).astype(np.uint8)
+    patch = crop_roi(rgb, roi, FACE_MESH_INPUT)
+    centroids = []
+    for channel in (0, 1):
+        rows, cols = np.nonzero(patch[:, :, channel] > 0.02)
+        weights = patch[rows, cols, channel]
+        centroids.append([np.average(cols, weights=weights) + 0.5, np.average(rows, weights=weights) + 0.5])
+    np.testing.assert_allclose(centroids, eyes * FACE_MESH_INPUT, atol=0.3)
+    assert abs(centroids[0][1] - centroids[1][1]) < 0.5 and centroids[0][0] < centroids[1][0]
 
 
 def test_crop_places_an_image_point_where_the_roi_says() -> None:

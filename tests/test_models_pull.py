@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import json
 import os
 import subprocess
@@ -9,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from needs import missing
 
 from headforge.config import headforge_home, model_repository, tflite_source_dir
 from headforge.errors import ModelFetchError
@@ -24,18 +27,19 @@ from headforge.models.pull import (
 
 
 def local_wheel() -> Path:
-    """The verified wheel from $HEADFORGE_MEDIAPIPE_WHEEL or the default home's download cache, or skip."""
+    """The verified wheel from $HEADFORGE_MEDIAPIPE_WHEEL or the default home's download cache; skip
+    (fail under HEADFORGE_STRICT_TESTS=1, where `models pull` has run) when there is none."""
     candidates = [Path(os.environ[WHEEL_ENV])] if os.environ.get(WHEEL_ENV) else []
     candidates.append(headforge_home() / "downloads" / WHEEL_FILENAME)
     for candidate in candidates:
         if candidate.is_file() and sha256_file(candidate) == WHEEL_SHA256:
             return candidate
-    pytest.skip("no local copy of the mediapipe wheel; run `headforge models pull` first")
+    missing("no local copy of the mediapipe wheel; run `headforge models pull` first")
 
 
 def test_pull_again_does_nothing() -> None:
     if read_entry(DEFAULT_MODELS[0].name, DEFAULT_VERSION) is None:
-        pytest.skip("the model repository is empty; run `headforge models pull`")
+        missing("the model repository is empty; run `headforge models pull`")
     report = pull()
     assert not report.changed
     assert report.up_to_date == [m.name for m in DEFAULT_MODELS]
@@ -170,3 +174,11 @@ def test_runtime_settings(monkeypatch: pytest.MonkeyPatch) -> None:
         default_threads()
     monkeypatch.delenv("HEADFORGE_THREADS")
     assert 1 <= default_threads() == physical_cores() <= (os.cpu_count() or 1)
+
+
+def test_mediapipe_is_not_installed() -> None:
+    """headforge reads the wheel's .tflite files itself; the `mediapipe` package must stay out of the
+    environment (it pins numpy<2 and protobuf<5, and onnx needs protobuf >= 6)."""
+    assert importlib.util.find_spec("mediapipe") is None, "the mediapipe package is importable here"
+    with pytest.raises(importlib.metadata.PackageNotFoundError):
+        importlib.metadata.distribution("mediapipe")  # nor installed under another import path

@@ -11,6 +11,7 @@ import pytest
 from numpy.typing import NDArray
 
 from headforge.errors import InvalidLandmarksError
+from headforge.models.runtime import DefaultNetworks
 from headforge.pipeline.geometry import face_normals
 from headforge.pipeline.pose import angles_to_rotation, estimate_pose, rotation_to_angles, to_head_frame
 from headforge.pipeline.topology import build_image_mesh, load_topology
@@ -20,6 +21,14 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 # Mean absolute error bound (degrees, over yaw, pitch and roll) for FaceMesh landmarks on the AFLW2000
 # sample with label crops. Measured 5.28°; see docs/benchmarks.md. VGGHeads reports 3.76°.
 LABEL_CROP_MAE_BOUND = 6.0
+# The same error on the pipeline's own path (`find_heads`: tiled detection, detector ROI, one refine
+# pass), all 8 faces found. Measured 7.08° with the ONNX models and 7.08° with LiteRT (they differ by
+# 0.003°), so numerical noise is far below the 0.32° margin. That margin is 7.7° of extra error summed
+# over the 24 angles (8 photos × yaw, pitch, roll): one angle of one photo 8° worse fails the test.
+# Measured regressions: landmark depth halved gives 8.60°, a 1.6 × ROI 7.48°; the alternatives in
+# docs/benchmarks.md move this figure by at most 0.35°. (Some ROI mistakes lower it by chance, e.g.
+# 1.4 × gives 6.53°, so the ROI rule itself is pinned by tests/test_landmarks.py instead.)
+DETECTOR_MAE_BOUND = 7.4
 # With the labelled 3D landmarks themselves, only the template and the convention can be wrong.
 LABEL_LANDMARK_MAE_BOUND = 1.5
 # Renders of the astronaut's face at known angles (`bench/pose_error.py --synthetic`, no shared data
@@ -93,9 +102,21 @@ def test_label_landmarks_match_aflw_angles(repo_script: Callable[[str], ModuleTy
         assert np.sign(sample.estimate[0]) == np.sign(sample.truth[0])
 
 
-def test_pose_error_on_aflw2000_sample(repo_script: Callable[[str], ModuleType]) -> None:
-    """FaceMesh landmarks (label crops, the usual AFLW2000 protocol) -> mean absolute error under a bound."""
+def _bench_on(
+    repo_script: Callable[[str], ModuleType], networks: DefaultNetworks, monkeypatch: pytest.MonkeyPatch
+) -> ModuleType:
+    """bench/pose_error.py running on the `networks` fixture (the served ONNX models; the bench alone
+    would fall back to LiteRT silently)."""
     bench = repo_script("bench/pose_error.py")
+    monkeypatch.setattr(bench, "networks", lambda: networks)
+    return bench
+
+
+def test_pose_error_on_aflw2000_sample(
+    repo_script: Callable[[str], ModuleType], networks: DefaultNetworks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FaceMesh landmarks (label crops, the usual AFLW2000 protocol) -> mean absolute error under a bound."""
+    bench = _bench_on(repo_script, networks, monkeypatch)
     samples = bench.evaluate(_aflw_or_skip(), label_crops=True)
     mae = bench.mean_absolute_error(samples)
     print(f"FaceMesh landmarks MAE: {mae}")
@@ -103,9 +124,24 @@ def test_pose_error_on_aflw2000_sample(repo_script: Callable[[str], ModuleType])
     assert mae["mean"] < LABEL_CROP_MAE_BOUND
 
 
-def test_pose_on_synthetic_renders(repo_script: Callable[[str], ModuleType]) -> None:
+def test_pose_error_on_the_pipeline_path(
+    repo_script: Callable[[str], ModuleType], networks: DefaultNetworks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Landmarks as `headforge reconstruct` gets them (`find_heads` on the whole photo, no labels
+    used) -> mean absolute error under DETECTOR_MAE_BOUND, every face found."""
+    bench = _bench_on(repo_script, networks, monkeypatch)
+    samples = bench.evaluate(_aflw_or_skip(), label_crops=False)
+    mae = bench.mean_absolute_error(samples)
+    print(f"find_heads landmarks MAE: {mae}")
+    assert mae["found"] == len(samples) == 8
+    assert mae["mean"] < DETECTOR_MAE_BOUND
+
+
+def test_pose_on_synthetic_renders(
+    repo_script: Callable[[str], ModuleType], networks: DefaultNetworks, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The astronaut's textured face rendered at known yaw and pitch: exact ground truth, no labels."""
-    bench = repo_script("bench/pose_error.py")
+    bench = _bench_on(repo_script, networks, monkeypatch)
     samples = bench.synthetic_poses()
     mae = bench.mean_absolute_error(samples)
     gain = bench.yaw_gain(samples)

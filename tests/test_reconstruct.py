@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 import trimesh
 from gltf_validator import validate_gltf
+from needs import missing
 from PIL import Image
 from plyfile import PlyData
 from skimage import data
@@ -35,14 +37,15 @@ FAST = ["--texture-size", "512", "--splats", "2048"]
 
 @pytest.fixture(scope="module")
 def onnx_models() -> None:
-    """The CLI serves the ONNX model repository; skip when `headforge models pull` has not run."""
+    """The CLI serves the ONNX model repository; skip when `headforge models pull` has not run (fail
+    under HEADFORGE_STRICT_TESTS=1)."""
     from headforge.errors import ModelsMissingError
     from headforge.models.runtime import default_network_paths
 
     try:
         default_network_paths()
-    except ModelsMissingError as missing:
-        pytest.skip(f"model repository not populated: {missing.message}")
+    except ModelsMissingError as error:
+        missing(f"model repository not populated: {error.message}")
 
 
 def jpeg_bytes(rgb: np.ndarray, **params: Any) -> bytes:
@@ -133,7 +136,8 @@ def test_cli_astronaut_no_face_and_bad_input(tmp_path: Path, onnx_models: None) 
     for stage in ("decode", "detect_landmarks", "fit", "texture", "splats", "package", "preview", "total"):
         assert document["timings_ms"][stage] >= 0
     names = {model["name"] for model in document["models"]}
-    assert {"face_detection_short_range", "face_detection_full_range", "face_landmark"} <= names
+    # The networks the detect + landmarks stage ran (the tiled full-range detector and FaceMesh).
+    assert {"face_detection_full_range", "face_landmark"} <= names
     assert all(model["sha256"] and len(model["sha256"]) == 64 for model in document["models"])
 
     (report,) = validate_gltf(out / "astronaut" / "h0.glb")
@@ -165,6 +169,51 @@ def test_table_output_and_option_errors(
             main()
         assert exited.value.code == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_progress_bar_on_a_terminal_and_summary_table(tmp_path: Path, onnx_models: None) -> None:
+    """Several images without --json: a progress bar on stderr while they run, when stderr is a
+    terminal (rich draws it, then erases it), and a summary table on stdout at the end. Piped or
+    logged output gets the table only."""
+    astronaut = tmp_path / "astronaut.jpg"
+    astronaut.write_bytes(jpeg_bytes(data.astronaut()))
+    sky = tmp_path / "sky.png"
+    Image.fromarray(np.tile(np.linspace(40, 220, 96, dtype=np.uint8)[:, None, None], (1, 128, 3))).save(sky)
+    args = ["reconstruct", str(astronaut), str(sky), "-o", str(tmp_path / "out"), *FAST]
+
+    # rich decides from the stream; TTY_COMPATIBLE=1 tells it the stream is a terminal.
+    terminal = CliRunner(env={"COLUMNS": "250", "TTY_COMPATIBLE": "1", "FORCE_COLOR": None})
+    result = terminal.invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    # The bar: drawn at 0 of 2 when it starts, and its last frame (drawn before it is erased) shows
+    # both images done and the last image's last stage.
+    assert "0/2" in result.stderr and "2/2" in result.stderr
+    assert "sky.png: done" in result.stderr
+    assert "\x1b[" in result.stderr  # cursor control: the bar redraws in place, then disappears
+    _check_summary_table(result.stdout, tmp_path / "out")
+
+    piped = CliRunner(env={"COLUMNS": "250", "TTY_COMPATIBLE": None, "FORCE_COLOR": None})
+    result = piped.invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""  # no bar (and no escape codes) in a pipe or a log file
+    _check_summary_table(result.stdout, tmp_path / "out")
+
+    # One image: no bar even on a terminal, still the table.
+    result = terminal.invoke(app, [args[0], *args[2:]], catch_exceptions=False)
+    assert result.exit_code == 0 and result.stderr == ""
+    assert "headforge reconstruct" in result.stdout and "sky.png" in result.stdout
+
+
+def _check_summary_table(stdout: str, out: Path) -> None:
+    """The rich table: title, one row per image with status, head count and output folder."""
+    assert "headforge reconstruct" in stdout
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", stdout).splitlines()  # colors, on a terminal
+    header = next(line for line in lines if "image" in line and "status" in line)
+    assert all(column in header for column in ("heads", "ms", "output / error"))
+    astronaut_row = next(line for line in lines if "astronaut.jpg" in line)
+    sky_row = next(line for line in lines if "sky.png" in line)
+    assert " ok " in astronaut_row and " 1 " in astronaut_row and str(out / "astronaut") in astronaut_row
+    assert " ok " in sky_row and " 0 " in sky_row and "(no face found)" in sky_row
 
 
 def test_api_orientation_outputs_and_determinism(tmp_path: Path, networks: DefaultNetworks) -> None:
@@ -236,22 +285,53 @@ def test_schema_is_valid_json_schema() -> None:
     jsonschema.Draft202012Validator.check_schema(result_schema())
 
 
+# The issue asks `headforge reconstruct` to detect and mesh at least 41 of the 43 labelled faces in
+# voc-faces (IoU >= 0.3); docs/detection.md measures 43 of 43 with no false positive. So the CLI may
+# lose at most two faces to a change elsewhere (a threshold, the ROI, the runner's head filtering)
+# before this fails; the false-positive cap matches tests/test_detect.py and tests/test_landmarks.py.
+VOC_MIN_MESHED = 41
+VOC_MAX_FALSE_POSITIVES = 2
+
+
+def _match_labels(labels: np.ndarray, boxes: np.ndarray) -> int:
+    """Labelled faces matched one-to-one (greedy, in label order) by a box with IoU >= 0.3."""
+    from headforge.pipeline.detect import box_iou
+
+    used: set[int] = set()
+    for label in labels:
+        if len(boxes) == 0:
+            break
+        overlap = box_iou(label, boxes)
+        overlap[list(used)] = 0
+        if overlap.max() >= 0.3:
+            used.add(int(overlap.argmax()))
+    return len(used)
+
+
 def test_group_photos(tmp_path: Path, onnx_models: None) -> None:
+    from headforge.benchmarks.landmarks import read_voc_boxes
+
     folder = SHARED_DATA / "voc-faces"
     if not folder.is_dir():
         pytest.skip(f"shared test data not present: {folder}")
-    photos = sorted(p for p in folder.glob("*.jpg") if p.name != "bald_guys.jpg")
-    assert photos
+    labels = read_voc_boxes(folder)
+    assert sum(len(boxes) for boxes in labels.values()) == 43
+    photos = sorted(folder / name for name in labels)  # bald_guys.jpg has no labels
     out = tmp_path / "out"
     code, summary = run_cli(*map(str, photos), "-o", str(out), "--texture-size", "512", "--splats", "1024")
     assert code == 0 and summary["failed"] == 0
     glbs: list[Path] = []
-    total_heads = 0
+    meshed = false_positives = 0
     for photo in photos:
         document = check_image_folder(out / photo.stem)
-        total_heads += len(document["heads"])
+        boxes = np.array([head["box"] for head in document["heads"]], np.float32).reshape(-1, 4)
+        hits = _match_labels(labels[photo.name], boxes)
+        meshed += hits
+        false_positives += len(boxes) - hits
         glbs.extend(out / photo.stem / f"h{head['index']}.glb" for head in document["heads"])
-    assert total_heads >= len(photos)  # every labelled photo shows at least one face
+    print(f"reconstruct on voc-faces: {meshed} of 43 labelled faces, {false_positives} false positives")
+    assert meshed >= VOC_MIN_MESHED
+    assert false_positives <= VOC_MAX_FALSE_POSITIVES
     reports = validate_gltf(*glbs)
     assert len(reports) == len(glbs)
     assert all(report["numErrors"] == 0 for report in reports), [r for r in reports if r["numErrors"]]

@@ -9,7 +9,7 @@ from typing import Any
 
 from headforge.errors import ModelExportError
 from headforge.export.repository import MANIFEST, write_json_atomic
-from headforge.files import sha256_file
+from headforge.files import sha256_file, write_atomic
 
 
 def tensorrt_available() -> bool:
@@ -56,7 +56,8 @@ def build_engine(
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ModelExportError(f"TensorRT failed to build an engine for {onnx_path.name}")
-    plan_path.write_bytes(bytes(serialized))
+    # Atomic: a reader never sees half an engine, and a failed write leaves the previous plan intact.
+    write_atomic(plan_path, bytes(serialized))
     return {"tensorrt": trt.__version__, "fp16": fp16, "batch_profile": list(batch)}
 
 

@@ -7,6 +7,10 @@ alpha composited over white (a transparent background reads as a plain studio ba
 detector, where dropping alpha would expose whatever colour the encoder left under it).
 
 The pixel limit (decompression bombs) is checked from the header, before any pixel is decoded.
+
+Refusals: `not_an_image` when the signature is not one of the accepted formats, `truncated_image`
+when an accepted format's data ends early, `corrupt_image` when it is complete but broken (a failed
+PNG checksum, an unparsable header, data the decoder rejects).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from PIL import (  # importing the plugins registers exactly the formats we acce
 )
 
 from headforge.errors import (
+    CorruptImageError,
     EmptyFileError,
     NotAnImageError,
     TooManyPixelsError,
@@ -92,7 +97,7 @@ def probe_image(data: bytes, max_pixels: int | None = None) -> ImageProbe:
 
 def decode_image(data: bytes, max_pixels: int | None = None) -> DecodedImage:
     """Decode `data` to upright RGB8; raise `EmptyFileError`, `NotAnImageError`,
-    `TruncatedImageError` or `TooManyPixelsError`."""
+    `TruncatedImageError`, `CorruptImageError` or `TooManyPixelsError`."""
     image, caught = _open(data, max_pixels)
     with image:
         source_format = SUPPORTED_FORMATS[str(image.format)]
@@ -143,9 +148,11 @@ def _open(data: bytes, max_pixels: int | None) -> tuple[Image.Image, list[warnin
         )
     width, height = image.size
     if width <= 0 or height <= 0:
+        found = SUPPORTED_FORMATS[str(image.format)]
         image.close()
-        raise NotAnImageError(
-            "the image header gives an empty size", details={"width": width, "height": height}
+        raise CorruptImageError(
+            f"the {found} header gives an empty size",
+            details={"format": found, "width": width, "height": height},
         )
     if width * height > limit:
         image.close()
@@ -163,7 +170,8 @@ def _verify_png_checksums(data: bytes) -> None:
 
 
 def _raise_decode_error(data: bytes, error: BaseException, caught: list[warnings.WarningMessage]) -> None:
-    """Turn a Pillow failure into `TruncatedImageError` or `NotAnImageError`."""
+    """Turn a Pillow failure into `NotAnImageError` (no accepted signature), `TruncatedImageError`
+    (an accepted format that ends early) or `CorruptImageError` (an accepted format, broken)."""
     signature = _signature_format(data)
     if signature is None:
         other = _other_format(data)
@@ -180,8 +188,10 @@ def _raise_decode_error(data: bytes, error: BaseException, caught: list[warnings
             f"the {signature} file ends early (truncated upload?)",
             details={"format": signature, "bytes": len(data)},
         ) from error
-    raise NotAnImageError(
-        f"the {signature} file is corrupt: {error}", details={"format": signature, "reason": str(error)}
+    # Pillow's "cannot identify image file <_io.BytesIO …>" says nothing useful about the bytes.
+    reason = "its header cannot be parsed" if isinstance(error, UnidentifiedImageError) else str(error)
+    raise CorruptImageError(
+        f"the {signature} file is corrupt: {reason}", details={"format": signature, "reason": reason}
     ) from error
 
 

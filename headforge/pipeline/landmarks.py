@@ -2,8 +2,9 @@
 
 For each detection: a square ROI centred on the box, 1.5 × its long side, rotated so the eyes are
 level (from the right-eye and left-eye keypoints); warp it to 192×192 with OpenCV; run FaceMesh on
-every head of the image in one batch; map the 468 (x, y, z) back to original pixels, z on the x
-scale. Optionally a second pass re-centres the ROI on the first pass's landmarks (as MediaPipe's
+every head of the image in one `Network.run` call (the runtime may split that batch: on CPU, one
+item per ONNX Runtime call; see `headforge.models.runtime.OrtNetwork`); map the 468 (x, y, z) back
+to original pixels, z on the x scale. Optionally a second pass re-centres the ROI on the first pass's landmarks (as MediaPipe's
 tracking does from frame to frame) and Iris adds five points per eye (478 in all).
 """
 
@@ -131,7 +132,7 @@ def unit_to_image(
 def run_face_mesh(
     rgb: NDArray[np.uint8], rois: Sequence[Roi], networks: DefaultNetworks
 ) -> tuple[list[NDArray[np.float32]], NDArray[np.float64]]:
-    """FaceMesh on all ROIs in one batched call: per ROI (468, 3) pixels, and presence scores."""
+    """FaceMesh on all ROIs in one `Network.run` call: per ROI (468, 3) pixels, and presence scores."""
     batch = np.stack([crop_roi(rgb, roi, FACE_MESH_INPUT) for roi in rois])
     raw_landmarks, raw_presence = networks.face_landmark.run(batch)[:2]
     raw_landmarks = np.asarray(raw_landmarks).reshape(len(rois), NUM_MESH_LANDMARKS, 3)
