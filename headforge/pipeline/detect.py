@@ -4,7 +4,7 @@ MediaPipe's own graph letterboxes the whole photo into one detector input, decod
 keypoints against SSD anchors, applies a sigmoid to clipped scores and merges overlapping boxes
 with weighted non-maximum suppression. That misses small faces in group photos: a 37 px face in a
 500 px photo is 14 px in the full-range model's 192 px input. headforge also runs the full-range
-model on overlapping square tiles (one batched call), drops tile detections cut by an inner tile
+model on overlapping square tiles (all windows in one `Network.run` call), drops tile detections cut by an inner tile
 edge, and merges detections across tiles and the whole-image pass.
 """
 
@@ -294,7 +294,7 @@ def run_detector(
     min_score: float,
     edge_margin: float = 0.01,
 ) -> RawDetections:
-    """Run one detector on all windows in one batched call; weighted NMS per window; pixels out."""
+    """Run one detector on all windows in one `Network.run` call; weighted NMS per window; pixels out."""
     batch = np.stack([window_tensor(rgb, w, model.input_size) for w in windows])
     raw_boxes, raw_scores = network.run(batch)[:2]
     parts: list[RawDetections] = []

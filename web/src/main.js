@@ -51,7 +51,8 @@ const TERMINAL = new Set(['succeeded', 'failed', 'canceled']);
 // What to tell people for the API's error codes; the API's own message is always shown as well.
 const ERROR_HELP = {
   not_an_image: 'That file is not an image headforge can read. Use a JPEG, PNG or WebP photo.',
-  truncated_image: 'That image file is cut short or damaged. Try exporting it again.',
+  truncated_image: 'That image file is cut short. Try exporting it again.',
+  corrupt_image: 'That image file is damaged. Try exporting it again.',
   empty_file: 'That file is empty.',
   invalid_image: 'That image cannot be used.',
   too_many_pixels: 'That image has too many pixels. Resize it and try again.',
