@@ -7,8 +7,12 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
+
+if TYPE_CHECKING:
+    from headforge.client import HeadforgeClient
 
 
 def serve(
@@ -94,53 +98,130 @@ def worker(
     app.worker_main(argv)
 
 
+# Gateway answers that concern one uploaded file: report them against the file and go on with the others.
+# Any other error (bad key, bad option, rate limit, server down) applies to every file and stops the command.
+_FILE_REJECTIONS = frozenset({
+    "empty_file", "truncated_image", "corrupt_image", "unreadable_file", "not_an_image", "file_too_large", "too_many_pixels",
+    "invalid_image", "bad_request",
+})
+
+
 def submit(
     images: list[Path] = typer.Argument(..., help="Image files to submit (one job each)."),
     server: str = typer.Option("http://127.0.0.1:8000", "--server", help="Base URL of a headforge server."),
     api_key: str | None = typer.Option(None, "--api-key", envvar="HEADFORGE_API_KEY", help="API key."),
-    wait: bool = typer.Option(False, "--wait", help="Wait for each job and download its artifacts."),
+    wait: bool = typer.Option(False, "--wait", help="Wait for the jobs and download their artifacts."),
     out: Path = typer.Option(Path("headforge-out"), "-o", "--out", help="Folder for the artifacts."),
     pipeline: str | None = typer.Option(None, help="Pipeline name (default: the server's default)."),
     outputs: str | None = typer.Option(None, help="Comma-separated: glb,obj,splats,preview."),
-    timeout: float = typer.Option(900.0, help="Seconds to wait per job."),
+    timeout: float = typer.Option(
+        900.0, help="Give up waiting when no job has finished for this many seconds (so each job in a queue "
+        "gets this long).",
+    ),
 ) -> None:
-    """Submit images to a running server; with --wait, show progress and download the artifacts."""
-    from rich.progress import BarColumn, Progress, TaskID, TextColumn
+    """Submit images to a running server; with --wait, show every job's progress and download the artifacts."""
+    import httpx
 
-    from headforge.client import HeadforgeClient
+    from headforge.client import ApiError, HeadforgeClient, WaitTimeout
 
-    missing = [str(p) for p in images if not p.is_file()]
+    missing = [path for path in images if not path.is_file()]
+    for path in missing:
+        typer.secho(f"{path}: not a file", err=True, fg=typer.colors.RED)
     if missing:
-        raise typer.BadParameter(f"not a file: {', '.join(missing)}")
+        raise typer.Exit(2)
+    labels = _unique_labels(images)
     failures = 0
-    with HeadforgeClient(server, api_key=api_key) as client:
-        submitted = [(path, client.submit([path], pipeline=pipeline, outputs=outputs)) for path in images]
-        for path, job in submitted:
-            typer.echo(f"{path}: job {job['id']} {job['status']}")
-        if not wait:
-            return
-        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[status]}")) as bar:
-            tasks = {job["id"]: bar.add_task(path.name, total=1.0, status="queued") for path, job in submitted}
-            finished: dict[str, dict[str, object]] = {}
-            for _path, job in submitted:
-
-                def update(doc: dict[str, object], task_id: TaskID = tasks[job["id"]]) -> None:
-                    progress = doc.get("progress") or {}
-                    overall = float(progress.get("overall", 0.0)) if isinstance(progress, dict) else 0.0
-                    done = 1.0 if doc["status"] == "succeeded" else overall
-                    bar.update(task_id, completed=done, status=str(doc["status"]))
-
-                finished[job["id"]] = client.wait(job["id"], timeout=timeout, on_update=update)
-        for path, job in submitted:
-            doc = finished[job["id"]]
-            if doc["status"] != "succeeded":
-                failures += 1
-                error = doc.get("error") or {}
-                code = error.get("code") if isinstance(error, dict) else None
-                typer.secho(f"{path}: {doc['status']} [{code}]", err=True, fg=typer.colors.RED)
-                continue
-            target = out / path.stem if len(submitted) > 1 else out
-            saved = client.download_artifacts(doc, target)
-            typer.echo(f"{path}: {len(saved)} files in {target}")
+    try:
+        with HeadforgeClient(server, api_key=api_key) as client:
+            submitted: list[tuple[Path, str, str]] = []  # (path, label, job id)
+            for path, label in zip(images, labels, strict=True):
+                try:
+                    job = client.submit([path], pipeline=pipeline, outputs=outputs)
+                except ApiError as error:
+                    if error.code not in _FILE_REJECTIONS:
+                        raise
+                    failures += 1
+                    typer.secho(f"{path}: rejected [{error.code}]: {error.message}", err=True, fg=typer.colors.RED)
+                    continue
+                submitted.append((path, label, job["id"]))
+                typer.echo(f"{path}: job {job['id']} {job['status']}")
+            if not wait or not submitted:
+                raise typer.Exit(2 if failures else 0)
+            names = {job_id: label for _path, label, job_id in submitted}
+            try:
+                finished = _wait_with_progress(client, names, timeout)
+            except WaitTimeout as stalled:
+                finished = stalled.jobs
+                typer.secho(f"gave up: {stalled}", err=True, fg=typer.colors.RED)
+            for path, label, job_id in submitted:
+                doc = finished[job_id]
+                if doc["status"] != "succeeded":
+                    failures += 1
+                    problem = doc.get("error")
+                    detail = f" [{problem.get('code')}]: {problem.get('message')}" if isinstance(problem, dict) else ""
+                    typer.secho(f"{path}: {doc['status']}{detail}", err=True, fg=typer.colors.RED)
+                    continue
+                target = out / label if len(submitted) > 1 else out
+                saved = client.download_artifacts(doc, target)
+                typer.echo(f"{path}: {len(saved)} files in {target}")
+    except httpx.HTTPError as error:
+        typer.secho(f"error: cannot talk to {server}: {error}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2) from None
     if failures:
         raise typer.Exit(2)
+
+
+def _unique_labels(paths: list[Path]) -> list[str]:
+    """A display name and download folder per image: its stem, or `stem-2`, `stem-3`… when taken."""
+    labels: list[str] = []
+    for path in paths:
+        stem = path.stem or "image"
+        label, number = stem, 1
+        while label in labels:
+            number += 1
+            label = f"{stem}-{number}"
+        labels.append(label)
+    return labels
+
+
+def _progress_text(doc: dict[str, Any]) -> tuple[str, float]:
+    """A job's status line (with its place in the queue while queued) and its completed fraction."""
+    progress = doc.get("progress") or {}
+    overall = float(progress.get("overall", 0.0)) if isinstance(progress, dict) else 0.0
+    done = 1.0 if doc["status"] == "succeeded" else min(max(overall, 0.0), 1.0)
+    status = str(doc["status"])
+    if status == "queued" and doc.get("queue_position") is not None:
+        status += f" ({doc['queue_position']} ahead)"
+    return status, done
+
+
+def _wait_with_progress(
+    client: HeadforgeClient, names: dict[str, str], timeout: float
+) -> dict[str, dict[str, Any]]:
+    """Poll all jobs together (`HeadforgeClient.wait_many`). On a terminal: one live bar per job.
+    Otherwise (a pipe, a log): a line `[label] status NN%` whenever a job's status or tenth changes."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    console = Console()
+    if console.is_terminal:
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[status]}"),
+                      console=console) as bars:
+            tasks = {job_id: bars.add_task(label, total=1.0, status="submitted") for job_id, label in names.items()}
+
+            def draw(doc: dict[str, Any]) -> None:
+                status, done = _progress_text(doc)
+                bars.update(tasks[doc["id"]], completed=done, status=status)
+
+            return client.wait_many(list(names), timeout=timeout, on_update=draw)
+
+    shown: dict[str, tuple[str, int]] = {}
+
+    def log(doc: dict[str, Any]) -> None:
+        status, done = _progress_text(doc)
+        key = (status, int(done * 10))
+        if shown.get(doc["id"]) != key:
+            shown[doc["id"]] = key
+            typer.echo(f"[{names[doc['id']]}] {status} {round(done * 100)}%")
+
+    return client.wait_many(list(names), timeout=timeout, on_update=log)

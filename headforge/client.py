@@ -34,6 +34,14 @@ class ApiError(HeadforgeError):
         self.retry_after = retry_after
 
 
+class WaitTimeout(TimeoutError):
+    """`wait_many` gave up; `jobs` holds the last document seen for every job, finished or not."""
+
+    def __init__(self, message: str, jobs: dict[str, dict[str, Any]]):
+        super().__init__(message)
+        self.jobs = jobs
+
+
 class HeadforgeClient:
     """Synchronous client; one `httpx.Client` connection pool per instance."""
 
@@ -113,15 +121,31 @@ class HeadforgeClient:
     def wait(self, job_id: str, timeout: float = 600.0, poll: float = 0.25,
              on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Poll until the job is succeeded, failed or canceled (or `timeout` passes: TimeoutError)."""
+        return self.wait_many([job_id], timeout=timeout, poll=poll, on_update=on_update)[job_id]
+
+    def wait_many(self, job_ids: Sequence[str], timeout: float = 600.0, poll: float = 0.25,
+                  on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, dict[str, Any]]:
+        """Poll every unfinished job in each round until all are succeeded, failed or canceled, and
+        return the final documents by id. `on_update` sees each polled document as it arrives, so
+        every job's progress moves together. `WaitTimeout` when `timeout` seconds pass without any
+        job finishing (jobs queued behind each other each get that long)."""
+        latest: dict[str, dict[str, Any]] = {}
+        pending = list(dict.fromkeys(job_ids))
         deadline = time.monotonic() + timeout
         while True:
-            job = self.job(job_id)
-            if on_update is not None:
-                on_update(job)
-            if job["status"] in TERMINAL_STATUSES:
-                return job
+            for job_id in list(pending):
+                job = self.job(job_id)
+                latest[job_id] = job
+                if on_update is not None:
+                    on_update(job)
+                if job["status"] in TERMINAL_STATUSES:
+                    pending.remove(job_id)
+                    deadline = time.monotonic() + timeout
+            if not pending:
+                return {job_id: latest[job_id] for job_id in job_ids}
             if time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} still {job['status']} after {timeout} s")
+                states = ", ".join(f"{job_id} {latest[job_id]['status']}" for job_id in pending)
+                raise WaitTimeout(f"no job finished in {timeout} s; still waiting for {states}", latest)
             time.sleep(poll)
 
     def delete(self, job_id: str) -> dict[str, Any] | None:

@@ -5,11 +5,14 @@
 
 from __future__ import annotations
 
-from celery import Celery
+import os
+from typing import Any
+
+from celery import Celery, signals
 from kombu import Queue
 
 from headforge.service.jobs import JobStore
-from headforge.service.settings import QUEUES, Settings
+from headforge.service.settings import QUEUES, WORKER_QUEUES_ENV, Settings
 
 WEBHOOK_TASK = "headforge.deliver_webhook"
 JOB_TASK = "headforge.run_job"
@@ -63,6 +66,20 @@ def make_celery(settings: Settings) -> Celery:
 
 
 app = make_celery(Settings.from_env())
+
+
+def consumed_queues(celery: Celery) -> tuple[str, ...]:
+    """The headforge queues a worker of `celery` consumes, once `-Q` has been applied."""
+    selected = celery.amqp.queues.consume_from
+    return tuple(name for name in QUEUES if name in selected)
+
+
+@signals.celeryd_after_setup.connect
+def _announce_queues(sender: str, instance: Any, **_kwargs: Any) -> None:
+    """Pass the worker's queue selection to its processes through the environment: the sweeper
+    (started right after this signal) reads it into `Settings.worker_queues` and registers the
+    worker under each queue, which `/metrics` reports as `headforge_queue_workers{queue}`."""
+    os.environ[WORKER_QUEUES_ENV] = ",".join(consumed_queues(instance.app))
 
 
 def dispatch(celery: Celery, jobs: JobStore, job_id: str, queue: str, countdown: float = 0.0) -> None:

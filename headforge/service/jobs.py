@@ -19,6 +19,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +29,7 @@ from headforge.errors import (
     TooManyQueuedError,
     WorkerLostError,
 )
-from headforge.service.settings import Settings
+from headforge.service.settings import QUEUES, Settings
 from headforge.service.state import UNCHANGED, Document, RedisState, SqliteState, StateBackend
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED = "queued", "running", "succeeded", "failed", "canceled"
@@ -85,6 +86,11 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _at(now: float | None) -> float:
+    """`now` when the caller fixed the time of a transition, else the clock."""
+    return time.time() if now is None else now
 
 
 def worker_identity() -> dict[str, Any]:
@@ -207,15 +213,18 @@ class JobStore:
 
         self.backend.mutate("job", job_id, apply)
 
-    def claim(self, job_id: str, identity: dict[str, Any] | None = None) -> Claim | str:
+    def claim(
+        self, job_id: str, identity: dict[str, Any] | None = None, *, now: float | None = None
+    ) -> Claim | str:
         """Take the job for this worker. Returns a `Claim`, or a reason string when another
-        holder owns it or it is finished, canceled or gone (the caller then does nothing)."""
+        holder owns it or it is finished, canceled or gone (the caller then does nothing).
+        `now` (default: the clock) is the time the lease is judged and stamped at."""
         identity = identity or worker_identity()
         token = uuid.uuid4().hex
         outcome: dict[str, str] = {}
 
         def apply(doc: Document | None) -> Any:
-            now = time.time()
+            moment = _at(now)
             if doc is None:
                 outcome["reason"] = "missing"
                 return UNCHANGED
@@ -225,7 +234,7 @@ class JobStore:
             if doc["status"] == RUNNING:
                 lease = doc.get("lease") or {}
                 same_host_dead = lease.get("host") == identity["host"] and not _pid_alive(int(lease.get("pid", 0)))
-                if lease.get("expires_at", 0) > now and not same_host_dead:
+                if lease.get("expires_at", 0) > moment and not same_host_dead:
                     outcome["reason"] = "busy"
                     return UNCHANGED
             if doc["attempts"] >= self.settings.max_attempts:
@@ -233,16 +242,16 @@ class JobStore:
                     f"the job was started {doc['attempts']} times and its worker was lost each time",
                     details={"attempts": doc["attempts"]},
                 )
-                self._finish(doc, FAILED, now, error=error.to_dict())
+                self._finish(doc, FAILED, moment, error=error.to_dict())
                 outcome["reason"] = "failed"
                 return doc
             if doc["started_at"] is None:
-                doc["started_at"] = now
-                doc["timings_ms"]["queue_wait"] = round((now - doc["enqueued_at"]) * 1000, 2)
+                doc["started_at"] = moment
+                doc["timings_ms"]["queue_wait"] = round((moment - doc["enqueued_at"]) * 1000, 2)
             doc["status"] = RUNNING
             doc["attempts"] += 1
-            doc["lease"] = {**identity, "token": token, "expires_at": now + self.settings.lease_seconds}
-            doc["updated_at"] = now
+            doc["lease"] = {**identity, "token": token, "expires_at": moment + self.settings.lease_seconds}
+            doc["updated_at"] = moment
             return doc
 
         _old, new = self.backend.mutate("job", job_id, apply)
@@ -258,7 +267,9 @@ class JobStore:
             doc is not None and doc["status"] == RUNNING and (doc.get("lease") or {}).get("token") == token
         )
 
-    def heartbeat(self, job_id: str, token: str, progress: dict[str, float] | None = None) -> bool:
+    def heartbeat(
+        self, job_id: str, token: str, progress: dict[str, float] | None = None, *, now: float | None = None
+    ) -> bool:
         """Renew the lease (and record progress). False when the job was canceled, deleted or
         taken over: the caller should stop."""
         held = {"ok": False}
@@ -268,11 +279,11 @@ class JobStore:
                 return UNCHANGED
             assert doc is not None
             held["ok"] = True
-            now = time.time()
-            doc["lease"]["expires_at"] = now + self.settings.lease_seconds
+            moment = _at(now)
+            doc["lease"]["expires_at"] = moment + self.settings.lease_seconds
             if progress:
                 doc["progress"].update(progress)
-            doc["updated_at"] = now
+            doc["updated_at"] = moment
             return doc
 
         self.backend.mutate("job", job_id, apply)
@@ -289,7 +300,7 @@ class JobStore:
 
     def complete(
         self, job_id: str, token: str, *, artifacts: list[dict[str, Any]], result_key: str | None,
-        timings_ms: dict[str, float], progress: dict[str, float] | None = None,
+        timings_ms: dict[str, float], progress: dict[str, float] | None = None, now: float | None = None,
     ) -> bool:
         """running → succeeded, only for the lease holder. Returns whether this call won."""
         won = {"ok": False}
@@ -303,7 +314,7 @@ class JobStore:
             doc["result_key"] = result_key
             doc["timings_ms"].update(timings_ms)
             doc["progress"] = {stage: 1.0 for stage in {**doc["progress"], **(progress or {})}}
-            self._finish(doc, SUCCEEDED, time.time())
+            self._finish(doc, SUCCEEDED, _at(now))
             return doc
 
         self.backend.mutate("job", job_id, apply)
@@ -312,7 +323,7 @@ class JobStore:
             self.backend.notify(f"done:{job_id}")
         return won["ok"]
 
-    def fail(self, job_id: str, token: str | None, error: dict[str, Any]) -> bool:
+    def fail(self, job_id: str, token: str | None, error: dict[str, Any], *, now: float | None = None) -> bool:
         """running → failed (lease holder only; `token=None` fails a queued or running job)."""
         won = {"ok": False}
 
@@ -322,7 +333,7 @@ class JobStore:
             if token is not None and not self._holds(doc, token):
                 return UNCHANGED
             won["ok"] = True
-            self._finish(doc, FAILED, time.time(), error=error)
+            self._finish(doc, FAILED, _at(now), error=error)
             return doc
 
         self.backend.mutate("job", job_id, apply)
@@ -331,29 +342,31 @@ class JobStore:
             self.backend.notify(f"done:{job_id}")
         return won["ok"]
 
-    def release(self, job_id: str, token: str | None, delay: float = 0.0, force: bool = False) -> bool:
+    def release(
+        self, job_id: str, token: str | None, delay: float = 0.0, force: bool = False, *, now: float | None = None
+    ) -> bool:
         """running → queued for another attempt (expired lease, or a transient error). With a token,
-        only its holder may release; without one, only when the lease has expired (or `force`,
-        when the caller saw that the holder's process is gone)."""
+        only its holder may release; without one, only when the lease has expired at `now` (default:
+        the clock), or with `force`, when the caller saw that the holder's process is gone."""
         released = {"ok": False}
 
         def apply(doc: Document | None) -> Any:
             if doc is None or doc["status"] != RUNNING:
                 return UNCHANGED
-            now = time.time()
+            moment = _at(now)
             lease = doc.get("lease") or {}
             if token is not None and lease.get("token") != token:
                 return UNCHANGED
-            if token is None and not force and lease.get("expires_at", 0) > now:
+            if token is None and not force and lease.get("expires_at", 0) > moment:
                 return UNCHANGED
             released["ok"] = True
             doc["status"] = QUEUED
             doc["lease"] = None
             doc["requeues"] += 1
-            doc["enqueued_at"] = now
-            doc["dispatched_at"] = now
-            doc["redispatch_due"] = now + delay + self.settings.effective_redispatch_after
-            doc["updated_at"] = now
+            doc["enqueued_at"] = moment
+            doc["dispatched_at"] = moment
+            doc["redispatch_due"] = moment + delay + self.settings.effective_redispatch_after
+            doc["updated_at"] = moment
             return doc
 
         self.backend.mutate("job", job_id, apply)
@@ -423,16 +436,38 @@ class JobStore:
     def delete_batch(self, batch_id: str) -> None:
         self.backend.mutate("batch", batch_id, lambda doc: None if doc is not None else UNCHANGED)
 
-    def batches_before(self, cutoff: float, limit: int = 100) -> list[str]:
-        return self.backend.members("batches", max_score=cutoff, limit=limit)
+    def batches_before(self, cutoff: float, limit: int = 100, scan: int = 1000) -> list[str]:
+        """Batches due for removal at `cutoff`: created before it, and every job of theirs finished
+        before it or already removed. A batch with a queued or running job is kept however old.
+        The oldest `scan` batches created before `cutoff` are examined."""
+        candidates = self.backend.members("batches", max_score=cutoff, limit=scan)
+        due: list[str] = []
+        for batch_id, batch in zip(candidates, self.backend.get_many("batch", candidates), strict=True):
+            if batch is None:
+                continue
+            members = self.backend.get_many("job", list(batch.get("job_ids", [])))
+            if all(job is None or (job["status"] in TERMINAL and job["finished_at"] <= cutoff) for job in members):
+                due.append(batch_id)
+                if len(due) >= limit:
+                    break
+        return due
 
     # ------------------------------------------------------------------ workers
 
-    def worker_seen(self, name: str) -> None:
-        self.backend.index_add("workers", name, time.time())
+    def worker_seen(self, name: str, queues: Sequence[str] | None = None, *, now: float | None = None) -> None:
+        """Record that worker `name` is alive, overall and under each queue it consumes (default: the
+        `worker_queues` setting, which a worker process learns from Celery at startup)."""
+        moment = _at(now)
+        self.backend.index_add("workers", name, moment)
+        for queue in self.settings.worker_queues if queues is None else queues:
+            self.backend.index_add(f"workers:{queue}", name, moment)
 
     def worker_gone(self, name: str) -> None:
         self.backend.index_remove("workers", name)
+        for queue in QUEUES:
+            self.backend.index_remove(f"workers:{queue}", name)
 
-    def live_workers(self, within: float = 60.0) -> int:
-        return self.backend.count("workers", min_score=time.time() - within)
+    def live_workers(self, within: float = 60.0, queue: str | None = None, *, now: float | None = None) -> int:
+        """Workers seen in the last `within` seconds: all of them, or those consuming `queue`."""
+        index = "workers" if queue is None else f"workers:{queue}"
+        return self.backend.count(index, min_score=_at(now) - within)

@@ -60,6 +60,14 @@ class SharedStateCollector(Collector):
         yield GaugeMetricFamily("headforge_workers", "Workers seen in the last minute",
                                 value=self.jobs.live_workers())
 
+        # A separate family rather than a label on headforge_workers: a worker that consumes both
+        # queues counts under each, so these do not sum to the worker count.
+        per_queue = GaugeMetricFamily("headforge_queue_workers", "Workers seen in the last minute that consume "
+                                      "each queue", labels=["queue"])
+        for queue in QUEUES:
+            per_queue.add_metric([queue], self.jobs.live_workers(queue=queue))
+        yield per_queue
+
         stages = HistogramMetricFamily("headforge_stage_seconds", "Pipeline stage latency", labels=["stage"])
         for stage in sorted(self._stage_names()):
             counts = self.jobs.backend.counters(f"stage:{stage}")

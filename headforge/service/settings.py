@@ -12,6 +12,8 @@ from pathlib import Path
 from headforge.config import headforge_home
 
 QUEUES = ("cpu", "gpu")
+# Set inside a worker process (from Celery's -Q selection) so its sweeper can register per queue.
+WORKER_QUEUES_ENV = "HEADFORGE_WORKER_QUEUES"
 DEFAULT_QUEUE_ROUTES = {"facemesh": "cpu", "flame": "cpu", "vggheads": "gpu", "kaolrm": "gpu", "topos": "gpu"}
 
 
@@ -53,6 +55,15 @@ def _parse_routes(raw: str) -> dict[str, str]:
     return routes
 
 
+def _parse_queues(raw: str) -> tuple[str, ...]:
+    """`cpu,gpu` → ("cpu", "gpu"), each a known queue, in order, without repeats."""
+    queues = tuple(dict.fromkeys(part.strip() for part in raw.split(",") if part.strip()))
+    unknown = [queue for queue in queues if queue not in QUEUES]
+    if unknown:
+        raise ValueError(f"{WORKER_QUEUES_ENV}: unknown queue(s) {unknown}; choose among {list(QUEUES)}")
+    return queues
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the gateway and the workers need to agree on."""
@@ -86,6 +97,7 @@ class Settings:
     queue_routes: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_QUEUE_ROUTES))
     json_logs: bool = True
     cors_origins: tuple[str, ...] = ()
+    worker_queues: tuple[str, ...] = ()  # the queues this worker process consumes (empty elsewhere)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -124,6 +136,7 @@ class Settings:
             queue_routes=_parse_routes(os.environ.get("HEADFORGE_QUEUE_ROUTES", "")),
             json_logs=_env_bool("HEADFORGE_JSON_LOGS", True),
             cors_origins=tuple(o.strip() for o in cors.split(",") if o.strip()),
+            worker_queues=_parse_queues(os.environ.get(WORKER_QUEUES_ENV, "")),
         )
 
     @property
