@@ -43,8 +43,17 @@ from headforge.errors import (
 )
 from headforge.service import webhooks
 from headforge.service.auth import Authenticator, Principal
-from headforge.service.celery_app import dispatch, make_celery
-from headforge.service.jobs import QUEUED, RUNNING, SUCCEEDED, TERMINAL, JobStore, make_backend, new_id
+from headforge.service.celery_app import WEBHOOK_TASK, dispatch, make_celery
+from headforge.service.jobs import (
+    CANCELED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    TERMINAL,
+    JobStore,
+    make_backend,
+    new_id,
+)
 from headforge.service.metrics import make_registry
 from headforge.service.ratelimit import check_rate
 from headforge.service.settings import Settings
@@ -511,6 +520,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return StreamingResponse(state.store.iter_chunks(artifact["key"]), media_type=artifact["media_type"],
                                  headers=headers)
 
+    def _notify_canceled(doc: dict[str, Any]) -> None:
+        """Publish one `job.canceled` webhook for a job that has a `webhook_url`.
+
+        Two DELETEs racing on the same job can both see it canceled; a marker set only once in the
+        job store decides which of them publishes, so the receiver gets one notification."""
+        if not doc.get("webhook_url"):
+            return
+        if jobs.backend.set_if_absent(f"canceled-notified:{doc['id']}", "1", settings.job_ttl_seconds) is not None:
+            return
+        try:
+            state.celery.send_task(WEBHOOK_TASK, args=[doc["id"], f"job.{CANCELED}", 1], queue=doc["queue"])
+        except Exception as error:  # the cancel stands; only the notification is lost
+            log.warning("could not publish the job.canceled webhook: %s", error, extra={"job_id": doc["id"]})
+
     @app.delete("/v1/jobs/{job_id}", summary="Cancel a queued or running job; remove a finished one")
     def delete_job(job_id: str, authorization: Annotated[str | None, Header()] = None) -> Response:
         from headforge.service.tasks import remove_job
@@ -519,9 +542,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         check_rate(jobs.backend, principal)
         doc = jobs.get_for(principal.owner, job_id)
         if doc["status"] in (QUEUED, RUNNING):
-            canceled = jobs.cancel(job_id)
-            if canceled is not None and canceled["status"] not in (QUEUED, RUNNING):
-                return JSONResponse(public_job(canceled, jobs, base_url=base_url()), status_code=200)
+            current = jobs.cancel(job_id)
+            if current is None:  # removed by another request meanwhile
+                raise NotFoundError("no such job", details={"job_id": job_id})
+            if current["status"] == CANCELED:
+                _notify_canceled(current)
+                return JSONResponse(public_job(current, jobs, base_url=base_url()), status_code=200)
+            # It succeeded or failed between the lookup and the cancel: a finished job, so remove it.
         remove_job(jobs, state.store, job_id)
         return Response(status_code=204)
 
@@ -608,7 +635,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             except Exception as error:
                 failures[name] = str(getattr(error, "message", error))
         if failures:
-            return error_response(ServiceUnavailableError("not ready", details={"failed": failures, "ok": checks}))
+            names = ", ".join(sorted(failures))
+            return error_response(ServiceUnavailableError(
+                f"not ready: {names} unreachable", details={"failed": failures, "ok": checks}))
         return JSONResponse({"status": "ready", "checks": checks, "workers": jobs.live_workers()})
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)

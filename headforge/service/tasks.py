@@ -11,6 +11,7 @@ are exactly the files that attempt wrote.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import tempfile
@@ -69,13 +70,33 @@ def _load_networks() -> Any:
     return load_default_networks()
 
 
+def _import_pipeline() -> None:
+    """Import every pipeline module (and with them trimesh, scipy, OpenCV) before any task runs.
+
+    Done lazily inside the first job, the imports took seconds of its time limit, and a soft time
+    limit that fired during one was lost: trimesh guards its optional imports with
+    `except BaseException`, which swallowed `SoftTimeLimitExceeded`, and the job ran on."""
+    import pkgutil
+
+    import headforge.pipeline
+
+    for module in pkgutil.iter_modules(headforge.pipeline.__path__):
+        name = f"headforge.pipeline.{module.name}"
+        try:
+            importlib.import_module(name)
+        except Exception as error:  # an optional pipeline's dependency; its jobs report it themselves
+            log.warning("could not import %s: %s", name, error)
+
+
 @signals.worker_process_init.connect
 def _warm_up(**_kwargs: Any) -> None:
-    """Load the models once in each pool process, right after fork (never per task)."""
+    """Import the pipeline and load the models once in each pool process, right after fork (never
+    per task)."""
     from headforge.observability import configure_logging
 
     ctx = context()
     configure_logging(json_logs=ctx.settings.json_logs)
+    _import_pipeline()
     try:
         ctx.networks = _load_networks()
         log.info("models loaded", extra={"pid": os.getpid()})

@@ -10,6 +10,9 @@ Each delivery is a JSON `POST` with these headers:
 
 A 2xx answer ends delivery; anything else (or no answer within 10 s) is retried with exponential
 backoff (2, 4, 8, … s) up to `HEADFORGE_WEBHOOK_MAX_ATTEMPTS` attempts.
+
+The worker that finishes a job publishes `job.succeeded` or `job.failed`; the gateway publishes
+`job.canceled` when a DELETE cancels a queued or running job. `tasks.deliver_webhook` sends all three.
 """
 
 from __future__ import annotations

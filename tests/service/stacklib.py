@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 import numpy as np
-import pytest
+from needs import missing
 from PIL import Image
 
 from headforge.client import HeadforgeClient
@@ -85,6 +85,7 @@ class Process:
         self.log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop)
         self.popen = subprocess.Popen(argv, env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO,
                                       start_new_session=True)
+        self.stopped = False
 
     @property
     def alive(self) -> bool:
@@ -97,9 +98,18 @@ class Process:
         self.popen.wait(timeout=10)
 
     def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM to the process itself, then SIGKILL to its group after `timeout`, and to whatever is
+        left of the group at the end. A second call does nothing (the group id may be reused).
+
+        Only the leader gets the SIGTERM: a Celery worker then stops its pool processes itself. When
+        they got the signal too, the worker replaced each one during its warm shutdown, and waited
+        for the new one to load the models before it could exit."""
+        if self.stopped:
+            return
+        self.stopped = True
         if self.alive:
             try:
-                os.killpg(self.popen.pid, signal.SIGTERM)
+                os.kill(self.popen.pid, signal.SIGTERM)
                 self.popen.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 self.kill9()
@@ -151,14 +161,30 @@ class Stack:
             self.redis.stop()
             self.redis = None
 
-    def start_worker(self, concurrency: int = 1) -> Process:
+    def start_worker(self, concurrency: int = 1, **env: str) -> Process:
+        """A `headforge worker` on both queues; `env` overrides the stack's environment for it alone."""
         self._names += 1
         worker = Process(f"worker{self._names}", [
             sys.executable, "-m", "headforge", "worker", "--queue", "cpu", "--queue", "gpu",
             "--concurrency", str(concurrency), "--hostname", f"w{self._names}@%h",
-        ], self.env, self.root)
+        ], {**self.env, **env}, self.root)
         self.workers.append(worker)
         return worker
+
+    @contextlib.contextmanager
+    def worker(self, concurrency: int = 1, **env: str) -> Iterator[Process]:
+        """A worker that runs only inside the `with` block, so a stack shared by several tests is
+        back to having no worker (nothing consumes its queue) when the block ends."""
+        worker = self.start_worker(concurrency, **env)
+        try:
+            self.wait_for_workers(1)
+            yield worker
+        except BaseException:
+            print(self.logs(), file=sys.stderr)
+            raise
+        finally:
+            worker.stop()
+            self.workers.remove(worker)
 
     def start_api(self) -> None:
         self.api = Process("api", [
@@ -263,7 +289,7 @@ def require_redis() -> None:
     from shutil import which
 
     if which(REDIS_SERVER) is None:
-        pytest.skip("redis-server is not installed (scripts/test.sh installs it)")
+        missing("redis-server is not installed (scripts/test.sh installs it)")
 
 
 def require_models() -> None:
@@ -273,7 +299,7 @@ def require_models() -> None:
     try:
         default_network_paths()
     except ModelsMissingError as error:
-        pytest.skip(f"default models missing ({error.message}); run `headforge models pull`")
+        missing(f"default models missing ({error.message}); run `headforge models pull`")
 
 
 def wait_job(client: HeadforgeClient, job_id: str, timeout: float = 240) -> dict[str, Any]:
@@ -281,17 +307,30 @@ def wait_job(client: HeadforgeClient, job_id: str, timeout: float = 240) -> dict
 
 
 class WebhookReceiver:
-    """A local HTTP server that records every POST it gets."""
+    """A local HTTP server that records every POST it gets: headers, body, the monotonic time it
+    arrived and the status it was answered with. It answers 500 to the first `fail_first`
+    deliveries of each job, then 204."""
 
-    def __init__(self) -> None:
+    def __init__(self, fail_first: int = 0) -> None:
         received: list[dict[str, Any]] = []
         self.received = received
+        seen: dict[str, int] = {}
+        lock = threading.Lock()
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
+                at = time.monotonic()
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                received.append({"headers": dict(self.headers), "body": body})
-                self.send_response(204)
+                try:
+                    job_id = str(json.loads(body)["job"]["id"])
+                except (ValueError, KeyError, TypeError):
+                    job_id = ""
+                with lock:
+                    seen[job_id] = seen.get(job_id, 0) + 1
+                    status = 500 if seen[job_id] <= fail_first else 204
+                    received.append({"headers": dict(self.headers), "body": body, "at": at, "status": status})
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
                 self.end_headers()
 
             def log_message(self, *_args: Any) -> None:

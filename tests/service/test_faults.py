@@ -1,4 +1,5 @@
-"""Faults: kill -9 a worker mid-job, restart the API, restart Redis (AOF). Each test has its own stack."""
+"""Faults: kill -9 a worker mid-job; restart the API (jobs queued, and one running) and Redis (AOF), with
+/readyz reporting the outage. Each test has its own stack."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from stacklib import (
     Stack,
@@ -79,27 +81,58 @@ def _statuses(stack: Stack, ids: list[str]) -> dict[str, str] | None:
             return None
 
 
+def _positions(stack: Stack, ids: list[str]) -> list[int | None] | None:
+    """Every job's queue position, in the order of `ids`, or None while the API answers 503."""
+    with stack.client() as client:
+        try:
+            return [client.job(i)["queue_position"] for i in ids]
+        except Exception:
+            return None
+
+
 def test_restart_api_and_redis_loses_nothing(fault_stack: Stack, receiver: WebhookReceiver) -> None:
     stack = fault_stack
     # Phase 1, no worker yet: every accepted job is certainly still queued through both restarts.
+    # The first job is slow, so that phase 2 can restart the API while it certainly runs.
     with stack.client() as client:
-        ids = [client.submit([(f"{i}.jpg", astronaut_jpeg(400 + 16 * i))], webhook_url=receiver.url,
-                             texture_size=1024, splats=5000)["id"] for i in range(5)]
+        slow = client.submit([(f"s{i}.jpg", astronaut_jpeg(640 - 16 * i)) for i in range(4)],
+                             webhook_url=receiver.url, **SLOW_JOB)["id"]
+        ids = [slow] + [client.submit([(f"{i}.jpg", astronaut_jpeg(400 + 16 * i))], webhook_url=receiver.url,
+                                      texture_size=1024, splats=5000)["id"] for i in range(4)]
+    assert _positions(stack, ids) == list(range(len(ids)))  # submission order, nothing ahead of them
     stack.stop_api()
     stack.start_api()
     with stack.client() as client:
         ids.append(client.submit([("late.jpg", astronaut_jpeg(360))], webhook_url=receiver.url,
                                  texture_size=1024, splats=5000)["id"])
     assert set(wait_until(lambda: _statuses(stack, ids), 60, "the API").values()) == {"queued"}
+    assert _positions(stack, ids) == list(range(len(ids)))
 
     stack.stop_redis()
+    # Not ready, in the one error shape, naming what is down; the artifact store on disk is fine.
+    ready = httpx.get(f"{stack.base_url}/readyz", timeout=60)
+    assert ready.status_code == 503
+    body = ready.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "details"}, body
+    error = body["error"]
+    assert error["code"] == "service_unavailable"
+    assert {"state", "broker"} <= set(error["details"]["failed"]), error
+    assert "store" not in error["details"]["failed"] and error["details"]["ok"]["store"] == "ok"
+    assert "state" in error["message"] and "broker" in error["message"]
+    assert int(ready.headers["retry-after"]) >= 1
     stack.start_redis()
     assert set(wait_until(lambda: _statuses(stack, ids), 60, "the API after Redis").values()) == {"queued"}
+    assert _positions(stack, ids) == list(range(len(ids)))  # the AOF kept the queue and its order
+    assert httpx.get(f"{stack.base_url}/readyz", timeout=60).status_code == 200
 
-    # Phase 2: a worker drains the queue, and Redis restarts again while it is mid-job.
+    # Phase 2: a worker drains the queue. The API restarts while the slow job runs, then Redis
+    # restarts while some job runs.
     stack.start_worker()
     stack.wait_for_workers(1)
-    wait_until(lambda: "running" in (_statuses(stack, ids) or {}).values(), 120, "a job to start", 0.05)
+    wait_until(lambda: (_statuses(stack, [slow]) or {}).get(slow) == "running", 120, "the slow job to start", 0.02)
+    stack.stop_api()
+    stack.start_api()
+    wait_until(lambda: "running" in (_statuses(stack, ids) or {}).values(), 120, "a job to run", 0.05)
     stack.stop_redis()
     stack.start_redis()
 
@@ -111,7 +144,11 @@ def test_restart_api_and_redis_loses_nothing(fault_stack: Stack, receiver: Webho
     with stack.client() as client:
         jobs = [client.job(i) for i in ids]
     assert [j["status"] for j in jobs] == ["succeeded"] * len(ids), [j["error"] for j in jobs]
-    for job in jobs:
-        assert len(_stored_files(stack, job["id"])) == len(job["artifacts"])
+    for job in jobs:  # exactly one attempt's files are stored, and they are the recorded ones
+        stored = _stored_files(stack, job["id"])
+        assert len(stored) == len(job["artifacts"])
+        assert len({p.relative_to(stack.root / "data" / "artifacts" / "jobs" / job["id"]).parts[0]
+                    for p in stored}) == 1
+    assert len(jobs[0]["result"]["images"]) == 4  # the slow job, restarted around, complete
     wait_until(lambda: all(receiver.for_job(i) for i in ids), 60, "every webhook")
     assert all(len(receiver.for_job(i)) == 1 for i in ids)

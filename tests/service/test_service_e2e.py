@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import io
 import json
+import re
 import subprocess
 import sys
+import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,11 +24,13 @@ from stacklib import (
     FAST_OPTIONS,
     KEYS,
     SHARED_DATA,
+    Process,
     Stack,
     WebhookReceiver,
     astronaut,
     astronaut_jpeg,
     jpeg_bytes,
+    running_stack,
     wait_job,
     wait_until,
 )
@@ -41,6 +46,42 @@ def receiver() -> Iterator[WebhookReceiver]:
     server = WebhookReceiver()
     yield server
     server.close()
+
+
+@pytest.fixture(scope="module")
+def idle_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Redis and the API with no worker: what a test submits here stays queued until that test starts
+    a worker itself, with `Stack.worker`, which stops it again when its block ends."""
+    with running_stack(tmp_path_factory.mktemp("idle-stack"), redis=True) as stack:
+        yield stack
+
+
+def _headers(delivery: dict[str, Any]) -> dict[str, str]:
+    return {k.lower(): v for k, v in delivery["headers"].items()}
+
+
+def _signed(delivery: dict[str, Any], secret: str) -> bool:
+    """Check the documented signature header: `sha256=` + hex HMAC-SHA256 of the raw body."""
+    expected = "sha256=" + hmac.new(secret.encode(), delivery["body"], hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected, _headers(delivery)["x-headforge-signature"])
+
+
+def _stored_files(stack: Stack, job_id: str) -> list[Path]:
+    root = stack.root / "data" / "artifacts" / "jobs" / job_id
+    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def _log_records(process: Process) -> list[dict[str, Any]]:
+    """The JSON log lines a process wrote (other lines skipped)."""
+    records = []
+    for line in process.log_path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
 def _error(response: httpx.Response) -> dict[str, Any]:
@@ -317,20 +358,147 @@ def test_delete_removes_a_finished_job(redis_stack: Stack) -> None:
         assert not (redis_stack.root / "data" / "artifacts" / "inputs" / job["id"]).exists()
 
 
-def test_cancel_a_queued_job(redis_stack: Stack) -> None:
-    with redis_stack.client() as client:
-        accepted = client.submit_batch(
-            [(f"{i}.jpg", astronaut_jpeg(224 + 8 * i)) for i in range(6)], splats=0, outputs="glb",
-            texture_size=512)
-        last = accepted["jobs"][-1]
-        response = client.http.delete(f"/v1/jobs/{last}")
-        if response.status_code == 204:  # it had already finished on a fast machine: removal is fine too
-            assert client.http.get(f"/v1/jobs/{last}").status_code == 404
-        else:
-            assert response.status_code == 200 and response.json()["status"] == "canceled"
-            wait_until(lambda: client.batch(accepted["id"])["status"] == "finished", 240, "the batch", 0.5)
-            job = client.job(last)
-            assert job["status"] == "canceled" and job["artifacts"] == []
+def test_cancel_a_queued_job(idle_stack: Stack, receiver: WebhookReceiver) -> None:
+    """With no worker running, the jobs are certainly queued when one of them is canceled. A worker
+    started afterwards skips it and runs the others; the canceled one sends one `job.canceled` webhook."""
+    stack = idle_stack
+    secret = stack.env["HEADFORGE_WEBHOOK_SECRET"]
+    with stack.client() as client:
+        ids = [client.submit([(f"{i}.jpg", astronaut_jpeg(224 + 8 * i))], webhook_url=receiver.url,
+                             **FAST_OPTIONS)["id"] for i in range(3)]
+        before = [client.job(i) for i in ids]
+        assert [j["status"] for j in before] == ["queued"] * 3
+        positions = [j["queue_position"] for j in before]
+        assert positions == sorted(positions) and len(set(positions)) == 3  # in submission order
+
+        doomed = ids[1]
+        response = client.http.delete(f"/v1/jobs/{doomed}")
+        assert response.status_code == 200, response.text
+        canceled = response.json()
+        assert canceled["id"] == doomed and canceled["status"] == "canceled"
+        assert canceled["finished_at"] is not None and canceled["queue_position"] is None
+        assert client.job(ids[2])["queue_position"] == positions[2] - 1  # the job behind moved up
+        assert client.job(ids[0])["queue_position"] == positions[0]
+
+        with stack.worker() as worker:
+            finished = [wait_job(client, i) for i in (ids[0], ids[2])]
+            assert [j["status"] for j in finished] == ["succeeded", "succeeded"], [j["error"] for j in finished]
+            wait_until(lambda: all(receiver.for_job(i) for i in ids), 60, "a webhook for every job")
+        # Messages are consumed in order, one at a time: the worker met the canceled job's message
+        # before it ran the job after it, and refused it.
+        skipped = [r for r in _log_records(worker) if r.get("job_id") == doomed]
+        assert any(r.get("reason") == "canceled" for r in skipped), skipped
+        assert not any(r.get("message") == "job started" for r in skipped)
+
+        job = client.job(doomed)
+        assert job["status"] == "canceled" and job["attempts"] == 0 and job["started_at"] is None
+        assert job["artifacts"] == [] and job["result"] is None
+        assert _stored_files(stack, doomed) == []
+        assert client.http.get(f"/v1/jobs/{doomed}/artifacts/result.json").status_code == 404
+
+    # One job.canceled notification, signed, sent before the others (so a duplicate would be here too).
+    notices = receiver.for_job(doomed)
+    assert len(notices) == 1
+    headers = _headers(notices[0])
+    assert headers["x-headforge-event"] == "job.canceled"
+    assert headers["x-headforge-delivery"] == f"{doomed}.job.canceled"
+    assert _signed(notices[0], secret)
+    body = json.loads(notices[0]["body"])
+    assert body["event"] == "job.canceled" and body["job"]["status"] == "canceled"
+    for other in (ids[0], ids[2]):
+        assert [_headers(d)["x-headforge-event"] for d in receiver.for_job(other)] == ["job.succeeded"]
+
+    with stack.client() as client:  # a canceled job is finished: DELETE now removes it
+        assert client.http.delete(f"/v1/jobs/{doomed}").status_code == 204
+        assert client.http.get(f"/v1/jobs/{doomed}").status_code == 404
+        assert not (stack.root / "data" / "artifacts" / "inputs" / doomed).exists()
+
+
+def test_wait_answers_202_when_the_job_is_not_done_in_time(idle_stack: Stack) -> None:
+    """No worker runs, so `?wait=1` certainly runs out: the answer is the usual 202, after the wait."""
+    with idle_stack.client() as client:
+        started = time.monotonic()
+        response = client.http.post(
+            "/v1/jobs", params={"wait": 1}, files=[("images", ("a.jpg", astronaut_jpeg(224), "image/jpeg"))],
+            data={k: str(v) for k, v in FAST_OPTIONS.items()},
+        )
+        waited = time.monotonic() - started
+        assert response.status_code == 202, response.text
+        body = response.json()
+        assert set(body) == {"id", "status", "status_url"}
+        assert body["status"] == "queued"
+        assert body["status_url"] == f"/v1/jobs/{body['id']}" == response.headers["location"]
+        assert waited >= 1.0
+        assert client.job(body["id"])["status"] == "queued"
+        # Cancel it, so a worker that a later test starts here has nothing of ours to run.
+        assert client.http.delete(f"/v1/jobs/{body['id']}").status_code == 200
+
+
+# Heavy enough that no CPU finishes it within the 1 s soft limit below (about 30 s on the 2-core CI).
+TIMEOUT_JOB = {"texture_size": 4096, "splats": 1_000_000}
+
+
+def test_a_job_past_the_soft_time_limit_fails_with_job_timeout(idle_stack: Stack, receiver: WebhookReceiver) -> None:
+    """The gateway cannot know how long a job will run: a worker whose soft time limit is 1 s fails it
+    with the stable code `job_timeout`, and the webhook reports `job.failed`."""
+    stack = idle_stack
+    images = [(f"big{i}.jpg", astronaut_jpeg(1024 - 16 * i)) for i in range(4)]
+    with stack.client() as client:
+        job_id = client.submit(images, webhook_url=receiver.url, **TIMEOUT_JOB)["id"]
+        with stack.worker(HEADFORGE_TASK_SOFT_TIME_LIMIT="1", HEADFORGE_TASK_TIME_LIMIT="60"):
+            job = wait_job(client, job_id, timeout=120)
+            deliveries = wait_until(lambda: receiver.for_job(job_id), 60, "the failure webhook")
+        assert job["status"] == "failed", job
+        assert job["error"]["code"] == "job_timeout"
+        assert "time limit" in job["error"]["message"]
+        assert job["error"]["details"] == {"soft_time_limit": 1}
+        assert job["attempts"] == 1 and job["artifacts"] == [] and job["result"] is None
+        assert job["finished_at"] is not None
+        assert _stored_files(stack, job_id) == []  # the attempt's partial outputs are gone
+
+    assert len(deliveries) == 1
+    assert _headers(deliveries[0])["x-headforge-event"] == "job.failed"
+    assert _signed(deliveries[0], stack.env["HEADFORGE_WEBHOOK_SECRET"])
+    body = json.loads(deliveries[0]["body"])
+    assert body["event"] == "job.failed"
+    assert body["job"]["status"] == "failed" and body["job"]["error"]["code"] == "job_timeout"
+
+
+def test_webhook_retries_with_backoff(redis_stack: Stack) -> None:
+    """The receiver answers 500 twice, then 204: three deliveries of the same signed body under the same
+    delivery id, spaced by at least the documented backoff (2 s, then 4 s)."""
+    receiver = WebhookReceiver(fail_first=2)
+    try:
+        with redis_stack.client() as client:
+            job = wait_job(client, client.submit([("a.jpg", astronaut_jpeg(240))], webhook_url=receiver.url,
+                                                 **FAST_OPTIONS)["id"])
+        assert job["status"] == "succeeded", job["error"]
+        deliveries = wait_until(lambda: len(d := receiver.for_job(job["id"])) >= 3 and d, 60,
+                                "the third delivery")
+    finally:
+        receiver.close()
+    assert [d["status"] for d in deliveries] == [500, 500, 204]
+    headers = [_headers(d) for d in deliveries]
+    assert {h["x-headforge-delivery"] for h in headers} == {f"{job['id']}.job.succeeded"}
+    assert {h["x-headforge-event"] for h in headers} == {"job.succeeded"}
+    assert len({d["body"] for d in deliveries}) == 1  # the same bytes every time
+    assert all(_signed(d, redis_stack.env["HEADFORGE_WEBHOOK_SECRET"]) for d in deliveries)
+    assert json.loads(deliveries[0]["body"])["job"]["id"] == job["id"]
+    assert deliveries[1]["at"] - deliveries[0]["at"] >= 2.0
+    assert deliveries[2]["at"] - deliveries[1]["at"] >= 4.0
+
+
+def test_the_stack_serves_the_web_page(redis_stack: Stack) -> None:
+    page = httpx.get(f"{redis_stack.base_url}/", timeout=30)
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    scripts = re.findall(r"<script\b[^>]*\bsrc=\"([^\"]+)\"", page.text)
+    assert scripts, page.text[:500]
+    for src in scripts:
+        bundle = httpx.get(str(httpx.URL(f"{redis_stack.base_url}/").join(src)), timeout=30)
+        assert bundle.status_code == 200, src
+        assert "javascript" in bundle.headers["content-type"], bundle.headers
+        assert bundle.content
 
 
 def test_models_health_ready_metrics(redis_stack: Stack) -> None:
