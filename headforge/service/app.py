@@ -88,7 +88,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"description": text, "content": {"application/json": {"example": {
         "error": {"code": name, "message": "…", "details": {}}}}}}
     for code, name, text in (
-        (400, "bad_request", "Bad input (empty file, truncated image, …)"),
+        (400, "bad_request", "Bad input (empty file, truncated or corrupt image, …)"),
         (401, "unauthorized", "Missing or unknown API key"),
         (404, "not_found", "No such resource for this key"),
         (409, "idempotency_conflict", "Conflict"),

@@ -297,9 +297,19 @@ def _huge_pixels_png() -> bytes:
     return buffer.getvalue()
 
 
+def _corrupt_png() -> bytes:
+    """A complete PNG whose image data no longer matches its CRC."""
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(astronaut_jpeg(224))).save(buffer, "PNG")
+    data = bytearray(buffer.getvalue())
+    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)
+    return bytes(data)
+
+
 BAD_UPLOADS = {
     "not_an_image": ([("images", ("notes.txt", b"hello, this is text", "text/plain"))], {}, 415),
     "truncated_image": ([("images", ("cut.jpg", _truncated_jpeg(), "image/jpeg"))], {}, 400),
+    "corrupt_image": ([("images", ("bad.png", _corrupt_png(), "image/png"))], {}, 400),
     "empty_file": ([("images", ("empty.jpg", b"", "image/jpeg"))], {}, 400),
     "file_too_large": ([("images", ("big.jpg", b"\xff\xd8\xff" + bytes(3_000_100), "image/jpeg"))], {}, 413),
     "too_many_pixels": ([("images", ("wide.png", _huge_pixels_png(), "image/png"))], {}, 413),
