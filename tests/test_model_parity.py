@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from needs import missing
 from numpy.typing import NDArray
 
 from headforge.config import tflite_source_dir
@@ -113,7 +114,7 @@ def assert_close(ours: list[np.ndarray], reference: list[np.ndarray], what: str)
 def tflite_dir() -> Path:
     source = tflite_source_dir()
     if not all((source / m.tflite_name).exists() for m in DEFAULT_MODELS):
-        pytest.skip(f"no .tflite files in {source}; run `headforge models pull`")
+        missing(f"no .tflite files in {source}; run `headforge models pull`")
     return source
 
 
@@ -133,7 +134,7 @@ def onnx_networks() -> DefaultNetworks:
     try:
         return load_default_networks(providers=("cpu",))
     except ModelsMissingError as error:
-        pytest.skip(error.message)
+        missing(error.message)
 
 
 def torch_outputs(module: torch.nn.Module, x: np.ndarray) -> list[np.ndarray]:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from needs import missing
 
 from headforge.config import tflite_source_dir
 from headforge.errors import AssetError
@@ -17,7 +18,7 @@ from headforge.models.tflite_weights import TFLiteGraph
 def tflite_path(model: DefaultModel) -> Path:
     path = tflite_source_dir() / model.tflite_name
     if not path.exists():
-        pytest.skip(f"{path} is absent; run `headforge models pull`")
+        missing(f"{path} is absent; run `headforge models pull`")
     return path
 
 

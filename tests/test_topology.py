@@ -10,6 +10,7 @@ from types import ModuleType
 
 import numpy as np
 import pytest
+from needs import missing
 from numpy.typing import NDArray
 
 from headforge.errors import InvalidLandmarksError
@@ -239,7 +240,7 @@ def _wheel_or_skip(script: ModuleType) -> Path:
     try:
         return Path(script.default_source())
     except SystemExit:
-        pytest.skip("no mediapipe wheel cached; run `headforge models pull`")
+        missing("no mediapipe wheel cached; run `headforge models pull`")
 
 
 def test_triangles_rebuild_from_the_wheel_edge_list(repo_script: Callable[[str], ModuleType]) -> None:
