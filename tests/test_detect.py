@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from headforge.benchmarks.landmarks import read_rgb, read_voc_boxes
+from headforge.benchmarks.landmarks import match_labelled_boxes, read_rgb, read_voc_boxes
 from headforge.errors import InvalidImageError, InvalidOptionError
 from headforge.models.runtime import DefaultNetworks
 from headforge.pipeline.anchors import FULL_RANGE_ANCHORS, SHORT_RANGE_ANCHORS, generate_anchors
@@ -17,7 +17,6 @@ from headforge.pipeline.detect import (
     SHORT_RANGE,
     RawDetections,
     Window,
-    box_iou,
     decode_detections,
     detect_faces,
     merge_windows,
@@ -151,19 +150,6 @@ def test_blank_image_has_no_face(networks: DefaultNetworks) -> None:
     assert detect_faces(np.full((300, 400, 3), 128, np.uint8), networks) == []
 
 
-def _match(labels: NDArray[np.float32], boxes: NDArray[np.float32]) -> tuple[int, int]:
-    """(labelled faces matched at IoU ≥ 0.3, unmatched detections), greedy one-to-one."""
-    used: set[int] = set()
-    for label in labels:
-        if len(boxes) == 0:
-            break
-        overlap = box_iou(label, boxes)
-        overlap[list(used)] = 0
-        best = int(np.argmax(overlap))
-        if overlap[best] >= 0.3:
-            used.add(best)
-    return len(used), len(boxes) - len(used)
-
 
 def test_voc_group_photos_recall(networks: DefaultNetworks, voc_faces_dir: Path) -> None:
     folder = voc_faces_dir
@@ -177,7 +163,7 @@ def test_voc_group_photos_recall(networks: DefaultNetworks, voc_faces_dir: Path)
             boxes = np.array([d.box for d in detect_faces(rgb, networks, tiled=tiled)], np.float32).reshape(
                 -1, 4
             )
-            hits, extra = _match(truth, boxes)
+            hits, extra = match_labelled_boxes(truth, boxes)
             found[mode] += hits
             false_positives[mode] += extra
     print(f"voc-faces detection: {found} of 43, false positives {false_positives}")

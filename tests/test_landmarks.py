@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from headforge.benchmarks.landmarks import read_rgb, read_voc_boxes
+from headforge.benchmarks.landmarks import match_labelled_boxes, read_rgb, read_voc_boxes
 from headforge.errors import InvalidOptionError
 from headforge.models.runtime import DefaultNetworks, Network
-from headforge.pipeline.detect import box_iou, detect_faces
+from headforge.pipeline.detect import detect_faces
 from headforge.pipeline.landmarks import (
     FACE_MESH_INPUT,
     Roi,
@@ -219,16 +219,9 @@ def test_voc_group_photos_detect_and_mesh(networks: DefaultNetworks, voc_faces_d
         assert all(h.landmark_score is not None and h.landmark_score >= 0.5 for h in heads)
         assert [h.index for h in heads] == list(range(len(heads)))
         boxes = np.array([h.detection.box for h in heads], np.float32).reshape(-1, 4)
-        used: set[int] = set()
-        for label in truth:
-            if len(boxes) == 0:
-                break
-            overlap = box_iou(label, boxes)
-            overlap[list(used)] = 0
-            if overlap.max() >= 0.3:
-                used.add(int(overlap.argmax()))
-        meshed += len(used)
-        false_positives += len(boxes) - len(used)
+        hits, extra = match_labelled_boxes(truth, boxes)
+        meshed += hits
+        false_positives += extra
     print(f"voc-faces detected and meshed: {meshed} of 43, false positives: {false_positives}")
     assert meshed >= 41
     assert false_positives <= 2

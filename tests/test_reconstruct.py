@@ -293,23 +293,9 @@ VOC_MIN_MESHED = 41
 VOC_MAX_FALSE_POSITIVES = 2
 
 
-def _match_labels(labels: np.ndarray, boxes: np.ndarray) -> int:
-    """Labelled faces matched one-to-one (greedy, in label order) by a box with IoU >= 0.3."""
-    from headforge.pipeline.detect import box_iou
-
-    used: set[int] = set()
-    for label in labels:
-        if len(boxes) == 0:
-            break
-        overlap = box_iou(label, boxes)
-        overlap[list(used)] = 0
-        if overlap.max() >= 0.3:
-            used.add(int(overlap.argmax()))
-    return len(used)
-
 
 def test_group_photos(tmp_path: Path, onnx_models: None) -> None:
-    from headforge.benchmarks.landmarks import read_voc_boxes
+    from headforge.benchmarks.landmarks import match_labelled_boxes, read_voc_boxes
 
     folder = SHARED_DATA / "voc-faces"
     if not folder.is_dir():
@@ -325,9 +311,9 @@ def test_group_photos(tmp_path: Path, onnx_models: None) -> None:
     for photo in photos:
         document = check_image_folder(out / photo.stem)
         boxes = np.array([head["box"] for head in document["heads"]], np.float32).reshape(-1, 4)
-        hits = _match_labels(labels[photo.name], boxes)
+        hits, extra = match_labelled_boxes(labels[photo.name], boxes)
         meshed += hits
-        false_positives += len(boxes) - hits
+        false_positives += extra
         glbs.extend(out / photo.stem / f"h{head['index']}.glb" for head in document["heads"])
     print(f"reconstruct on voc-faces: {meshed} of 43 labelled faces, {false_positives} false positives")
     assert meshed >= VOC_MIN_MESHED

@@ -39,6 +39,24 @@ def read_voc_boxes(folder: Path) -> dict[str, NDArray[np.float32]]:
     return boxes
 
 
+def match_labelled_boxes(
+    labels: NDArray[np.float32], boxes: NDArray[np.float32], min_iou: float = 0.3
+) -> tuple[int, int]:
+    """(labelled faces matched one-to-one by a box with IoU >= min_iou, unmatched boxes); greedy in label order."""
+    from headforge.pipeline.detect import box_iou
+
+    used: set[int] = set()
+    for label in labels:
+        if len(boxes) == 0:
+            break
+        overlap = box_iou(label, boxes)
+        overlap[list(used)] = 0
+        best = int(np.argmax(overlap))
+        if overlap[best] >= min_iou:
+            used.add(best)
+    return len(used), len(boxes) - len(used)
+
+
 def read_rgb(path: Path) -> NDArray[np.uint8]:
     """A photo file as RGB8."""
     from PIL import Image

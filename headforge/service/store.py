@@ -3,10 +3,17 @@
 `LocalArtifactStore` writes every object to a temporary file beside its destination, fsyncs it and
 renames it into place, so a reader (or a worker killed mid-write) never leaves a half-written
 object under a real key. `S3ArtifactStore` puts whole objects, which S3 makes visible atomically.
+
+Failures that may go away by themselves are raised as `ServiceUnavailableError` (transient: a job
+retries with backoff, the API answers 503): S3 connection errors, timeouts, throttling and 5xx
+answers, and a full local disk (ENOSPC, EDQUOT). A missing object is `NotFoundError`; every other
+error (bad credentials, no such bucket, access denied) passes through unchanged and fails the job.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import mimetypes
 import os
 import shutil
@@ -16,12 +23,29 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from headforge.errors import NotFoundError, ServiceUnavailableError
+from headforge.errors import HeadforgeError, NotFoundError, ServiceUnavailableError
 
 if TYPE_CHECKING:
     from headforge.service.settings import Settings
 
 CHUNK_SIZE = 1024 * 1024
+
+# A full disk is worth retrying: an operator can free space (or the TTL sweep does) before the job's
+# last attempt. Other OSErrors (EIO, EACCES, EROFS) are faults to fix, so they fail the job.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+# S3 error codes that mean "slow down or try again later" (AWS, MinIO and Ceph use these); any 5xx
+# or 429 answer counts too, whatever its code.
+TRANSIENT_S3_CODES = frozenset({
+    "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "RequestTimeoutException",
+    "PriorRequestNotComplete", "OperationAborted", "Throttling", "ThrottlingException",
+    "ThrottledException", "RequestThrottled", "RequestThrottledException", "TooManyRequestsException",
+    "RequestLimitExceeded", "BandwidthLimitExceeded",
+})
+
+# The readiness probe's own client: one try with short timeouts, so /readyz answers in seconds when
+# the endpoint is down or silent instead of holding a request through boto3's retries.
+PROBE_TIMEOUT_SECONDS = 3.0
 
 MEDIA_TYPES = {
     ".glb": "model/gltf-binary",
@@ -52,6 +76,51 @@ def _fsync_path(path: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+@contextlib.contextmanager
+def _disk_full_is_transient(operation: str, key: str | None = None) -> Iterator[None]:
+    """Raise a full disk as `ServiceUnavailableError`; other errors pass through."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in DISK_FULL_ERRNOS:
+            raise
+        details: dict[str, Any] = {"operation": operation, "error": errno.errorcode[error.errno]}
+        if key is not None:
+            details["key"] = key
+        raise ServiceUnavailableError(
+            f"the artifact disk is full: {operation} failed ({os.strerror(error.errno)})", details=details
+        ) from error
+
+
+def _s3_transient_cause(error: BaseException) -> BaseException | None:
+    """The error in `error`'s chain (itself, or what it was raised from) that makes an S3 call worth
+    retrying: a connection failure or timeout, or a throttling or 5xx answer. None otherwise."""
+    from botocore.exceptions import ClientError, HTTPClientError, IncompleteReadError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+
+    network = (HTTPClientError, BotoConnectionError, IncompleteReadError, ConnectionError, TimeoutError)
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, network):
+            return current
+        if isinstance(current, ClientError):
+            code, status = _s3_code(current)
+            if code in TRANSIENT_S3_CODES or (status is not None and (status >= 500 or status == 429)):
+                return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _s3_code(error: BaseException) -> tuple[str, int | None]:
+    """The error code and HTTP status of a botocore `ClientError` ("" and None when absent)."""
+    response = getattr(error, "response", None) or {}
+    code = str(response.get("Error", {}).get("Code", ""))
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return code, int(status) if status is not None else None
 
 
 def _check_key(key: str) -> str:
@@ -93,16 +162,17 @@ class LocalArtifactStore:
 
     def _atomic_write(self, key: str, write: Any) -> None:
         destination = self._path(key)
-        destination.parent.mkdir(parents=True, exist_ok=True)
         temporary = destination.parent / f".tmp-{uuid.uuid4().hex}-{destination.name}"
-        try:
-            with open(temporary, "wb") as handle:
-                write(handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, destination)
-        finally:
-            temporary.unlink(missing_ok=True)
+        with _disk_full_is_transient("write", key):
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with open(temporary, "wb") as handle:
+                    write(handle)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(temporary, destination)
+            finally:
+                temporary.unlink(missing_ok=True)
 
     def put_file(self, key: str, path: Path) -> None:
         def copy(handle: Any) -> None:
@@ -117,19 +187,20 @@ class LocalArtifactStore:
     def adopt_files(self, items: list[tuple[str, Path]]) -> None:
         """Move finished files into the store: fsync them all (in parallel, so the disk commits them
         together), then rename each into place (no copy when on the same disk), then fsync the folders."""
-        with ThreadPoolExecutor(max_workers=min(8, max(1, len(items)))) as pool:
-            list(pool.map(_fsync_path, [path for _key, path in items]))
-        folders = set()
-        for key, path in items:
-            destination = self._path(key)
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.replace(path, destination)
-            except OSError:  # another filesystem: copy atomically instead
-                self.put_file(key, path)
-            folders.add(destination.parent)
-        for folder in folders:
-            _fsync_path(folder)
+        with _disk_full_is_transient("adopt"):
+            with ThreadPoolExecutor(max_workers=min(8, max(1, len(items)))) as pool:
+                list(pool.map(_fsync_path, [path for _key, path in items]))
+            folders = set()
+            for key, path in items:
+                destination = self._path(key)
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.replace(path, destination)
+                except OSError:  # another filesystem: copy atomically instead
+                    self.put_file(key, path)
+                folders.add(destination.parent)
+            for folder in folders:
+                _fsync_path(folder)
 
     def scratch_dir(self) -> Path | None:
         """Work folders on the store's own disk, so finished files can be renamed into place."""
@@ -192,17 +263,30 @@ class LocalArtifactStore:
 
 
 class S3ArtifactStore:
-    """Objects in an S3-compatible bucket (AWS, MinIO, Ceph) through boto3."""
+    """Objects in an S3-compatible bucket (AWS, MinIO, Ceph) through boto3.
+
+    Every call goes through `_call`, which turns a missing object into `NotFoundError` (where the
+    caller asks for that) and a transient failure into `ServiceUnavailableError`. Retries inside one
+    call are boto3's (its `AWS_RETRY_MODE` and `AWS_MAX_ATTEMPTS` settings apply); the job's own
+    retries with backoff come on top."""
 
     def __init__(
         self, bucket: str, prefix: str = "", endpoint_url: str | None = None, region: str | None = None,
-        client: Any = None,
+        client: Any = None, probe_client: Any = None,
     ):
         if client is None:
             import boto3
+            from botocore.config import Config
 
-            client = boto3.client("s3", endpoint_url=endpoint_url, region_name=region)
+            session = boto3.session.Session()
+            client = session.client("s3", endpoint_url=endpoint_url, region_name=region)
+            probe_client = probe_client or session.client(
+                "s3", endpoint_url=endpoint_url, region_name=region,
+                config=Config(connect_timeout=PROBE_TIMEOUT_SECONDS, read_timeout=PROBE_TIMEOUT_SECONDS,
+                              retries={"total_max_attempts": 1}),
+            )
         self.client = client
+        self.probe_client = probe_client or client
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
 
@@ -210,17 +294,58 @@ class S3ArtifactStore:
         return self.prefix + _check_key(key)
 
     def _missing(self, error: Exception) -> bool:
-        code = getattr(error, "response", {}).get("Error", {}).get("Code", "")
-        return str(code) in ("404", "NoSuchKey", "NotFound")
+        """Whether S3 answered that the object does not exist (connection errors carry no answer)."""
+        return _s3_code(error)[0] in ("404", "NoSuchKey", "NotFound")
+
+    @contextlib.contextmanager
+    def _call(self, operation: str, key: str | None = None, *, not_found: bool = False) -> Iterator[None]:
+        """Translate what one S3 call raises: a missing object to `NotFoundError` (when `not_found`),
+        a transient failure to `ServiceUnavailableError`; anything else passes through."""
+        try:
+            yield
+        except HeadforgeError:
+            raise
+        except Exception as error:
+            if not_found and self._missing(error):
+                raise NotFoundError("no such object", details={"key": key}) from None
+            cause = _s3_transient_cause(error)
+            if cause is None:
+                raise
+            raise self._unavailable(operation, key, cause) from error
+
+    def _unavailable(self, operation: str, key: str | None, cause: BaseException) -> ServiceUnavailableError:
+        """The error for a transient failure: the operation, bucket, key and what went wrong (boto3's
+        messages name the endpoint and the S3 code, never credentials)."""
+        details: dict[str, Any] = {"operation": operation, "bucket": self.bucket, "error": type(cause).__name__}
+        if key is not None:
+            details["key"] = key
+        code, status = _s3_code(cause)
+        if code:
+            details["code"] = code
+        if status is not None:
+            details["http_status"] = status
+        reason = str(cause)[:300]
+        return ServiceUnavailableError(
+            f"the S3 artifact store is unavailable: {operation} on bucket {self.bucket!r} failed: {reason}",
+            details=details,
+        )
 
     def ping(self) -> None:
         try:
-            self.client.head_bucket(Bucket=self.bucket)
-        except Exception as error:
-            raise ServiceUnavailableError("the S3 bucket is unreachable", details={"reason": str(error)}) from error
+            with self._call("head_bucket"):
+                self.probe_client.head_bucket(Bucket=self.bucket)
+        except ServiceUnavailableError:
+            raise
+        except Exception as error:  # no such bucket, access denied, no credentials: not ready either
+            raise ServiceUnavailableError(
+                f"the S3 bucket {self.bucket!r} cannot be used: {str(error)[:300]}",
+                details={"operation": "head_bucket", "bucket": self.bucket, "error": type(error).__name__},
+            ) from error
 
     def put_file(self, key: str, path: Path) -> None:
-        self.client.upload_file(str(path), self.bucket, self._key(key), ExtraArgs={"ContentType": media_type_for(key)})
+        with self._call("upload_file", key):
+            self.client.upload_file(str(path), self.bucket, self._key(key),
+                                    ExtraArgs={"ContentType": media_type_for(key)})
 
     def adopt_file(self, key: str, path: Path) -> None:
         self.put_file(key, path)
@@ -233,50 +358,54 @@ class S3ArtifactStore:
         return None
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=media_type_for(key))
+        with self._call("put_object", key):
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data,
+                                   ContentType=media_type_for(key))
 
     def get_bytes(self, key: str) -> bytes:
-        try:
+        with self._call("get_object", key, not_found=True):
             body: bytes = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
             return body
-        except Exception as error:
-            if self._missing(error):
-                raise NotFoundError("no such object", details={"key": key}) from None
-            raise
 
     def iter_chunks(self, key: str) -> Iterator[bytes]:
-        try:
+        with self._call("get_object", key, not_found=True):
             body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
-        except Exception as error:
-            if self._missing(error):
-                raise NotFoundError("no such object", details={"key": key}) from None
-            raise
-        chunks: Iterator[bytes] = body.iter_chunks(CHUNK_SIZE)
-        return chunks
+
+        def chunks() -> Iterator[bytes]:
+            try:
+                with self._call("get_object", key):
+                    yield from body.iter_chunks(CHUNK_SIZE)
+            finally:
+                body.close()
+
+        return chunks()
 
     def size(self, key: str) -> int | None:
-        try:
-            return int(self.client.head_object(Bucket=self.bucket, Key=self._key(key))["ContentLength"])
-        except Exception as error:
-            if self._missing(error):
-                return None
-            raise
+        with self._call("head_object", key):
+            try:
+                return int(self.client.head_object(Bucket=self.bucket, Key=self._key(key))["ContentLength"])
+            except Exception as error:
+                if self._missing(error):
+                    return None
+                raise
 
     def local_path(self, key: str) -> Path | None:
         return None
 
     def list(self, prefix: str) -> list[str]:
         keys: list[str] = []
-        paginator = self.client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
-            keys.extend(item["Key"][len(self.prefix):] for item in page.get("Contents", []))
+        with self._call("list_objects_v2", prefix):
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
+                keys.extend(item["Key"][len(self.prefix):] for item in page.get("Contents", []))
         return sorted(keys)
 
     def delete_prefix(self, prefix: str) -> int:
         keys = self.list(prefix)
-        for start in range(0, len(keys), 1000):
-            batch = [{"Key": self.prefix + k} for k in keys[start : start + 1000]]
-            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+        with self._call("delete_objects", prefix):
+            for start in range(0, len(keys), 1000):
+                batch = [{"Key": self.prefix + k} for k in keys[start : start + 1000]]
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
         return len(keys)
 
 
