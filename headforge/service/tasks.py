@@ -65,9 +65,12 @@ def context() -> _ProcessContext:
 
 
 def _load_networks() -> Any:
+    """The default networks; logs "models loaded" with the pid, once per process by design."""
     from headforge.models.runtime import load_default_networks
 
-    return load_default_networks()
+    networks = load_default_networks()
+    log.info("models loaded", extra={"pid": os.getpid()})
+    return networks
 
 
 def _import_pipeline() -> None:
@@ -99,7 +102,6 @@ def _warm_up(**_kwargs: Any) -> None:
     _import_pipeline()
     try:
         ctx.networks = _load_networks()
-        log.info("models loaded", extra={"pid": os.getpid()})
     except HeadforgeError as error:  # e.g. models_missing: jobs will fail with this code
         log.error("models not loaded: %s", error.message, extra={"code": error.code})
 

@@ -547,3 +547,20 @@ def test_submit_command_downloads_artifacts(redis_stack: Stack, tmp_path: Path) 
         [sys.executable, "-m", "headforge", "submit", str(photo), "--server", redis_stack.base_url,
          "--api-key", "hf_wrong"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unauthorized" in bad.stderr
+
+
+def test_models_load_once_per_worker_process(redis_stack: Stack) -> None:
+    """Each pool process loads the networks once, after fork; jobs never load them again."""
+    with redis_stack.client() as client:
+        ids = [client.submit([(f"{i}.jpg", astronaut_jpeg(224 + 8 * i))], **FAST_OPTIONS)["id"] for i in range(5)]
+        assert all(wait_job(client, job_id)["status"] == "succeeded" for job_id in ids)
+    (worker,) = redis_stack.workers
+    loads = []
+    for line in worker.log_path.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            entry = json.loads(line)
+            if entry.get("message") == "models loaded":
+                loads.append(entry["pid"])
+    assert loads, "no worker process logged loading the models"
+    assert len(loads) == len(set(loads)) <= 2  # the stack's worker has two pool processes, each loads once
+    assert worker.popen.pid not in loads  # the parent (which forks the pool) never loads them
