@@ -95,23 +95,34 @@ def _disk_full_is_transient(operation: str, key: str | None = None) -> Iterator[
 
 
 def _s3_transient_cause(error: BaseException) -> BaseException | None:
-    """The error in `error`'s chain (itself, or what it was raised from) that makes an S3 call worth
-    retrying: a connection failure or timeout, or a throttling or 5xx answer. None otherwise."""
+    """The error that makes a failed S3 call worth retrying (a connection failure or timeout, or a
+    throttling or 5xx answer): `error` itself or one it wraps. None when the failure is permanent.
+
+    Only explicit wrapping is followed (`raise ... from`, and boto3's `S3UploadFailedError`, raised
+    inside `except ClientError`), never an unrelated error that was being handled at the time: a 403
+    met while cleaning up after an outage stays a 403."""
     from botocore.exceptions import ClientError, HTTPClientError, IncompleteReadError
     from botocore.exceptions import ConnectionError as BotoConnectionError
 
+    try:
+        from boto3.exceptions import S3UploadFailedError
+
+        wrappers: tuple[type[BaseException], ...] = (S3UploadFailedError,)
+    except ImportError:  # a client from elsewhere (botocore only)
+        wrappers = ()
     network = (HTTPClientError, BotoConnectionError, IncompleteReadError, ConnectionError, TimeoutError)
-    seen: set[int] = set()
     current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
+    for _depth in range(8):
+        if current is None:
+            return None
         if isinstance(current, network):
             return current
         if isinstance(current, ClientError):
             code, status = _s3_code(current)
             if code in TRANSIENT_S3_CODES or (status is not None and (status >= 500 or status == 429)):
                 return current
-        current = current.__cause__ or current.__context__
+        wrapped = current.__context__ if isinstance(current, wrappers) else None
+        current = current.__cause__ or wrapped
     return None
 
 

@@ -249,11 +249,11 @@ def run_job(self: Any, job_id: str) -> dict[str, Any]:
         try:
             artifacts, result_key, timings = _execute(ctx, claim, beat)
         except JobStopped:
-            ctx.store.delete_prefix(prefix)
+            _discard_attempt(ctx.store, prefix)
             log.info("job stopped: canceled or taken over")
             return {"job_id": job_id, "skipped": "stopped"}
         except SoftTimeLimitExceeded:
-            ctx.store.delete_prefix(prefix)
+            _discard_attempt(ctx.store, prefix)
             error = JobTimeoutError(
                 f"the job ran past the {ctx.settings.soft_time_limit} s time limit",
                 details={"soft_time_limit": ctx.settings.soft_time_limit},
@@ -262,7 +262,7 @@ def run_job(self: Any, job_id: str) -> dict[str, Any]:
                 _notify(ctx, job_id, FAILED)
             return {"job_id": job_id, "status": FAILED}
         except HeadforgeError as error:
-            ctx.store.delete_prefix(prefix)
+            _discard_attempt(ctx.store, prefix)
             if error.transient and claim.job["attempts"] < ctx.settings.max_attempts:
                 delay = TRANSIENT_RETRY_BASE_SECONDS ** claim.job["attempts"]
                 if ctx.jobs.release(job_id, claim.token, delay=delay):
@@ -274,7 +274,7 @@ def run_job(self: Any, job_id: str) -> dict[str, Any]:
                 _notify(ctx, job_id, FAILED)
             return {"job_id": job_id, "status": FAILED}
         except Exception as error:
-            ctx.store.delete_prefix(prefix)
+            _discard_attempt(ctx.store, prefix)
             log.exception("job crashed")
             failure = HeadforgeError(f"internal error: {type(error).__name__}: {error}")
             if ctx.jobs.fail(job_id, claim.token, failure.to_dict()):
@@ -295,9 +295,18 @@ def run_job(self: Any, job_id: str) -> dict[str, Any]:
             _notify(ctx, job_id, SUCCEEDED)
             return {"job_id": job_id, "status": SUCCEEDED, "artifact_keys": [a["key"] for a in artifacts]}
         # Canceled, deleted or taken over meanwhile: this attempt's files are not the job's.
-        ctx.store.delete_prefix(prefix)
+        _discard_attempt(ctx.store, prefix)
         log.info("completion refused: the job is no longer held by this attempt")
         return {"job_id": job_id, "skipped": "lost"}
+
+
+def _discard_attempt(store: ArtifactStore, prefix: str) -> None:
+    """Delete a failed or stopped attempt's files, best effort: with the store down this must not
+    hide the job's own error (a later attempt's `_remove_other_attempts` or the TTL sweep removes them)."""
+    try:
+        store.delete_prefix(prefix)
+    except Exception as error:
+        log.warning("could not delete the attempt's files under %s: %s", prefix, error)
 
 
 def _remove_other_attempts(store: ArtifactStore, job_id: str, keep_prefix: str) -> None:
