@@ -353,13 +353,13 @@ class WebhookReceiver:
 
 
 @contextlib.contextmanager
-def running_stack(root: Path, *, redis: bool, worker_concurrency: int = 0) -> Iterator[Stack]:
+def running_stack(root: Path, *, redis: bool, worker_concurrency: int = 0, **env: str) -> Iterator[Stack]:
     """A stack with Redis (if asked), a worker (if `worker_concurrency`) and the API; the logs are
     printed when starting it fails, and every process is stopped at the end."""
     if redis:
         require_redis()
     require_models()
-    stack = make_stack(root, redis=redis)
+    stack = make_stack(root, redis=redis, **env)
     try:
         if redis:
             stack.start_redis()

@@ -30,9 +30,7 @@ from stacklib import (
     Stack,
     astronaut_jpeg,
     free_port,
-    make_stack,
-    require_models,
-    require_redis,
+    running_stack,
     wait_until,
 )
 
@@ -436,26 +434,16 @@ def s3_stack(root: Path, endpoint: str) -> Iterator[Stack]:
     The lease is long, so a job can only go back to the queue through run_job's own transient-error
     path (never through the sweeper's lease expiry); `HEADFORGE_MAX_ATTEMPTS=6` leaves room for a slow
     machine to fit several failed attempts into the outage before the test reopens the proxy."""
-    require_redis()
-    require_models()
     no_config = root / "no-aws-config"
-    stack = make_stack(
+    with running_stack(
         root, redis=True,
         HEADFORGE_S3_BUCKET=BUCKET, HEADFORGE_S3_PREFIX="stack", HEADFORGE_S3_ENDPOINT_URL=endpoint,
         HEADFORGE_S3_REGION="us-east-1", AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY=SECRET,
         AWS_CONFIG_FILE=str(no_config), AWS_SHARED_CREDENTIALS_FILE=str(no_config),
         AWS_EC2_METADATA_DISABLED="true", AWS_RETRY_MODE="standard", AWS_MAX_ATTEMPTS="2",
         HEADFORGE_LEASE_SECONDS="600", HEADFORGE_MAX_ATTEMPTS="6",
-    )
-    try:
-        stack.start_redis()
-        stack.start_api()
+    ) as stack:
         yield stack
-    except BaseException:
-        print(stack.logs(), file=sys.stderr)
-        raise
-    finally:
-        stack.stop()
 
 
 def _readyz(stack: Stack) -> httpx.Response:
