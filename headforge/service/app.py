@@ -331,13 +331,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         existing = _reserve(principal, idempotency_key, fingerprint, resource_id)
         if existing is not None:
             return existing, True
+        queue = settings.queue_for(options["pipeline"])
+        groups = [[i] for i in range(len(uploads))] if batch else [list(range(len(uploads)))]
+        job_ids = [resource_id] if not batch else [new_id("job") for _ in groups]
+        writing = False
         try:
             jobs.check_quota(principal.owner, len(uploads) if batch else 1, principal.max_queued)
-            queue = settings.queue_for(options["pipeline"])
-            groups = [[i] for i in range(len(uploads))] if batch else [list(range(len(uploads)))]
-            job_ids: list[str] = []
-            for group in groups:
-                job_id = resource_id if not batch else new_id("job")
+            writing = True
+            # Every upload is stored before any job exists: a store failure part way through a
+            # batch leaves no job behind to run without its batch (the client gets a 503 and retries).
+            job_inputs: list[list[dict[str, Any]]] = []
+            for job_id, group in zip(job_ids, groups, strict=True):
                 inputs = []
                 for i in group:
                     key = f"inputs/{job_id}/{i}-{uploads[i].filename}"
@@ -346,16 +350,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                         "key": key, "filename": uploads[i].filename, "size": len(uploads[i].data),
                         "sha256": hashlib.sha256(uploads[i].data).hexdigest(), **inputs_meta[i],
                     })
+                job_inputs.append(inputs)
+            for job_id, group, inputs in zip(job_ids, groups, job_inputs, strict=True):
                 jobs.create_job(
                     job_id=job_id, owner=principal.owner, options=options, inputs=inputs, queue=queue,
                     webhook_url=webhook_url, batch_id=resource_id if batch else None,
                     label=uploads[group[0]].filename,
                 )
-                job_ids.append(job_id)
             if batch:
                 jobs.create_batch(batch_id=resource_id, owner=principal.owner, job_ids=job_ids,
                                   names=[u.filename for u in uploads])
         except BaseException:
+            if writing:
+                _discard_submission(job_ids)
             if idempotency_key:
                 jobs.release_idempotency(principal.owner, idempotency_key)
             raise
@@ -365,6 +372,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             except Exception as error:  # the job is recorded; the sweeper publishes it later
                 log.warning("publish failed, the sweeper will retry: %s", error, extra={"job_id": job_id})
         return resource_id, False
+
+    def _discard_submission(job_ids: list[str]) -> None:
+        """Best effort: remove what a failed submission stored or recorded, so none of it runs."""
+        for job_id in job_ids:
+            try:
+                jobs.delete(job_id)
+                state.store.delete_prefix(f"inputs/{job_id}/")
+            except Exception as error:  # the store or state is what failed; the TTL sweep cleans up
+                log.warning("could not discard a failed submission: %s", error, extra={"job_id": job_id})
 
     async def _wait_finished(job_id: str, seconds: float) -> dict[str, Any] | None:
         """The job once finished, or None after `seconds`. With Redis, a pub/sub message from the
