@@ -16,7 +16,7 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,8 @@ class TcpProxy:
     `close()` stops listening and cuts every open connection, so clients get "connection refused"
     until `open()` listens on the same port again. `answer(raw)` makes each new connection get the
     bytes `raw` (a whole HTTP response) instead of being forwarded; `answer(b"")` accepts and then
-    drops each connection without a reply; `answer(None)` forwards again."""
+    drops each connection without a reply; `answer(None)` forwards again. `close_after(n)` closes the
+    proxy once `n` more bytes have gone upstream (the chunk that would pass `n` is not forwarded)."""
 
     def __init__(self, target_port: int) -> None:
         self.target = ("127.0.0.1", target_port)
@@ -60,6 +61,7 @@ class TcpProxy:
         self.acceptor: threading.Thread | None = None
         self.sockets: set[socket.socket] = set()
         self.canned: bytes | None = None
+        self.upstream_budget: int | None = None
         self.open()
 
     @property
@@ -91,6 +93,23 @@ class TcpProxy:
             assert not self.acceptor.is_alive(), "the proxy's accept loop did not stop"
         for sock in open_sockets:
             _drop(sock)
+
+    def close_after(self, nbytes: int) -> None:
+        """Forward `nbytes` more bytes upstream, then close (as if S3 went away mid-request)."""
+        with self.lock:
+            self.upstream_budget = nbytes
+
+    def _spend(self, nbytes: int) -> bool:
+        """Whether `nbytes` more may go upstream; when not, the proxy closes (from another thread)."""
+        with self.lock:
+            if self.upstream_budget is None:
+                return True
+            if nbytes <= self.upstream_budget:
+                self.upstream_budget -= nbytes
+                return True
+            self.upstream_budget = None
+        threading.Thread(target=self.close, daemon=True).start()
+        return False
 
     def answer(self, raw: bytes | None) -> None:
         """What new connections get: `raw` bytes, a drop (b""), or forwarding (None)."""
@@ -136,7 +155,7 @@ class TcpProxy:
             return
         back = threading.Thread(target=_pump, args=(upstream, client), daemon=True)
         back.start()
-        _pump(client, upstream)
+        _pump(client, upstream, self._spend)
         back.join()
         with self.lock:
             self.sockets.discard(client)
@@ -145,10 +164,12 @@ class TcpProxy:
         _drop(upstream)
 
 
-def _pump(source: socket.socket, sink: socket.socket) -> None:
-    """Copy bytes one way until either side closes, then half-close the sink."""
+def _pump(source: socket.socket, sink: socket.socket, allow: Callable[[int], bool] | None = None) -> None:
+    """Copy bytes one way until either side closes (or `allow` refuses a chunk), then half-close the sink."""
     try:
         while data := source.recv(65536):
+            if allow is not None and not allow(len(data)):
+                break
             sink.sendall(data)
     except OSError:
         pass
@@ -524,3 +545,26 @@ def test_s3_outage_requeues_the_job_and_it_succeeds_after(proxy: TcpProxy, moto_
         attempts = {key.split("/")[3] for key in stored}
         assert len(attempts) == 1
         assert sorted(key.split("/", 4)[4] for key in stored) == sorted(by_name)
+
+
+@pytest.mark.service
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_batch_cut_off_by_an_s3_outage_leaves_no_job(proxy: TcpProxy, moto_url: str, tmp_path: Path) -> None:
+    """S3 goes away after the first upload of a batch is stored: the submit answers 503 and records no
+    job, so nothing runs without its batch and a retried submit cannot duplicate work."""
+    with s3_stack(tmp_path / "stack", proxy.url) as stack:
+        photos = [(f"{i}.jpg", astronaut_jpeg(480 + 32 * i)) for i in range(3)]
+        assert all(len(data) > 32 * 1024 for _name, data in photos)
+        before = set(_moto_keys(moto_url, "stack/inputs/"))  # the bucket is shared by this module's tests
+        proxy.close_after(len(photos[0][1]) + 16 * 1024)  # the first PUT with its headers, not the second
+        response = httpx.post(
+            f"{stack.base_url}/v1/batches", files=[("images", (name, data, "image/jpeg")) for name, data in photos],
+            headers={"Authorization": f"Bearer {KEYS['alice']}"}, timeout=120,
+        )
+        assert response.status_code == 503, response.text
+        assert response.json()["error"]["code"] == "service_unavailable"
+        assert len(set(_moto_keys(moto_url, "stack/inputs/")) - before) == 1  # the premise: the cut came after one upload
+        proxy.open()
+        with stack.client() as client:
+            assert client.jobs() == []
