@@ -57,6 +57,9 @@ def indexes(kind: str, doc: Document) -> dict[str, float]:
             entries[f"active:{doc['owner']}"] = doc["created_at"]
         if doc["status"] in TERMINAL:
             entries["finished"] = doc["finished_at"]
+            pending = (doc.get("webhook") or {}).get("due_at")
+            if pending is not None:
+                entries["webhooks"] = pending
         return entries
     if kind == "batch":
         return {f"batches:{doc['owner']}": doc["created_at"], "batches": doc["created_at"]}
@@ -297,6 +300,10 @@ class JobStore:
         doc["error"] = error
         if doc["started_at"] is not None and status != CANCELED:
             doc["timings_ms"]["total"] = round((now - doc["enqueued_at"]) * 1000, 2)
+        if doc.get("webhook_url") and status != CANCELED:
+            # Recorded with the transition itself: if the worker dies before it publishes the
+            # notification, the sweeper finds it here (`webhooks_due`) and publishes it.
+            doc["webhook"] = {"event": f"job.{status}", "attempts": 0, "delivered": False, "due_at": now}
 
     def complete(
         self, job_id: str, token: str, *, artifacts: list[dict[str, Any]], result_key: str | None,
@@ -391,6 +398,26 @@ class JobStore:
         """Remove the record (the caller removes its inputs and artifacts)."""
         old, _new = self.backend.mutate("job", job_id, lambda doc: None if doc is not None else UNCHANGED)
         return old
+
+    def webhooks_due(self, before: float, limit: int = 100) -> list[str]:
+        """Finished jobs whose next webhook attempt was due before `before` and has not run."""
+        return self.backend.members("webhooks", max_score=before, limit=limit)
+
+    def take_due_webhook(self, job_id: str, now: float, before: float) -> tuple[str, int] | None:
+        """(event, attempt) of a webhook attempt that was due before `before` and has not run, moved
+        to `now` so the next sweep leaves it alone; None when it ran or was taken meanwhile."""
+        taken: dict[str, Any] = {}
+
+        def apply(doc: Document | None) -> Any:
+            state = (doc or {}).get("webhook") or {}
+            if doc is None or state.get("due_at") is None or state["due_at"] > before:
+                return UNCHANGED
+            taken.update(event=state["event"], attempt=int(state["attempts"]) + 1)
+            doc["webhook"] = {**state, "due_at": now}
+            return doc
+
+        self.backend.mutate("job", job_id, apply)
+        return (taken["event"], taken["attempt"]) if taken else None
 
     def set_webhook_state(self, job_id: str, state: dict[str, Any]) -> None:
         def apply(doc: Document | None) -> Any:

@@ -83,6 +83,7 @@ class Settings:
     webhook_secret: str = ""
     webhook_allow_private: bool = False
     webhook_max_attempts: int = 6
+    webhook_republish_after: float = 300.0
     s3_bucket: str | None = None
     s3_prefix: str = ""
     s3_endpoint_url: str | None = None
@@ -122,6 +123,7 @@ class Settings:
             webhook_secret=os.environ.get("HEADFORGE_WEBHOOK_SECRET", ""),
             webhook_allow_private=_env_bool("HEADFORGE_WEBHOOK_ALLOW_PRIVATE"),
             webhook_max_attempts=_env_int("HEADFORGE_WEBHOOK_MAX_ATTEMPTS", 6),
+            webhook_republish_after=_env_float("HEADFORGE_WEBHOOK_REPUBLISH_AFTER", 300.0),
             s3_bucket=os.environ.get("HEADFORGE_S3_BUCKET", "").strip() or None,
             s3_prefix=os.environ.get("HEADFORGE_S3_PREFIX", "").strip(),
             s3_endpoint_url=os.environ.get("HEADFORGE_S3_ENDPOINT_URL", "").strip() or None,

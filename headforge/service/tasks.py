@@ -337,6 +337,9 @@ def deliver_webhook(self: Any, job_id: str, event: str, attempt: int) -> dict[st
         doc = ctx.jobs.get(job_id)
         if doc is None or not doc.get("webhook_url"):
             return {"job_id": job_id, "skipped": "no webhook"}
+        state = doc.get("webhook") or {}
+        if state.get("event") == event and (state.get("delivered") or int(state.get("attempts", 0)) >= attempt):
+            return {"job_id": job_id, "skipped": "already attempted"}  # a republished copy of this attempt
         body = webhooks.build_body(event, public_job(doc, base_url=os.environ.get("HEADFORGE_PUBLIC_URL", "")))
         error_text = None
         status_code = None
@@ -348,15 +351,16 @@ def deliver_webhook(self: Any, job_id: str, event: str, attempt: int) -> dict[st
             )
         except HeadforgeError as error:  # refused at delivery time (DNS now points somewhere private)
             ctx.jobs.set_webhook_state(job_id, {"event": event, "attempts": attempt, "delivered": False,
-                                                "last_error": error.message})
+                                                "last_error": error.message, "due_at": None})
             return {"job_id": job_id, "delivered": False}
         except Exception as error:
             error_text = f"{type(error).__name__}: {error}"
         delivered = status_code is not None and 200 <= status_code < 300
+        retry = not delivered and attempt < ctx.settings.webhook_max_attempts
         state = {"event": event, "attempts": attempt, "delivered": delivered, "last_status": status_code,
-                 "last_error": error_text}
+                 "last_error": error_text, "due_at": time.time() + 2.0**attempt if retry else None}
         ctx.jobs.set_webhook_state(job_id, state)
-        if not delivered and attempt < ctx.settings.webhook_max_attempts:
+        if retry:
             app.send_task(WEBHOOK_TASK, args=[job_id, event, attempt + 1], queue=doc["queue"],
                           countdown=2.0**attempt)
         return {"job_id": job_id, "delivered": delivered}
@@ -366,10 +370,10 @@ def deliver_webhook(self: Any, job_id: str, event: str, attempt: int) -> dict[st
 
 
 def sweep(ctx: _ProcessContext, worker_name: str) -> dict[str, int]:
-    """Requeue jobs whose worker died, publish jobs whose message went missing, expire old jobs."""
+    """Requeue jobs whose worker died, publish jobs and webhooks whose message went missing, expire old jobs."""
     from headforge.service.jobs import RUNNING
 
-    counts = {"requeued": 0, "redispatched": 0, "expired": 0}
+    counts = {"requeued": 0, "redispatched": 0, "webhooks": 0, "expired": 0}
     now = time.time()
     ctx.jobs.worker_seen(worker_name)
     host = webhooks_host()
@@ -391,6 +395,17 @@ def sweep(ctx: _ProcessContext, worker_name: str) -> dict[str, int]:
             continue
         dispatch(app, ctx.jobs, job_id, doc["queue"])
         counts["redispatched"] += 1
+    overdue = now - ctx.settings.webhook_republish_after
+    for job_id in ctx.jobs.webhooks_due(overdue):
+        taken = ctx.jobs.take_due_webhook(job_id, now, overdue)
+        doc = ctx.jobs.get(job_id)
+        if taken is None or doc is None:
+            continue
+        event, attempt = taken
+        log.warning("publishing webhook %s attempt %d again: it was due and never ran", event, attempt,
+                    extra={"job_id": job_id})
+        app.send_task(WEBHOOK_TASK, args=[job_id, event, attempt], queue=doc["queue"])
+        counts["webhooks"] += 1
     cutoff = now - ctx.settings.job_ttl_seconds
     for job_id in ctx.jobs.finished_before(cutoff):
         remove_job(ctx.jobs, ctx.store, job_id)

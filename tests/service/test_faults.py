@@ -152,3 +152,29 @@ def test_restart_api_and_redis_loses_nothing(fault_stack: Stack, receiver: Webho
     assert len(jobs[0]["result"]["images"]) == 4  # the slow job, restarted around, complete
     wait_until(lambda: all(receiver.for_job(i) for i in ids), 60, "every webhook")
     assert all(len(receiver.for_job(i)) == 1 for i in ids)
+
+
+def test_a_webhook_whose_publish_was_lost_is_sent_by_the_sweeper(tmp_path: Path, receiver: WebhookReceiver) -> None:
+    """A worker that dies between finishing a job and publishing its webhook leaves the notification
+    recorded as due with the job; the sweeper publishes it, and it is delivered once."""
+    from headforge.service.jobs import Claim, JobStore, make_backend
+    from headforge.service.settings import Settings
+
+    with running_stack(tmp_path / "stack", redis=True, worker_concurrency=1,
+                       HEADFORGE_WEBHOOK_REPUBLISH_AFTER="1") as stack:
+        settings = Settings(data_dir=tmp_path / "unused", redis_url=stack.env["HEADFORGE_REDIS_URL"])
+        jobs = JobStore(make_backend(settings), settings)
+        job_id = "job_lostwebhook0123456789ab"
+        jobs.create_job(job_id=job_id, owner="alice", options={"pipeline": "facemesh"}, inputs=[], queue="cpu",
+                        webhook_url=receiver.url)
+        claim = jobs.claim(job_id, {"host": "a-host-that-died", "pid": 1})
+        assert isinstance(claim, Claim)
+        # What the dead worker managed: the job is complete; nobody published its webhook.
+        assert jobs.complete(job_id, claim.token, artifacts=[], result_key=None, timings_ms={})
+        assert job_id in jobs.webhooks_due(float("inf"))
+
+        wait_until(lambda: (jobs.get(job_id) or {}).get("webhook", {}).get("delivered"), 60, "the webhook")
+        deliveries = receiver.for_job(job_id)
+        assert len(deliveries) == 1 and json.loads(deliveries[0]["body"])["event"] == "job.succeeded"
+        assert job_id not in jobs.webhooks_due(float("inf"))  # nothing left for a later sweep to send
+        assert "publishing webhook job.succeeded attempt 1 again" in stack.workers[0].log_path.read_text()

@@ -500,11 +500,11 @@ def test_sweep_removes_expired_jobs_artifacts_and_finished_batches(
     def batches() -> set[str]:
         return {b for b in ("batch_done", "batch_waiting", "batch_busy") if backend.get("batch", b) is not None}
 
-    assert sweep(ctx, "w1@test") == {"requeued": 0, "redispatched": 0, "expired": 0}  # all inside the TTL
+    assert sweep(ctx, "w1@test") == {"requeued": 0, "redispatched": 0, "webhooks": 0, "expired": 0}  # all inside the TTL
     assert store.list("") == everything and len(batches()) == 3
 
     ctx.settings = replace(ctx.settings, job_ttl_seconds=0)
-    assert sweep(ctx, "w1@test") == {"requeued": 0, "redispatched": 0, "expired": 4}
+    assert sweep(ctx, "w1@test") == {"requeued": 0, "redispatched": 0, "webhooks": 0, "expired": 4}
     for job_id in ("job_ok", "job_bad", "job_canceled", "job_b_ok"):
         assert jobs.get(job_id) is None
         assert store.list(f"jobs/{job_id}") == [] and store.list(f"inputs/{job_id}") == []
@@ -516,7 +516,7 @@ def test_sweep_removes_expired_jobs_artifacts_and_finished_batches(
 
     assert jobs.complete("job_busy", busy.token, artifacts=[], result_key=None, timings_ms={})
     finish("job_waiting")
-    assert sweep(ctx, "w1@test") == {"requeued": 0, "redispatched": 0, "expired": 2}
+    assert sweep(ctx, "w1@test") == {"requeued": 0, "redispatched": 0, "webhooks": 0, "expired": 2}
     assert batches() == set() and store.list("") == []
     assert jobs.count_status("queued") == jobs.count_status("running") == 0
 
