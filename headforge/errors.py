@@ -189,6 +189,10 @@ class WebhookRefusedError(InputError):
     http_status = 422
 
 
+class WebhookHostUnresolvedError(WebhookRefusedError):
+    """The webhook URL's host does not resolve: refused at submission, retried at delivery (DNS can recover)."""
+
+
 class ServiceUnavailableError(HeadforgeError):
     """The broker or the job store cannot be reached right now."""
 

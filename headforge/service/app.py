@@ -379,7 +379,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             try:
                 jobs.delete(job_id)
                 state.store.delete_prefix(f"inputs/{job_id}/")
-            except Exception as error:  # the store or state is what failed; the TTL sweep cleans up
+            except Exception as error:  # the store or state is what failed (docs/service.md, Store errors)
                 log.warning("could not discard a failed submission: %s", error, extra={"job_id": job_id})
 
     async def _wait_finished(job_id: str, seconds: float) -> dict[str, Any] | None:

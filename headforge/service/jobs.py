@@ -419,6 +419,26 @@ class JobStore:
         self.backend.mutate("job", job_id, apply)
         return (taken["event"], taken["attempt"]) if taken else None
 
+    def start_webhook_attempt(self, job_id: str, event: str, attempt: int, due_again_at: float) -> bool:
+        """Claim attempt `attempt` of `event`'s delivery; False when it (or a later one) was already made,
+        or the event was delivered. The claim stays due at `due_again_at`, so if this worker dies
+        mid-delivery the sweeper publishes the next attempt; two copies of one attempt send it once."""
+        won = {"ok": False}
+
+        def apply(doc: Document | None) -> Any:
+            if doc is None:
+                return UNCHANGED
+            state = doc.get("webhook") or {}
+            if state.get("event") == event and (state.get("delivered") or int(state.get("attempts", 0)) >= attempt):
+                return UNCHANGED
+            doc["webhook"] = {**state, "event": event, "attempts": attempt, "delivered": False,
+                              "due_at": due_again_at}
+            won["ok"] = True
+            return doc
+
+        self.backend.mutate("job", job_id, apply)
+        return won["ok"]
+
     def set_webhook_state(self, job_id: str, state: dict[str, Any]) -> None:
         def apply(doc: Document | None) -> Any:
             if doc is None:

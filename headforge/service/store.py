@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import mimetypes
 import os
 import shutil
@@ -27,6 +28,8 @@ from headforge.errors import HeadforgeError, NotFoundError, ServiceUnavailableEr
 
 if TYPE_CHECKING:
     from headforge.service.settings import Settings
+
+log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 1024 * 1024
 
@@ -119,7 +122,7 @@ def _s3_transient_cause(error: BaseException) -> BaseException | None:
             return current
         if isinstance(current, ClientError):
             code, status = _s3_code(current)
-            if code in TRANSIENT_S3_CODES or (status is not None and (status >= 500 or status == 429)):
+            if code in TRANSIENT_S3_CODES or (status is not None and status != 501 and (status >= 500 or status == 429)):
                 return current
         wrapped = current.__context__ if isinstance(current, wrappers) else None
         current = current.__cause__ or wrapped
@@ -335,9 +338,11 @@ class S3ArtifactStore:
             details["code"] = code
         if status is not None:
             details["http_status"] = status
-        reason = str(cause)[:300]
+        # botocore's own text names the endpoint URL and key layout: logs only, never the client.
+        log.warning("S3 %s on bucket %r failed: %s", operation, self.bucket, str(cause)[:300])
+        reason = code or type(cause).__name__
         return ServiceUnavailableError(
-            f"the S3 artifact store is unavailable: {operation} on bucket {self.bucket!r} failed: {reason}",
+            f"the S3 artifact store is unavailable: {operation} on bucket {self.bucket!r} failed ({reason})",
             details=details,
         )
 

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 from celery import bootsteps, signals
 from celery.exceptions import SoftTimeLimitExceeded
 
-from headforge.errors import HeadforgeError, JobTimeoutError
+from headforge.errors import HeadforgeError, JobTimeoutError, WebhookHostUnresolvedError
 from headforge.files import sha256_file
 from headforge.service import webhooks
 from headforge.service.celery_app import JOB_TASK, WEBHOOK_TASK, app, dispatch
@@ -37,6 +37,7 @@ log = logging.getLogger("headforge.worker")
 
 WORKER_STORE_RETRY_SECONDS = 120.0  # ride out a Redis restart instead of failing the job
 TRANSIENT_RETRY_BASE_SECONDS = 2.0
+WEBHOOK_IN_FLIGHT_SECONDS = 30.0  # a delivery claimed this long ago with no outcome may be republished
 
 
 class JobStopped(Exception):
@@ -290,9 +291,12 @@ def run_job(self: Any, job_id: str) -> dict[str, Any]:
                 record_stage_timings(ctx.jobs.backend, timings)
             except HeadforgeError:
                 log.warning("stage metrics not recorded")
-            _remove_other_attempts(ctx.store, job_id, prefix)
             log.info("job succeeded", extra={"timings_ms": timings})
             _notify(ctx, job_id, SUCCEEDED)
+            try:
+                _remove_other_attempts(ctx.store, job_id, prefix)
+            except Exception as error:  # the job is done; leftovers go with the job at its TTL
+                log.warning("could not remove earlier attempts' files: %s", error)
             return {"job_id": job_id, "status": SUCCEEDED, "artifact_keys": [a["key"] for a in artifacts]}
         # Canceled, deleted or taken over meanwhile: this attempt's files are not the job's.
         _discard_attempt(ctx.store, prefix)
@@ -337,8 +341,7 @@ def deliver_webhook(self: Any, job_id: str, event: str, attempt: int) -> dict[st
         doc = ctx.jobs.get(job_id)
         if doc is None or not doc.get("webhook_url"):
             return {"job_id": job_id, "skipped": "no webhook"}
-        state = doc.get("webhook") or {}
-        if state.get("event") == event and (state.get("delivered") or int(state.get("attempts", 0)) >= attempt):
+        if not ctx.jobs.start_webhook_attempt(job_id, event, attempt, time.time() + WEBHOOK_IN_FLIGHT_SECONDS):
             return {"job_id": job_id, "skipped": "already attempted"}  # a republished copy of this attempt
         body = webhooks.build_body(event, public_job(doc, base_url=os.environ.get("HEADFORGE_PUBLIC_URL", "")))
         error_text = None
@@ -349,6 +352,8 @@ def deliver_webhook(self: Any, job_id: str, event: str, attempt: int) -> dict[st
                 doc["webhook_url"], body, event=event, delivery_id=f"{job_id}.{event}",
                 secret=ctx.settings.webhook_secret, timestamp=int(time.time()),
             )
+        except WebhookHostUnresolvedError as error:  # a DNS failure can pass: retried like a failed POST
+            error_text = error.message
         except HeadforgeError as error:  # refused at delivery time (DNS now points somewhere private)
             ctx.jobs.set_webhook_state(job_id, {"event": event, "attempts": attempt, "delivered": False,
                                                 "last_error": error.message, "due_at": None})

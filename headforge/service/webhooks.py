@@ -25,7 +25,7 @@ import socket
 from typing import Any
 from urllib.parse import urlsplit
 
-from headforge.errors import WebhookRefusedError
+from headforge.errors import WebhookHostUnresolvedError, WebhookRefusedError
 
 SIGNATURE_HEADER = "X-Headforge-Signature"
 EVENT_HEADER = "X-Headforge-Event"
@@ -74,7 +74,7 @@ def check_webhook_url(url: str, allow_private: bool, resolve: bool = True) -> st
         infos = socket.getaddrinfo(parts.hostname, port or (443 if parts.scheme == "https" else 80),
                                    type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as error:
-        raise WebhookRefusedError(f"webhook_url host does not resolve: {parts.hostname}",
+        raise WebhookHostUnresolvedError(f"webhook_url host does not resolve: {parts.hostname}",
                                   details={"host": parts.hostname, "reason": str(error)}) from None
     addresses = sorted({str(info[4][0]) for info in infos})
     refused = [a for a in addresses if not _is_public(a)]

@@ -576,3 +576,36 @@ def test_a_real_worker_registers_under_the_queues_it_consumes(redis_url: str, tm
         worker.stop(timeout=60)
     assert (jobs.live_workers(), jobs.live_workers(queue="gpu")) == (0, 0), worker.tail()
     jobs.backend.close()
+
+
+def test_a_webhook_attempt_is_made_once(backend: StateBackend, tmp_path: Path) -> None:
+    """Two copies of one delivery attempt (the original and a sweeper's republish) send it once, and a
+    delivered event is never sent again; a finished job's webhook starts out due."""
+    jobs = JobStore(backend, _settings(tmp_path))
+    jobs.create_job(job_id="job_w", owner="alice", options={}, inputs=[], queue="cpu", webhook_url="http://hook.test/")
+    claim = jobs.claim("job_w", A)
+    assert isinstance(claim, Claim)
+    assert jobs.complete("job_w", claim.token, artifacts=[], result_key=None, timings_ms={}, now=1000.0)
+    assert jobs.webhooks_due(1000.0) == ["job_w"]
+    assert jobs.start_webhook_attempt("job_w", "job.succeeded", 1, due_again_at=1030.0)
+    assert not jobs.start_webhook_attempt("job_w", "job.succeeded", 1, due_again_at=1031.0)  # the copy
+    assert jobs.webhooks_due(1029.0) == [] and jobs.webhooks_due(1030.0) == ["job_w"]  # in flight, then due
+    assert jobs.take_due_webhook("job_w", now=1100.0, before=1030.0) == ("job.succeeded", 2)
+    assert jobs.take_due_webhook("job_w", now=1101.0, before=1030.0) is None  # one sweeper takes it
+    jobs.set_webhook_state("job_w", {"event": "job.succeeded", "attempts": 2, "delivered": True, "due_at": None})
+    assert not jobs.start_webhook_attempt("job_w", "job.succeeded", 3, due_again_at=1200.0)
+    assert jobs.webhooks_due(float("inf")) == []
+
+
+def test_an_unresolvable_webhook_host_is_its_own_refusal() -> None:
+    """Refused at submission like any bad URL (422), but a subclass the worker retries: DNS can recover."""
+    from headforge.errors import WebhookHostUnresolvedError, WebhookRefusedError
+    from headforge.service.webhooks import check_webhook_url
+
+    with pytest.raises(WebhookHostUnresolvedError) as unresolved:
+        check_webhook_url("https://no-such-host.invalid/hook", allow_private=False)
+    assert isinstance(unresolved.value, WebhookRefusedError)
+    assert unresolved.value.code == "webhook_url_refused" and unresolved.value.http_status == 422
+    with pytest.raises(WebhookRefusedError) as private:
+        check_webhook_url("http://127.0.0.1/hook", allow_private=False)
+    assert not isinstance(private.value, WebhookHostUnresolvedError)

@@ -210,7 +210,8 @@ def s3_answer(status: int, code: str) -> bytes:
     """A whole S3 error response, as a server under load or in trouble sends it."""
     body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
             f"<Message>canned {code} from the test proxy</Message><RequestId>r1</RequestId></Error>").encode()
-    reason = {403: "Forbidden", 404: "Not Found", 500: "Internal Server Error", 503: "Service Unavailable"}[status]
+    reason = {403: "Forbidden", 404: "Not Found", 500: "Internal Server Error", 501: "Not Implemented",
+              503: "Service Unavailable"}[status]
     return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/xml\r\nContent-Length: {len(body)}\r\n"
             "Connection: close\r\n\r\n").encode() + body
 
@@ -277,6 +278,7 @@ def _assert_transient(error: HeadforgeError, operation: str, key: str | None) ->
     assert error.details.get("key") == key
     assert BUCKET in error.message and operation in error.message
     assert SECRET not in json.dumps(error.to_dict())
+    assert "http://" not in json.dumps(error.to_dict())  # boto3's text names the endpoint: logs only
     assert isinstance(error.__cause__, Exception)  # the boto3 error is kept for the logs
 
 
@@ -375,6 +377,12 @@ def test_s3_refusals_are_not_transient(proxy: TcpProxy) -> None:
     proxy.answer(s3_answer(404, "NoSuchKey"))
     with pytest.raises(NotFoundError):
         store.get_bytes("jobs/j3/a/x.json")
+
+    # 501 means the store lacks a feature: no retry fixes that.
+    proxy.answer(s3_answer(501, "NotImplemented"))
+    with pytest.raises(ClientError) as unimplemented:
+        store.put_bytes("jobs/j3/a/x.json", b"{}")
+    assert not isinstance(unimplemented.value, HeadforgeError)
 
     # A 403 met while handling an outage (as run_job's cleanup does) is still a 403, not the outage.
     proxy.answer(b"")
