@@ -43,7 +43,7 @@ from headforge.errors import (
 )
 from headforge.service import webhooks
 from headforge.service.auth import Authenticator, Principal
-from headforge.service.celery_app import WEBHOOK_TASK, dispatch, make_celery
+from headforge.service.celery_app import dispatch, make_celery, publish_webhook
 from headforge.service.jobs import (
     CANCELED,
     QUEUED,
@@ -537,17 +537,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                  headers=headers)
 
     def _notify_canceled(doc: dict[str, Any]) -> None:
-        """Publish one `job.canceled` webhook for a job that has a `webhook_url`.
-
-        Two DELETEs racing on the same job can both see it canceled; a marker set only once in the
-        job store decides which of them publishes, so the receiver gets one notification."""
+        """Publish the `job.canceled` webhook of a job that has a `webhook_url`. Two DELETEs racing on
+        one job may both publish it; the delivery task claims each attempt once, so it is sent once."""
         if not doc.get("webhook_url"):
             return
-        if jobs.backend.set_if_absent(f"canceled-notified:{doc['id']}", "1", settings.job_ttl_seconds) is not None:
-            return
         try:
-            state.celery.send_task(WEBHOOK_TASK, args=[doc["id"], f"job.{CANCELED}", 1], queue=doc["queue"])
-        except Exception as error:  # the cancel stands; only the notification is lost
+            publish_webhook(state.celery, doc["id"], f"job.{CANCELED}", 1, doc["queue"])
+        except Exception as error:  # the cancel stands; the sweeper publishes the due webhook later
             log.warning("could not publish the job.canceled webhook: %s", error, extra={"job_id": doc["id"]})
 
     @app.delete("/v1/jobs/{job_id}", summary="Cancel a queued or running job; remove a finished one")

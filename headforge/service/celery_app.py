@@ -86,3 +86,9 @@ def dispatch(celery: Celery, jobs: JobStore, job_id: str, queue: str, countdown:
     """Publish the job's message and note when, so the sweeper knows it was sent."""
     celery.send_task(JOB_TASK, args=[job_id], queue=queue, countdown=countdown or None)
     jobs.mark_dispatched(job_id)
+
+
+def publish_webhook(celery: Celery, job_id: str, event: str, attempt: int, queue: str,
+                    countdown: float = 0.0) -> None:
+    """Publish one delivery attempt of the job's `event` webhook (`tasks.deliver_webhook` claims it)."""
+    celery.send_task(WEBHOOK_TASK, args=[job_id, event, attempt], queue=queue, countdown=countdown or None)

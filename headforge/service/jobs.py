@@ -300,9 +300,9 @@ class JobStore:
         doc["error"] = error
         if doc["started_at"] is not None and status != CANCELED:
             doc["timings_ms"]["total"] = round((now - doc["enqueued_at"]) * 1000, 2)
-        if doc.get("webhook_url") and status != CANCELED:
-            # Recorded with the transition itself: if the worker dies before it publishes the
-            # notification, the sweeper finds it here (`webhooks_due`) and publishes it.
+        if doc.get("webhook_url"):
+            # Recorded with the transition itself: if the process that made it dies (or fails to
+            # publish) before the notification is published, the sweeper finds it here and publishes it.
             doc["webhook"] = {"event": f"job.{status}", "attempts": 0, "delivered": False, "due_at": now}
 
     def complete(
@@ -403,21 +403,21 @@ class JobStore:
         """Finished jobs whose next webhook attempt was due before `before` and has not run."""
         return self.backend.members("webhooks", max_score=before, limit=limit)
 
-    def take_due_webhook(self, job_id: str, now: float, before: float) -> tuple[str, int] | None:
-        """(event, attempt) of a webhook attempt that was due before `before` and has not run, moved
-        to `now` so the next sweep leaves it alone; None when it ran or was taken meanwhile."""
+    def take_due_webhook(self, job_id: str, now: float, before: float) -> tuple[str, int, str] | None:
+        """(event, attempt, queue) of a webhook attempt that was due before `before` and has not run,
+        moved to `now` so the next sweep leaves it alone; None when it ran or was taken meanwhile."""
         taken: dict[str, Any] = {}
 
         def apply(doc: Document | None) -> Any:
             state = (doc or {}).get("webhook") or {}
             if doc is None or state.get("due_at") is None or state["due_at"] > before:
                 return UNCHANGED
-            taken.update(event=state["event"], attempt=int(state["attempts"]) + 1)
+            taken.update(event=state["event"], attempt=int(state["attempts"]) + 1, queue=doc["queue"])
             doc["webhook"] = {**state, "due_at": now}
             return doc
 
         self.backend.mutate("job", job_id, apply)
-        return (taken["event"], taken["attempt"]) if taken else None
+        return (taken["event"], taken["attempt"], taken["queue"]) if taken else None
 
     def start_webhook_attempt(self, job_id: str, event: str, attempt: int, due_again_at: float) -> bool:
         """Claim attempt `attempt` of `event`'s delivery; False when it (or a later one) was already made,

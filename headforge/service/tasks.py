@@ -26,7 +26,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from headforge.errors import HeadforgeError, JobTimeoutError, WebhookHostUnresolvedError
 from headforge.files import sha256_file
 from headforge.service import webhooks
-from headforge.service.celery_app import JOB_TASK, WEBHOOK_TASK, app, dispatch
+from headforge.service.celery_app import JOB_TASK, WEBHOOK_TASK, app, dispatch, publish_webhook
 from headforge.service.jobs import FAILED, SUCCEEDED, TERMINAL, Claim, JobStore, make_backend
 from headforge.service.metrics import record_stage_timings
 from headforge.service.settings import Settings
@@ -328,7 +328,7 @@ def _notify(ctx: _ProcessContext, job_id: str, status: str) -> None:
     doc = ctx.jobs.get(job_id)
     if doc is None or not doc.get("webhook_url"):
         return
-    app.send_task(WEBHOOK_TASK, args=[job_id, f"job.{status}", 1], queue=doc["queue"])
+    publish_webhook(app, job_id, f"job.{status}", 1, doc["queue"])
 
 
 @app.task(name=WEBHOOK_TASK, bind=True, acks_late=True)
@@ -366,8 +366,7 @@ def deliver_webhook(self: Any, job_id: str, event: str, attempt: int) -> dict[st
                  "last_error": error_text, "due_at": time.time() + 2.0**attempt if retry else None}
         ctx.jobs.set_webhook_state(job_id, state)
         if retry:
-            app.send_task(WEBHOOK_TASK, args=[job_id, event, attempt + 1], queue=doc["queue"],
-                          countdown=2.0**attempt)
+            publish_webhook(app, job_id, event, attempt + 1, doc["queue"], countdown=2.0**attempt)
         return {"job_id": job_id, "delivered": delivered}
 
 
@@ -403,13 +402,12 @@ def sweep(ctx: _ProcessContext, worker_name: str) -> dict[str, int]:
     overdue = now - ctx.settings.webhook_republish_after
     for job_id in ctx.jobs.webhooks_due(overdue):
         taken = ctx.jobs.take_due_webhook(job_id, now, overdue)
-        doc = ctx.jobs.get(job_id)
-        if taken is None or doc is None:
+        if taken is None:
             continue
-        event, attempt = taken
+        event, attempt, queue = taken
         log.warning("publishing webhook %s attempt %d again: it was due and never ran", event, attempt,
                     extra={"job_id": job_id})
-        app.send_task(WEBHOOK_TASK, args=[job_id, event, attempt], queue=doc["queue"])
+        publish_webhook(app, job_id, event, attempt, queue)
         counts["webhooks"] += 1
     cutoff = now - ctx.settings.job_ttl_seconds
     for job_id in ctx.jobs.finished_before(cutoff):

@@ -590,11 +590,17 @@ def test_a_webhook_attempt_is_made_once(backend: StateBackend, tmp_path: Path) -
     assert jobs.start_webhook_attempt("job_w", "job.succeeded", 1, due_again_at=1030.0)
     assert not jobs.start_webhook_attempt("job_w", "job.succeeded", 1, due_again_at=1031.0)  # the copy
     assert jobs.webhooks_due(1029.0) == [] and jobs.webhooks_due(1030.0) == ["job_w"]  # in flight, then due
-    assert jobs.take_due_webhook("job_w", now=1100.0, before=1030.0) == ("job.succeeded", 2)
+    assert jobs.take_due_webhook("job_w", now=1100.0, before=1030.0) == ("job.succeeded", 2, "cpu")
     assert jobs.take_due_webhook("job_w", now=1101.0, before=1030.0) is None  # one sweeper takes it
     jobs.set_webhook_state("job_w", {"event": "job.succeeded", "attempts": 2, "delivered": True, "due_at": None})
     assert not jobs.start_webhook_attempt("job_w", "job.succeeded", 3, due_again_at=1200.0)
     assert jobs.webhooks_due(float("inf")) == []
+
+    # A cancel records its webhook as due too, so a gateway that fails to publish it loses nothing.
+    jobs.create_job(job_id="job_c", owner="alice", options={}, inputs=[], queue="gpu", webhook_url="http://hook.test/")
+    assert (jobs.cancel("job_c") or {})["status"] == "canceled"
+    assert jobs.webhooks_due(float("inf")) == ["job_c"]
+    assert jobs.take_due_webhook("job_c", now=time.time(), before=float("inf")) == ("job.canceled", 1, "gpu")
 
 
 def test_an_unresolvable_webhook_host_is_its_own_refusal() -> None:
