@@ -328,8 +328,8 @@ class S3ArtifactStore:
             raise self._unavailable(operation, key, cause) from error
 
     def _unavailable(self, operation: str, key: str | None, cause: BaseException) -> ServiceUnavailableError:
-        """The error for a transient failure: the operation, bucket, key and what went wrong (boto3's
-        messages name the endpoint and the S3 code, never credentials)."""
+        """The error for a transient failure: the operation, bucket, key and the S3 code or exception
+        class. boto3's own text (it names the endpoint URL) is logged, not returned."""
         details: dict[str, Any] = {"operation": operation, "bucket": self.bucket, "error": type(cause).__name__}
         if key is not None:
             details["key"] = key
@@ -397,13 +397,11 @@ class S3ArtifactStore:
         return chunks()
 
     def size(self, key: str) -> int | None:
-        with self._call("head_object", key):
-            try:
+        try:
+            with self._call("head_object", key, not_found=True):
                 return int(self.client.head_object(Bucket=self.bucket, Key=self._key(key))["ContentLength"])
-            except Exception as error:
-                if self._missing(error):
-                    return None
-                raise
+        except NotFoundError:
+            return None
 
     def local_path(self, key: str) -> Path | None:
         return None
