@@ -374,3 +374,32 @@ def running_stack(root: Path, *, redis: bool, worker_concurrency: int = 0, **env
         raise
     finally:
         stack.stop()
+
+
+@contextlib.contextmanager
+def moto_server(log_dir: Path, bucket: str) -> Iterator[str]:
+    """A moto S3 server (its real HTTP server, in a subprocess) holding an empty `bucket`; yields its URL."""
+    try:
+        import boto3
+        import moto.server  # noqa: F401
+    except ImportError:
+        missing("boto3 and moto[server] are needed (pip install -e '.[dev]')")
+    port = free_port()
+    server = Process("moto", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                     {**os.environ}, log_dir)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def up() -> bool:
+            if not server.alive:
+                raise RuntimeError(f"moto_server exited:\n{server.tail()}")
+            try:
+                return httpx.get(f"{url}/", timeout=2).status_code < 500
+            except httpx.HTTPError:
+                return False
+
+        wait_until(up, 60, "moto_server")
+        boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="test",
+                     aws_secret_access_key="test").create_bucket(Bucket=bucket)
+        yield url
+    finally:
+        server.stop()

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from stacklib import Process, free_port, require_redis, wait_until
+from stacklib import Process, free_port, moto_server, require_redis, wait_until
 
 from headforge.errors import (
     IdempotencyConflictError,
@@ -257,28 +257,11 @@ def test_local_store_is_atomic_and_confined(tmp_path: Path) -> None:
 
 
 def test_s3_store_against_a_moto_server(tmp_path: Path) -> None:
-    boto3 = pytest.importorskip("boto3")
-    pytest.importorskip("moto")
-    from shutil import which
+    import boto3
 
-    if which("moto_server") is None and not (Path(sys.executable).parent / "moto_server").exists():
-        pytest.skip("moto_server is not installed")
-    port = free_port()
-    server = Process("moto", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                     {**os.environ}, tmp_path)
-    try:
-        import httpx
-
-        def up() -> bool:
-            try:
-                return httpx.get(f"http://127.0.0.1:{port}/", timeout=1).status_code < 500
-            except httpx.HTTPError:
-                return False
-
-        wait_until(up, 60, "moto_server")
-        client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
+    with moto_server(tmp_path, "heads") as url:
+        client = boto3.client("s3", endpoint_url=url, region_name="us-east-1",
                               aws_access_key_id="test", aws_secret_access_key="test")
-        client.create_bucket(Bucket="heads")
         store = S3ArtifactStore("heads", prefix="prod", client=client)
         store.ping()
         store.put_bytes("jobs/j1/a/result.json", b'{"ok": true}')
@@ -295,8 +278,6 @@ def test_s3_store_against_a_moto_server(tmp_path: Path) -> None:
             store.get_bytes("jobs/j1/a/none")
         assert store.delete_prefix("jobs/j1") == 2 and store.list("jobs") == []
         assert store.local_path("jobs/j1/a/h0.glb") is None
-    finally:
-        server.stop()
 
 
 def test_api_keys_are_hashed_and_checked(tmp_path: Path) -> None:

@@ -22,14 +22,13 @@ from typing import Any
 
 import httpx
 import pytest
-from needs import missing
 from stacklib import (
     KEYS,
     REPO,
-    Process,
     Stack,
     astronaut_jpeg,
     free_port,
+    moto_server,
     running_stack,
     wait_until,
 )
@@ -222,29 +221,8 @@ def s3_answer(status: int, code: str) -> bytes:
 @pytest.fixture(scope="module")
 def moto_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A moto S3 server (its real HTTP server, in a subprocess) with the bucket `heads`."""
-    boto3 = pytest.importorskip("boto3")
-    try:
-        import moto.server  # noqa: F401
-    except ImportError:
-        missing("moto[server] is not installed (pip install -e '.[dev]')")
-    port = free_port()
-    server = Process("moto", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                     {**os.environ}, tmp_path_factory.mktemp("moto"))
-    url = f"http://127.0.0.1:{port}"
-    try:
-        def up() -> bool:
-            if not server.alive:
-                raise RuntimeError(f"moto_server exited:\n{server.tail()}")
-            try:
-                return httpx.get(f"{url}/", timeout=2).status_code < 500
-            except httpx.HTTPError:
-                return False
-
-        wait_until(up, 60, "moto_server")
-        _s3_client(boto3, url).create_bucket(Bucket=BUCKET)
+    with moto_server(tmp_path_factory.mktemp("moto"), BUCKET) as url:
         yield url
-    finally:
-        server.stop()
 
 
 @pytest.fixture()
