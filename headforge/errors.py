@@ -220,3 +220,12 @@ class InvalidLandmarksError(InputError):
 
     code = "invalid_landmarks"
     http_status = 422
+
+
+class InvalidCheckpointError(InputError):
+    """A model checkpoint that cannot be imported: not a checkpoint, truncated, another family's
+    weights, or tensors whose names or shapes differ from the model's (the message names the
+    first such key)."""
+
+    code = "invalid_checkpoint"
+    http_status = 422

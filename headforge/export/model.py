@@ -11,7 +11,13 @@ import numpy as np
 from torch import nn
 
 from headforge.export.onnx import ExportSpec, export_onnx
-from headforge.export.repository import MANIFEST, MANIFEST_SCHEMA_VERSION, entry_dir, write_json_atomic
+from headforge.export.repository import (
+    MANIFEST,
+    MANIFEST_SCHEMA_VERSION,
+    entry_dir,
+    staged_entry,
+    write_json_atomic,
+)
 from headforge.files import sha256_file
 
 
@@ -30,9 +36,28 @@ def export_model(
 
     `source` describes the checkpoint the weights came from (at least `checkpoint` and `sha256`);
     `extra` lands in the manifest verbatim (e.g. reference-parity numbers). The manifest is written
-    last, so an entry with a manifest is complete. Returns the entry directory.
+    last, and the entry is built in a staging directory that replaces `<root>/<name>/<version>` only
+    when everything succeeded (`staged_entry`), so a failed export or parity check leaves the
+    repository as it was. Returns the entry directory.
     """
-    directory = entry_dir(name, version, root)
+    with staged_entry(name, version, root) as staging:
+        write_entry_files(module, spec, name, version, staging, source=source, samples=samples, extra=extra)
+    return entry_dir(name, version, root)
+
+
+def write_entry_files(
+    module: nn.Module,
+    spec: ExportSpec,
+    name: str,
+    version: str,
+    directory: Path,
+    *,
+    source: dict[str, Any],
+    samples: Sequence[np.ndarray] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Export `module` to `directory/model.onnx` with a parity check and write `manifest.json`
+    there (no staging: callers use `export_model`, or their own `staged_entry`). Returns the manifest."""
     result = export_onnx(module, spec, directory / "model.onnx", samples=samples)
     manifest: dict[str, Any] = {
         "schema_version": MANIFEST_SCHEMA_VERSION,
@@ -54,4 +79,4 @@ def export_model(
         **(extra or {}),
     }
     write_json_atomic(directory / MANIFEST, manifest)
-    return directory
+    return manifest

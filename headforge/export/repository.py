@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +22,51 @@ MANIFEST_SCHEMA_VERSION = 1
 
 def entry_dir(name: str, version: str, root: Path | None = None) -> Path:
     return (root or model_repository()) / name / version
+
+
+STAGING = ".incoming"  # under the repository root; never listed (entries sit two levels deep)
+
+
+@contextmanager
+def staged_entry(name: str, version: str, root: Path | None = None) -> Iterator[Path]:
+    """Yield an empty directory to build an entry in; when the block exits cleanly it replaces
+    `<root>/<name>/<version>` as a whole, and when it raises nothing in the repository changes.
+
+    The staging directory lives at `<root>/.incoming/<random>/entry` (three levels down, so
+    `list_entries` never sees a half-built entry) and is moved with `os.replace` on the same file
+    system. An existing entry is first renamed aside and deleted after the new one is in place, so
+    a reader sees the old entry, briefly none, or the new one, never a mix. Directories this call
+    created (`<root>`, `<root>/<name>`, `.incoming`) are removed again when the build fails.
+    """
+    root = root or model_repository()
+    created = [d for d in (root, root / STAGING) if not d.exists()]
+    (root / STAGING).mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=root / STAGING))
+    staging = scratch / "entry"
+    staging.mkdir()
+    target = entry_dir(name, version, root)
+    parent_created = not target.parent.exists()
+    try:
+        yield staging
+        target.parent.mkdir(parents=True, exist_ok=True)
+        aside = scratch / "previous"
+        if target.exists():
+            os.replace(target, aside)
+        try:
+            os.replace(staging, target)
+        except BaseException:
+            if aside.exists():
+                os.replace(aside, target)  # put the previous entry back
+            raise
+    except BaseException:
+        if parent_created and target.parent.is_dir() and not any(target.parent.iterdir()):
+            target.parent.rmdir()
+        raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        for directory in reversed(created):
+            with contextlib.suppress(OSError):  # only when empty: another import may be staging beside us
+                directory.rmdir()
 
 
 def write_json_atomic(path: Path, document: dict[str, Any]) -> None:
