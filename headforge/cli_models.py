@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import typer
 
@@ -77,3 +78,38 @@ def list_models(
         status = "ok" if row["intact"] else "CORRUPT (run `headforge models pull`)"
         extra = " +tensorrt" if row["tensorrt"] else ""
         typer.echo(f"{row['name']:28s} {row['version']:24s} {row['format']}{extra}  {status}")
+
+
+@app.command("import")
+def import_checkpoint(
+    family: str = typer.Argument(..., help="Model family: one of `headforge.models.importers.IMPORTERS`."),
+    path: Path = typer.Argument(..., help="The checkpoint file (see docs/models.md for accepted formats)."),
+    variant: str | None = typer.Option(
+        None,
+        "--variant",
+        help="Model variant (e.g. s, m, l for vggheads); detected from the tensors if omitted.",
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON line describing the entry written."),
+) -> None:
+    """Import a user's checkpoint into our own module, export it to ONNX with a parity check and
+    write a model-repository entry. A bad file exits 2 with `invalid_checkpoint` and changes nothing."""
+    from headforge.errors import InvalidOptionError
+    from headforge.models.importers import IMPORTERS, ImportOptions
+
+    importer = IMPORTERS.get(family.lower())
+    if importer is None:
+        raise InvalidOptionError(
+            f"unknown model family {family!r}; choose one of {', '.join(sorted(IMPORTERS))}",
+            details={"families": sorted(IMPORTERS)},
+        )
+    report = importer(path, ImportOptions(variant=variant.lower() if variant else None))
+    if as_json:
+        typer.echo(json.dumps(report.summary(), sort_keys=True))
+        return
+    parity = (
+        "served as is" if report.parity_max_abs is None else f"parity max |Δ| {report.parity_max_abs:.3g}"
+    )
+    typer.echo(
+        f"imported {report.family} {report.variant} ({report.parameters:,} parameters, {parity}) "
+        f"→ {report.directory}"
+    )
