@@ -229,3 +229,76 @@ class InvalidCheckpointError(InputError):
 
     code = "invalid_checkpoint"
     http_status = 422
+
+
+class RequestTimeoutError(HeadforgeError):
+    """The client sent the request body too slowly (the server's read timeouts, docs/service.md)."""
+
+    code = "request_timeout"
+    http_status = 408
+
+
+class IdempotencyInProgressError(HeadforgeError):
+    """An earlier request with the same Idempotency-Key is still being stored; retry shortly."""
+
+    code = "idempotency_in_progress"
+    http_status = 409
+
+
+# --- Studio templates and retopology (docs/topology.md) ---
+
+
+class TemplateError(AssetError):
+    """An operator's head template that cannot be used; `code` says why (stable codes below)."""
+
+    code = "invalid_template"
+    http_status = 422
+
+
+class TemplateEmptyError(TemplateError):
+    code = "template_empty"
+
+
+class TemplateNonManifoldError(TemplateError):
+    code = "template_non_manifold"
+
+
+class TemplateNoUVsError(TemplateError):
+    code = "template_no_uvs"
+
+
+class TemplateLandmarkRangeError(TemplateError):
+    """A landmark or vertex-group id outside the template's vertices, or outside FLAME / MediaPipe's ids."""
+
+    code = "template_landmark_out_of_range"
+
+
+class TemplateNotFoundError(InputError):
+    code = "unknown_template"
+    http_status = 422
+
+
+class TemplateLandmarksMissingError(InputError):
+    """A pipeline's `topology=` names a template without landmarks for that pipeline's head."""
+
+    code = "template_landmarks_missing"
+    http_status = 422
+
+
+class InvalidMeshError(InputError):
+    """A target mesh upload that is not a readable OBJ, GLB or PLY triangle mesh."""
+
+    code = "invalid_mesh"
+    http_status = 422
+
+
+class MeshTooLargeError(InputError):
+    code = "mesh_too_large"
+    http_status = 413
+
+
+class TargetNotOverlappingError(InputError):
+    """After the landmark alignment, the target mesh and the template do not overlap."""
+
+    code = "target_not_overlapping"
+    http_status = 422
