@@ -31,6 +31,7 @@ from headforge.models.flame_import import (
     load_flame_asset,
 )
 from headforge.pipeline.flame_fit import FitSettings, FlameFit, FlameLandmarkModel, fit_flame
+from headforge.pipeline.rig import DEFAULT_EXPRESSIONS
 from headforge.pipeline.types import Head, Mesh, Pose
 
 __all__ = [
@@ -68,8 +69,10 @@ def fit_flame_heads(
     rgb_shape: tuple[int, ...],
     asset: FlameAsset | FlameLandmarkModel | None = None,
     settings: FitSettings | None = None,
+    expressions: int = DEFAULT_EXPRESSIONS,
 ) -> None:
-    """Fit FLAME to every head's `landmarks_3d` in one batch and fill their meshes, pose and params."""
+    """Fit FLAME to every head's `landmarks_3d` in one batch and fill their meshes, pose and params;
+    each head mesh carries its first `expressions` expression components and jaw as morph targets."""
     if not heads:
         return
     if asset is None:
@@ -90,6 +93,7 @@ def fit_flame_heads(
     vertices = model.vertices(coefficients, np.stack([fit.jaw_pose for fit in fits]))
     for head, fit, head_vertices in zip(heads, fits, vertices, strict=True):
         _fill_head(head, fit, head_vertices, model.asset, rgb_shape)
+        _add_morph_targets(head, model, fit, expressions)
 
 
 def fit_flame_image(heads: list[Head], rgb: NDArray[np.uint8]) -> None:
@@ -151,6 +155,16 @@ def _fill_head(
         scale=float(fit.scale),
     )
     head.params = flame_params_document(fit, rgb_shape)
+
+
+def _add_morph_targets(head: Head, model: FlameLandmarkModel, fit: FlameFit, expressions: int) -> None:
+    """FLAME's expression space (first `expressions` components) and jaw opening as morph targets
+    of the head-frame mesh, recorded by name in the params."""
+    from headforge.pipeline.animate import flame_morph_targets
+
+    assert head.mesh is not None
+    head.mesh.morph_targets = flame_morph_targets(model, fit, expressions)
+    head.params["morph_targets"] = list(head.mesh.morph_targets.names)
 
 
 def flame_params_document(fit: FlameFit, rgb_shape: tuple[int, ...]) -> dict[str, Any]:

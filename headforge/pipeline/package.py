@@ -70,6 +70,8 @@ def write_atomic(path: Path, data: bytes) -> WrittenFile:
 def _kind_of(name: str) -> str:
     if name.endswith("_splats.ply"):
         return "splats"
+    if name.endswith("_splats_binding.npz"):
+        return "binding"
     if name.endswith("_texture.png"):
         return "texture"
     if name == "preview.png":
@@ -184,11 +186,54 @@ def glb_bytes(
     scene = trimesh.Scene()
     scene.add_geometry(geometry, geom_name=name, node_name=name)
     exported = trimesh.exchange.gltf.export_glb(scene, include_normals=True)
-    return _finish_glb(bytes(exported), texture_png)
+    morphs = None
+    if mesh.morph_targets is not None:
+        morphs = (list(mesh.morph_targets.names), np.asarray(mesh.morph_targets.deltas, np.float32)[:, source])
+    return _finish_glb(bytes(exported), texture_png, morphs)
 
 
-def _finish_glb(glb: bytes, png: bytes | None) -> bytes:
-    """Set buffer-view targets (trimesh leaves them out), and append `png` to the binary chunk as
+def _add_morph_targets(
+    tree: dict[str, Any], binary: bytes, names: list[str], deltas: NDArray[np.float32]
+) -> bytes:
+    """Append POSITION morph targets (K, V, 3) to the (single) mesh primitive, with default weights 0
+    and the names in `mesh.extras.targetNames` (the convention three.js and Blender read)."""
+    meshes = tree.get("meshes", [])
+    if len(meshes) != 1 or len(meshes[0].get("primitives", [])) != 1:
+        raise ValueError("morph targets need a GLB with one mesh primitive")
+    primitive = meshes[0]["primitives"][0]
+    views = tree.setdefault("bufferViews", [])
+    accessors = tree.setdefault("accessors", [])
+    targets = []
+    for delta in deltas:
+        offset = _padded(len(binary))
+        data = np.ascontiguousarray(delta, dtype="<f4").tobytes()
+        binary = binary.ljust(offset, b"\0") + data
+        views.append({"buffer": 0, "byteOffset": offset, "byteLength": len(data), "target": _GL_ARRAY_BUFFER})
+        accessors.append(
+            {
+                "bufferView": len(views) - 1,
+                "componentType": 5126,  # FLOAT
+                "count": len(delta),
+                "type": "VEC3",
+                "min": [float(v) for v in delta.min(axis=0)],
+                "max": [float(v) for v in delta.max(axis=0)],
+            }
+        )
+        targets.append({"POSITION": len(accessors) - 1})
+    primitive["targets"] = targets
+    meshes[0]["weights"] = [0.0] * len(targets)
+    meshes[0].setdefault("extras", {})["targetNames"] = list(names)
+    if not tree.get("buffers"):
+        tree["buffers"] = [{"byteLength": 0}]
+    tree["buffers"][0]["byteLength"] = len(binary)
+    return binary
+
+
+def _finish_glb(
+    glb: bytes, png: bytes | None, morphs: tuple[list[str], NDArray[np.float32]] | None = None
+) -> bytes:
+    """Set buffer-view targets (trimesh leaves them out), add `morphs` (names, (K, V, 3) position
+    offsets in the GLB's vertex order) as morph targets, and append `png` to the binary chunk as
     every material's base-color texture."""
     magic, version, _length = struct.unpack_from("<III", glb, 0)
     if magic != _GLB_MAGIC or version != 2:
@@ -205,6 +250,8 @@ def _finish_glb(glb: bytes, png: bytes | None) -> bytes:
             raise ValueError("GLB second chunk is not BIN")
         binary = glb[offset + 8 : offset + 8 + bin_length]
     _set_buffer_view_targets(tree)
+    if morphs is not None:
+        binary = _add_morph_targets(tree, binary, *morphs)
     if png is not None:
         image_offset = _padded(len(binary))
         binary = binary.ljust(image_offset, b"\0") + png
@@ -363,4 +410,9 @@ def write_head_files(
             written.append(write_atomic(out_dir / name, data))
     if splats is not None and "splats" in outputs:
         written.append(write_atomic(out_dir / f"{stem}_splats.ply", splats_ply_bytes(splats)))
+        if splats.binding is not None and mesh is not None and mesh.morph_targets is not None:
+            from headforge.pipeline.rig import binding_npz_bytes
+
+            binding = binding_npz_bytes(splats.binding, mesh.faces, len(mesh.vertices))
+            written.append(write_atomic(out_dir / f"{stem}_splats_binding.npz", binding))
     return written

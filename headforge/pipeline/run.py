@@ -62,7 +62,7 @@ LANDMARK_STAGE_NETWORKS = ("full_range", "face_landmark")
 
 # Files this runner writes; stale ones from an earlier run into the same folder are removed.
 _ARTIFACT_NAME = re.compile(
-    r"^(h\d+(\.glb|\.obj|\.mtl|_texture\.png|_splats\.ply)|preview\.png|result\.json)$"
+    r"^(h\d+(\.glb|\.obj|\.mtl|_texture\.png|_splats\.ply|_splats_binding\.npz)|preview\.png|result\.json)$"
 )
 
 

@@ -5,7 +5,9 @@ then a uniform barycentric point inside it), deterministically for a given seed.
 Gaussian in its triangle's tangent plane: the rotation's columns are (edge direction, normal ×
 edge, normal), the two tangent scales come from the local sampling density (distance to the nearest
 neighbours), the scale along the normal is a small epsilon, the color is the texture at the point's
-UV, and the opacity is constant. Works on any topology (`uv_faces` seams included).
+UV, and the opacity is constant. Works on any topology (`uv_faces` seams included). Each splat keeps
+its binding to the mesh (`Splats.binding`: triangle, barycentrics, local frame; `rig.py`), so it can
+follow the mesh when it is animated.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from headforge.pipeline.geometry import (
     sample_uv_bilinear,
     triangle_areas,
 )
+from headforge.pipeline.rig import bind_splats
 from headforge.pipeline.types import Mesh, Splats
 
 MAX_SPLATS = 1_000_000
@@ -122,4 +125,5 @@ def sample_splats(
         opacities=np.full(count, opacity, dtype=np.float32),
         scales=scales.astype(np.float32),
         rotations=rotations.astype(np.float32),
+        binding=bind_splats(vertices, faces, triangles, bary, means, rotations, scales),
     )

@@ -9,10 +9,13 @@ convention).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
+
+if TYPE_CHECKING:
+    from headforge.pipeline.rig import MorphTargets, SplatBinding
 
 FloatArray = NDArray[np.float32]
 IntArray = NDArray[np.int32]
@@ -73,6 +76,7 @@ class Mesh:
     uvs: FloatArray  # (T, 2) in [0, 1], v up (OpenGL/glTF-after-flip convention documented by package stage)
     uv_faces: IntArray | None = None  # (F, 3) or None when uvs are per-vertex
     topology: str = "facemesh468"
+    morph_targets: MorphTargets | None = None  # animation targets in this mesh's frame (FLAME heads)
 
 
 @dataclass
@@ -85,6 +89,7 @@ class Splats:
     opacities: FloatArray  # (N,) in (0, 1)
     scales: FloatArray  # (N, 3) linear, third axis along the normal (epsilon)
     rotations: FloatArray  # (N, 4) unit quaternion w, x, y, z
+    binding: SplatBinding | None = None  # each splat's triangle, barycentrics and local frame
 
 
 @dataclass
