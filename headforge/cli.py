@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from headforge import cli_bench, cli_flame, cli_models, cli_pipeline, cli_service
+from headforge import cli_animate, cli_bench, cli_flame, cli_models, cli_pipeline, cli_service
 from headforge.errors import HeadforgeError
 
 app = typer.Typer(
@@ -23,6 +23,7 @@ app.command("serve")(cli_service.serve)
 app.command("worker")(cli_service.worker)
 app.command("submit")(cli_service.submit)
 app.command("bench")(cli_bench.bench)
+app.command("animate")(cli_animate.animate)
 
 
 def main() -> None:
