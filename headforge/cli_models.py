@@ -87,7 +87,11 @@ def import_checkpoint(
     variant: str | None = typer.Option(
         None,
         "--variant",
-        help="Model variant (e.g. s, m, l for vggheads); detected from the tensors if omitted.",
+        "--name",
+        help="Model variant (e.g. s, m, l for vggheads; mono, multiview for kaolrm); detected if omitted.",
+    ),
+    config: Path | None = typer.Option(
+        None, "--config", help="The model's config file, where the family has one (kaolrm: config.json)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON line describing the entry written."),
 ) -> None:
@@ -102,7 +106,7 @@ def import_checkpoint(
             f"unknown model family {family!r}; choose one of {', '.join(sorted(IMPORTERS))}",
             details={"families": sorted(IMPORTERS)},
         )
-    report = importer(path, ImportOptions(variant=variant.lower() if variant else None))
+    report = importer(path, ImportOptions(variant=variant.lower() if variant else None, config=config))
     if as_json:
         typer.echo(json.dumps(report.summary(), sort_keys=True))
         return

@@ -15,7 +15,6 @@ which is how the register models call it. The input is RGB in [0, 1] with no mea
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -183,8 +182,3 @@ class Dinov2Encoder(nn.Module):
 
     def forward(self, image: torch.Tensor, pos_embed: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(image, pos_embed)
-
-
-def patch_tokens(size: int, patch_size: int = 14) -> int:
-    """How many tokens (CLS + patches) a square input of `size` pixels gives."""
-    return 1 + int(math.floor(size / patch_size)) ** 2

@@ -21,6 +21,7 @@ class ImportOptions:
 
     variant: str | None = None
     root: Path | None = None  # model repository; None means `headforge.config.model_repository()`
+    config: Path | None = None  # a separate config file, for families that keep one (kaolrm's config.json)
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,13 @@ def _vggheads(path: Path, options: ImportOptions) -> ImportReport:
     return import_vggheads(path, options)
 
 
+def _kaolrm(path: Path, options: ImportOptions) -> ImportReport:
+    from headforge.models.kaolrm_import import import_checkpoint
+
+    return import_checkpoint(path, options)
+
+
 IMPORTERS: dict[str, Importer] = {
     "vggheads": _vggheads,
+    "kaolrm": _kaolrm,
 }
