@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from headforge import cli_animate, cli_bench, cli_flame, cli_models, cli_pipeline, cli_service
+from headforge import cli_animate, cli_bench, cli_flame, cli_models, cli_pipeline, cli_service, cli_topology
 from headforge.errors import HeadforgeError
 
 app = typer.Typer(
@@ -18,6 +18,8 @@ app = typer.Typer(
 )
 app.add_typer(cli_models.app, name="models")
 app.add_typer(cli_flame.app, name="flame")
+app.add_typer(cli_topology.template_app, name="template")
+app.add_typer(cli_topology.topology_app, name="topology")
 app.command("reconstruct")(cli_pipeline.reconstruct)
 app.command("serve")(cli_service.serve)
 app.command("worker")(cli_service.worker)
