@@ -28,7 +28,7 @@ from numpy.typing import NDArray
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from headforge.models.runtime import DefaultNetworks  # noqa: E402
+from headforge.models.runtime import ModelSet  # noqa: E402
 from headforge.pipeline.pose import estimate_pose  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "aflw2000-sample"
@@ -121,10 +121,10 @@ def read_label(mat_path: Path) -> tuple[NDArray[np.float64], NDArray[np.float64]
     return np.array([yaw, pitch, roll]), label["pt3d_68"][:2].T.astype(np.float64)
 
 
-_NETWORKS: dict[str, DefaultNetworks] = {}
+_NETWORKS: dict[str, ModelSet] = {}
 
 
-def networks() -> DefaultNetworks:
+def networks() -> ModelSet:
     """The ONNX networks from the model repository, else the original `.tflite` files via LiteRT."""
     if "default" not in _NETWORKS:
         try:

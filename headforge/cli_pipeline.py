@@ -28,39 +28,44 @@ def reconstruct(
     splats: int = typer.Option(8192, "--splats", help="Gaussian splats per head (0: no splat file)."),
     max_heads: int | None = typer.Option(None, "--max-heads", help="Keep at most N heads, best first."),
     seed: int = typer.Option(0, "--seed", help="Seed for splat sampling."),
+    subject: bool = typer.Option(
+        False, "--subject", help="All IMAGES show one person: one capture, one result.json in OUT."
+    ),
     as_json: bool = typer.Option(
         False, "--json", help="Print the machine-readable summary instead of a table."
     ),
 ) -> None:
-    """Reconstruct every head in IMAGES into OUT/<image stem>/."""
-    from headforge.errors import HeadforgeError, InputError, UnreadableFileError
-    from headforge.pipeline.run import ReconstructOptions, reconstruct_image
+    """Reconstruct every head in IMAGES into OUT/<image stem>/ (with --subject: into OUT/)."""
+    from headforge.errors import HeadforgeError, InputError
+    from headforge.pipeline.options import ReconstructOptions
+    from headforge.pipeline.runner import reconstruct_capture
 
     options = ReconstructOptions(
-        pipeline=pipeline, texture_size=texture_size, splats=splats, max_heads=max_heads, seed=seed
+        pipeline=pipeline,
+        texture_size=texture_size,
+        splats=splats,
+        max_heads=max_heads,
+        seed=seed,
+        subject=subject,
     )
-    options.validate()
-    folders = output_folders(images, out)
+    # One capture per image, or all images as one capture of one subject.
+    captures = [images] if subject else [[image] for image in images]
+    folders = [out] if subject else output_folders(images, out)
     rows: list[dict[str, Any]] = []
-    with _progress_display(enabled=len(images) > 1 and not as_json) as progress:
-        overall = progress.add_task("images", total=len(images)) if progress else None
-        for image_path, folder in zip(images, folders, strict=True):
-            row: dict[str, Any] = {"image": str(image_path), "out_dir": str(folder)}
+    with _progress_display(enabled=len(captures) > 1 and not as_json) as progress:
+        overall = progress.add_task("images", total=len(captures)) if progress else None
+        for capture, folder in zip(captures, folders, strict=True):
+            label = ", ".join(str(path) for path in capture)
+            row: dict[str, Any] = {"image": label, "out_dir": str(folder)}
             started = time.perf_counter()
 
-            def on_stage(stage: str, fraction: float, name: str = image_path.name) -> None:
+            def on_stage(stage: str, fraction: float, name: str = capture[0].name) -> None:
                 if progress is not None and overall is not None:
                     progress.update(overall, description=f"{name}: {stage}")
 
             try:
-                try:
-                    data = image_path.read_bytes()
-                except OSError as error:
-                    raise UnreadableFileError(
-                        f"cannot read {image_path}: {error.strerror or error}",
-                        details={"path": str(image_path)},
-                    ) from error
-                document = reconstruct_image(data, image_path.name, options, folder, on_stage)
+                photos = [(path.name, _read_image(path)) for path in capture]
+                document = reconstruct_capture(photos, options, folder, on_stage)
             except InputError as error:
                 row.update(status="failed", error=error.to_dict())
             except HeadforgeError:
@@ -89,6 +94,17 @@ def reconstruct(
         _print_table(rows)
     if failed:
         raise typer.Exit(EXIT_SOME_FAILED)
+
+
+def _read_image(path: Path) -> bytes:
+    from headforge.errors import UnreadableFileError
+
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise UnreadableFileError(
+            f"cannot read {path}: {error.strerror or error}", details={"path": str(path)}
+        ) from error
 
 
 def output_folders(images: list[Path], out: Path) -> list[Path]:
@@ -148,7 +164,7 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
             if row["heads"] == 0:
                 detail += " (no face found)"
             table.add_row(
-                Path(row["image"]).name,
+                ", ".join(Path(part).name for part in row["image"].split(", ")),
                 "[green]ok[/green]",
                 str(row["heads"]),
                 f"{row['elapsed_ms']:.0f}",
@@ -157,7 +173,7 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
         else:
             error = row["error"]
             table.add_row(
-                Path(row["image"]).name,
+                ", ".join(Path(part).name for part in row["image"].split(", ")),
                 "[red]failed[/red]",
                 "-",
                 f"{row['elapsed_ms']:.0f}",

@@ -101,7 +101,8 @@ class HeadforgeClient:
 
     def submit(self, images: Sequence[ImageInput], *, wait: int = 0, idempotency_key: str | None = None,
                **options: Any) -> dict[str, Any]:
-        """POST /v1/jobs. Options: pipeline, outputs, texture_size, splats, max_heads, webhook_url.
+        """POST /v1/jobs. Options: the fields of `ReconstructOptions` (pipeline, outputs, texture_size,
+        splats, max_heads, seed, subject) and webhook_url.
         Returns the 202 body, or the finished job when `wait` seconds sufficed."""
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         response = self.http.post("/v1/jobs", params={"wait": wait} if wait else None,

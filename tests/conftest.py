@@ -14,7 +14,7 @@ import pytest
 from needs import missing, strict
 from numpy.typing import NDArray
 
-from headforge.models.runtime import DefaultNetworks
+from headforge.models.runtime import ModelSet
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,7 +50,7 @@ def astronaut() -> NDArray[np.uint8]:
     return np.ascontiguousarray(load())
 
 
-def load_litert_or_skip(num_threads: int = 1) -> DefaultNetworks:
+def load_litert_or_skip(num_threads: int = 1) -> ModelSet:
     """The original .tflite networks under the LiteRT interpreter; skip when LiteRT or the files are
     missing (fail under HEADFORGE_STRICT_TESTS=1: CI installs LiteRT and runs `models pull`)."""
     if importlib.util.find_spec("ai_edge_litert") is None:
@@ -65,13 +65,13 @@ def load_litert_or_skip(num_threads: int = 1) -> DefaultNetworks:
 
 
 @pytest.fixture(scope="session")
-def litert_networks() -> DefaultNetworks:
+def litert_networks() -> ModelSet:
     """Reference backend: the original .tflite files run by LiteRT."""
     return load_litert_or_skip()
 
 
 @pytest.fixture(scope="session")
-def networks() -> DefaultNetworks:
+def networks() -> ModelSet:
     """The default networks as served: headforge's own ONNX models from the model repository.
 
     Without the repository, a developer's run falls back to the LiteRT reference backend (same
@@ -89,7 +89,7 @@ def networks() -> DefaultNetworks:
 
 
 @pytest.fixture(scope="session")
-def astronaut_landmarks(astronaut: NDArray[np.uint8], networks: DefaultNetworks) -> NDArray[np.float32]:
+def astronaut_landmarks(astronaut: NDArray[np.uint8], networks: ModelSet) -> NDArray[np.float32]:
     """The astronaut's 468 face-mesh landmarks (image pixels) from the real detection and landmark stages."""
     from headforge.pipeline.landmarks import find_heads
 

@@ -10,7 +10,7 @@ from numpy.typing import NDArray
 
 from headforge.benchmarks.landmarks import match_labelled_boxes, read_rgb, read_voc_boxes
 from headforge.errors import InvalidImageError, InvalidOptionError
-from headforge.models.runtime import DefaultNetworks
+from headforge.models.runtime import ModelSet
 from headforge.pipeline.anchors import FULL_RANGE_ANCHORS, SHORT_RANGE_ANCHORS, generate_anchors
 from headforge.pipeline.detect import (
     FULL_RANGE,
@@ -119,7 +119,7 @@ def test_plan_windows_cover_group_photos() -> None:
     assert len(plan_windows(6000, 4000, min_face_size=32)) <= 1 + 16
 
 
-def test_bad_input_has_stable_codes(litert_networks: DefaultNetworks) -> None:
+def test_bad_input_has_stable_codes(litert_networks: ModelSet) -> None:
     with pytest.raises(InvalidImageError) as error:
         detect_faces(np.zeros((64, 64), np.uint8), litert_networks)
     assert error.value.code == "invalid_image"
@@ -132,7 +132,7 @@ def test_bad_input_has_stable_codes(litert_networks: DefaultNetworks) -> None:
         detect_faces(np.zeros((64, 64, 3), np.uint8), litert_networks, model="long_range")
 
 
-def test_astronaut_has_exactly_one_face(astronaut: NDArray[np.uint8], networks: DefaultNetworks) -> None:
+def test_astronaut_has_exactly_one_face(astronaut: NDArray[np.uint8], networks: ModelSet) -> None:
     for model in ("full_range", "short_range"):
         detections = detect_faces(astronaut, networks, model=model)
         assert len(detections) == 1, model
@@ -146,12 +146,12 @@ def test_astronaut_has_exactly_one_face(astronaut: NDArray[np.uint8], networks: 
         assert np.all((face.keypoints[:4] >= [x0, y0]) & (face.keypoints[:4] <= [x1, y1]))
 
 
-def test_blank_image_has_no_face(networks: DefaultNetworks) -> None:
+def test_blank_image_has_no_face(networks: ModelSet) -> None:
     assert detect_faces(np.full((300, 400, 3), 128, np.uint8), networks) == []
 
 
 
-def test_voc_group_photos_recall(networks: DefaultNetworks, voc_faces_dir: Path) -> None:
+def test_voc_group_photos_recall(networks: ModelSet, voc_faces_dir: Path) -> None:
     folder = voc_faces_dir
     labels = read_voc_boxes(folder)
     assert sum(len(b) for b in labels.values()) == 43
@@ -173,7 +173,7 @@ def test_voc_group_photos_recall(networks: DefaultNetworks, voc_faces_dir: Path)
 
 
 def test_served_networks_detect_like_litert(
-    astronaut: NDArray[np.uint8], networks: DefaultNetworks, litert_networks: DefaultNetworks
+    astronaut: NDArray[np.uint8], networks: ModelSet, litert_networks: ModelSet
 ) -> None:
     """Same post-processing over the served networks and the original .tflite files: same faces."""
     ours = detect_faces(astronaut, networks)

@@ -26,7 +26,7 @@ from headforge.errors import AssetError, PipelineUnavailableError
 from headforge.files import sha256_file
 from headforge.models import flame_import
 from headforge.models.flame_import import import_flame
-from headforge.models.runtime import DefaultNetworks
+from headforge.models.runtime import ModelSet
 from headforge.pipeline.run import ReconstructOptions, pipeline_missing_reason, reconstruct_image
 from headforge.schemas import validate_result
 
@@ -92,7 +92,7 @@ def test_unusable_asset_makes_flame_unavailable(
     for name, value in configure(tmp_path, synthetic).items():
         monkeypatch.setenv(name, value)
 
-    def no_networks() -> DefaultNetworks:
+    def no_networks() -> ModelSet:
         raise AssertionError("an unavailable pipeline must fail before loading networks")
 
     monkeypatch.setattr("headforge.models.runtime.load_default_networks", no_networks)
@@ -141,7 +141,7 @@ def test_flame_pipeline_on_astronaut(
     tmp_path: Path,
     synthetic: tuple[SyntheticFiles, Path],
     monkeypatch: pytest.MonkeyPatch,
-    networks: DefaultNetworks,
+    networks: ModelSet,
     astronaut: NDArray[np.uint8],
 ) -> None:
     files, asset_path = synthetic
@@ -176,7 +176,7 @@ def test_flame_pipeline_on_astronaut(
 
     # `models`: the landmark stage's networks (no Iris), then the FLAME asset the fit used.
     names = [model["name"] for model in written["models"]]
-    assert names == [networks.full_range.name, networks.face_landmark.name, "flame"]
+    assert names == [networks["face_detection_full_range"].name, networks["face_landmark"].name, "flame"]
     flame = written["models"][-1]
     assert flame["sha256"] == sha256_file(asset_path)
     assert flame["version"] == "generic_model.pkl" and flame["format"] == "npz"
@@ -244,7 +244,7 @@ def test_serving_never_reads_a_pickle(
     tmp_path: Path,
     synthetic: tuple[SyntheticFiles, Path],
     monkeypatch: pytest.MonkeyPatch,
-    networks: DefaultNetworks,
+    networks: ModelSet,
     astronaut: NDArray[np.uint8],
 ) -> None:
     """A flame reconstruct from an imported asset, with every way to unpickle made to fail."""

@@ -12,7 +12,7 @@ from numpy.typing import NDArray
 
 from headforge.benchmarks.landmarks import match_labelled_boxes, read_rgb, read_voc_boxes
 from headforge.errors import InvalidOptionError
-from headforge.models.runtime import DefaultNetworks, Network
+from headforge.models.runtime import ModelSet, Network
 from headforge.pipeline.detect import detect_faces
 from headforge.pipeline.landmarks import (
     FACE_MESH_INPUT,
@@ -136,7 +136,7 @@ def test_large_roi_is_shrunk_without_moving_anything() -> None:
         assert patch.sum() == pytest.approx(16 * (192 / 1300) ** 2, rel=0.1)
 
 
-def _reference_landmarks(rgb: NDArray[np.uint8], roi: Roi, reference: DefaultNetworks) -> NDArray[np.float32]:
+def _reference_landmarks(rgb: NDArray[np.uint8], roi: Roi, reference: ModelSet) -> NDArray[np.float32]:
     """MediaPipe's approach, built independently: the ROI's corners → a 192×192 crop by a
     three-point affine, FaceMesh under LiteRT, raw (468, 3) in crop pixels."""
     corners = roi.to_image(np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])) - 0.5
@@ -149,13 +149,13 @@ def _reference_landmarks(rgb: NDArray[np.uint8], roi: Roi, reference: DefaultNet
         flags=cv2.INTER_LINEAR,
         borderMode=cv2.BORDER_REPLICATE,
     )
-    raw = reference.face_landmark.run(patch[None].astype(np.float32) / 255.0)[0]
+    raw = reference["face_landmark"].run(patch[None].astype(np.float32) / 255.0)[0]
     return np.asarray(raw, np.float32).reshape(468, 3)
 
 
 @pytest.mark.parametrize("refine", [False, True])
 def test_landmarks_match_litert_on_the_same_roi(
-    astronaut: NDArray[np.uint8], networks: DefaultNetworks, litert_networks: DefaultNetworks, refine: bool
+    astronaut: NDArray[np.uint8], networks: ModelSet, litert_networks: ModelSet, refine: bool
 ) -> None:
     """Mapping the pixel landmarks back into the ROI reproduces the raw network output."""
     detections = detect_faces(astronaut, networks)
@@ -170,7 +170,7 @@ def test_landmarks_match_litert_on_the_same_roi(
         assert result.roi == roi_from_detection(detections[0])
 
 
-def test_astronaut_landmarks_are_plausible(astronaut: NDArray[np.uint8], networks: DefaultNetworks) -> None:
+def test_astronaut_landmarks_are_plausible(astronaut: NDArray[np.uint8], networks: ModelSet) -> None:
     heads = find_heads(astronaut, networks, iris=True)
     assert len(heads) == 1
     head = heads[0]
@@ -196,12 +196,12 @@ def test_astronaut_landmarks_are_plausible(astronaut: NDArray[np.uint8], network
     assert eyes[2, 0] < points[473, 0] < eyes[3, 0]
 
 
-def test_group_photo_is_batched_and_equals_one_by_one(networks: DefaultNetworks, voc_faces_dir: Path) -> None:
+def test_group_photo_is_batched_and_equals_one_by_one(networks: ModelSet, voc_faces_dir: Path) -> None:
     rgb = read_rgb(voc_faces_dir / "2008_004176.jpg")
     detections = detect_faces(rgb, networks)
     assert len(detections) >= 5
-    counting = CountingNetwork(networks.face_landmark)
-    counted = DefaultNetworks(networks.short_range, networks.full_range, counting, networks.iris)
+    counting = CountingNetwork(networks["face_landmark"])
+    counted = ModelSet({"face_detection_full_range": networks["face_detection_full_range"], "face_landmark": counting})
     together = predict_landmarks(rgb, detections, counted, refine=True)
     # One call per pass, every head in it.
     assert counting.batches == [len(detections), len(detections)]
@@ -211,7 +211,7 @@ def test_group_photo_is_batched_and_equals_one_by_one(networks: DefaultNetworks,
         assert batched.presence == pytest.approx(alone.presence, abs=1e-4)
 
 
-def test_voc_group_photos_detect_and_mesh(networks: DefaultNetworks, voc_faces_dir: Path) -> None:
+def test_voc_group_photos_detect_and_mesh(networks: ModelSet, voc_faces_dir: Path) -> None:
     folder = voc_faces_dir
     meshed = false_positives = 0
     for name, truth in read_voc_boxes(folder).items():
@@ -227,7 +227,7 @@ def test_voc_group_photos_detect_and_mesh(networks: DefaultNetworks, voc_faces_d
     assert false_positives <= 2
 
 
-def test_find_heads_limits_and_errors(astronaut: NDArray[np.uint8], networks: DefaultNetworks) -> None:
+def test_find_heads_limits_and_errors(astronaut: NDArray[np.uint8], networks: ModelSet) -> None:
     assert find_heads(np.full((200, 200, 3), 90, np.uint8), networks) == []
     assert predict_landmarks(astronaut, [], networks) == []
     assert len(find_heads(astronaut, networks, max_heads=1)) == 1
@@ -237,7 +237,7 @@ def test_find_heads_limits_and_errors(astronaut: NDArray[np.uint8], networks: De
         predict_landmarks(astronaut, detect_faces(astronaut, networks), networks, min_presence=2.0)
 
 
-def test_crowd_collage_all_faces_meshed(networks: DefaultNetworks, voc_faces_dir: Path) -> None:
+def test_crowd_collage_all_faces_meshed(networks: ModelSet, voc_faces_dir: Path) -> None:
     """bald_guys.jpg has no labels; it shows 24 faces (counted by eye). A whole-image pass, as
     MediaPipe runs it, meshes about half of them."""
     rgb = read_rgb(voc_faces_dir / "bald_guys.jpg")
@@ -247,7 +247,7 @@ def test_crowd_collage_all_faces_meshed(networks: DefaultNetworks, voc_faces_dir
     assert len(tiled) == 24
 
 
-def test_max_heads_keeps_the_best_detections(networks: DefaultNetworks, voc_faces_dir: Path) -> None:
+def test_max_heads_keeps_the_best_detections(networks: ModelSet, voc_faces_dir: Path) -> None:
     rgb = read_rgb(voc_faces_dir / "2008_007676.jpg")
     every = find_heads(rgb, networks)
     capped = find_heads(rgb, networks, max_heads=3)

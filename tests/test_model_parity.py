@@ -17,17 +17,11 @@ from numpy.typing import NDArray
 
 from headforge.config import tflite_source_dir
 from headforge.models.pull import DEFAULT_MODELS, DefaultModel, load_module
-from headforge.models.runtime import DefaultNetworks, Network
+from headforge.models.runtime import ModelSet, Network
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 RELATIVE_BOUND = 1e-4
 MODELS = {m.name: m for m in DEFAULT_MODELS}
-NETWORK_ATTRIBUTE = {
-    "face_detection_short_range": "short_range",
-    "face_detection_full_range": "full_range",
-    "face_landmark": "face_landmark",
-    "iris_landmark": "iris",
-}
 
 Crop = Callable[[NDArray[np.uint8]], NDArray[np.uint8]]
 
@@ -119,7 +113,7 @@ def tflite_dir() -> Path:
 
 
 @pytest.fixture(scope="module")
-def litert(tflite_dir: Path) -> DefaultNetworks:
+def litert(tflite_dir: Path) -> ModelSet:
     pytest.importorskip("ai_edge_litert")
     from headforge.models.litert import load_litert_networks
 
@@ -127,7 +121,7 @@ def litert(tflite_dir: Path) -> DefaultNetworks:
 
 
 @pytest.fixture(scope="module")
-def onnx_networks() -> DefaultNetworks:
+def onnx_networks() -> ModelSet:
     from headforge.errors import ModelsMissingError
     from headforge.models.runtime import load_default_networks
 
@@ -143,39 +137,39 @@ def torch_outputs(module: torch.nn.Module, x: np.ndarray) -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_pytorch_matches_litert_on_real_photos(name: str, tflite_dir: Path, litert: DefaultNetworks) -> None:
+def test_pytorch_matches_litert_on_real_photos(name: str, tflite_dir: Path, litert: ModelSet) -> None:
     model = MODELS[name]
     module = load_module(model, tflite_dir / model.tflite_name)
     x = real_inputs(model)
-    reference: Network = getattr(litert, NETWORK_ATTRIBUTE[name])
+    reference: Network = litert[name]
     assert_close(torch_outputs(module, x), reference.run(x), f"{name} PyTorch vs LiteRT")
 
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_onnx_runtime_matches_pytorch_on_real_photos(
-    name: str, tflite_dir: Path, onnx_networks: DefaultNetworks
+    name: str, tflite_dir: Path, onnx_networks: ModelSet
 ) -> None:
     model = MODELS[name]
     module = load_module(model, tflite_dir / model.tflite_name)
     x = real_inputs(model)
-    network: Network = getattr(onnx_networks, NETWORK_ATTRIBUTE[name])
+    network: Network = onnx_networks[name]
     assert_close(network.run(x), torch_outputs(module, x), f"{name} ONNX Runtime vs PyTorch")
     # One item at a time gives the same answers as the batch (dynamic batch, no cross-talk).
     single = network.run(x[-1:])
     assert_close(single, [out[-1:] for out in network.run(x)], f"{name} batch vs single")
 
 
-def test_detectors_find_the_astronauts_face(litert: DefaultNetworks, onnx_networks: DefaultNetworks) -> None:
+def test_detectors_find_the_astronauts_face(litert: ModelSet, onnx_networks: ModelSet) -> None:
     """A sanity check on meaning, not only equality: the best anchor is confident on a real face."""
     for name in ("face_detection_short_range", "face_detection_full_range"):
         x = real_inputs(MODELS[name])[:1]
-        _, scores = getattr(onnx_networks, NETWORK_ATTRIBUTE[name]).run(x)
+        _, scores = onnx_networks[name].run(x)
         assert 1.0 / (1.0 + np.exp(-scores.max())) > 0.7, name
 
 
-def test_face_landmark_sees_faces_in_real_face_crops(onnx_networks: DefaultNetworks) -> None:
+def test_face_landmark_sees_faces_in_real_face_crops(onnx_networks: ModelSet) -> None:
     x = real_inputs(MODELS["face_landmark"])
-    landmarks, face_flag = onnx_networks.face_landmark.run(x)
+    landmarks, face_flag = onnx_networks["face_landmark"].run(x)
     assert landmarks.shape == (len(x), 1, 1, 1404)
     assert (face_flag.reshape(-1) > 0).all(), face_flag.reshape(-1)
     points = landmarks.reshape(len(x), 468, 3)
@@ -183,18 +177,18 @@ def test_face_landmark_sees_faces_in_real_face_crops(onnx_networks: DefaultNetwo
     assert ((points[..., :2] > 0) & (points[..., :2] < 192)).mean() > 0.95
 
 
-def test_wrong_input_shape_is_a_clear_error(onnx_networks: DefaultNetworks) -> None:
+def test_wrong_input_shape_is_a_clear_error(onnx_networks: ModelSet) -> None:
     from headforge.errors import HeadforgeError
 
     with pytest.raises(HeadforgeError, match=r"takes \(N, 192, 192, 3\)"):
-        onnx_networks.face_landmark.run(np.zeros((1, 128, 128, 3), np.float32))
+        onnx_networks["face_landmark"].run(np.zeros((1, 128, 128, 3), np.float32))
     with pytest.raises(HeadforgeError):
-        onnx_networks.iris.run(np.zeros((64, 64, 3), np.float32))
+        onnx_networks["iris_landmark"].run(np.zeros((64, 64, 3), np.float32))
 
 
-def test_sessions_are_created_once_per_process(onnx_networks: DefaultNetworks) -> None:
+def test_sessions_are_created_once_per_process(onnx_networks: ModelSet) -> None:
     from headforge.models.runtime import OrtNetwork, load_default_networks
 
     assert load_default_networks(providers=("cpu",)) is onnx_networks
-    assert isinstance(onnx_networks.full_range, OrtNetwork)
-    assert onnx_networks.full_range.providers == ["CPUExecutionProvider"]
+    assert isinstance(onnx_networks["face_detection_full_range"], OrtNetwork)
+    assert onnx_networks["face_detection_full_range"].providers == ["CPUExecutionProvider"]

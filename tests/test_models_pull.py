@@ -80,7 +80,7 @@ def test_pull_into_a_fresh_home_then_repair(tmp_path: Path, monkeypatch: pytest.
     assert third.exported == ["iris_landmark"] and third.fetched_wheel is None
     assert damaged.is_intact()
     networks = load_default_networks(threads=1, providers=("cpu",))
-    assert networks.iris.name == "iris_landmark"
+    assert networks["iris_landmark"].name == "iris_landmark"
 
 
 def test_checksum_mismatch_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

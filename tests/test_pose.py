@@ -11,7 +11,7 @@ import pytest
 from numpy.typing import NDArray
 
 from headforge.errors import InvalidLandmarksError
-from headforge.models.runtime import DefaultNetworks
+from headforge.models.runtime import ModelSet
 from headforge.pipeline.geometry import face_normals
 from headforge.pipeline.pose import angles_to_rotation, estimate_pose, rotation_to_angles, to_head_frame
 from headforge.pipeline.topology import build_image_mesh, load_topology
@@ -103,7 +103,7 @@ def test_label_landmarks_match_aflw_angles(repo_script: Callable[[str], ModuleTy
 
 
 def _bench_on(
-    repo_script: Callable[[str], ModuleType], networks: DefaultNetworks, monkeypatch: pytest.MonkeyPatch
+    repo_script: Callable[[str], ModuleType], networks: ModelSet, monkeypatch: pytest.MonkeyPatch
 ) -> ModuleType:
     """bench/pose_error.py running on the `networks` fixture (the served ONNX models; the bench alone
     would fall back to LiteRT silently)."""
@@ -113,7 +113,7 @@ def _bench_on(
 
 
 def test_pose_error_on_aflw2000_sample(
-    repo_script: Callable[[str], ModuleType], networks: DefaultNetworks, monkeypatch: pytest.MonkeyPatch
+    repo_script: Callable[[str], ModuleType], networks: ModelSet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """FaceMesh landmarks (label crops, the usual AFLW2000 protocol) -> mean absolute error under a bound."""
     bench = _bench_on(repo_script, networks, monkeypatch)
@@ -125,7 +125,7 @@ def test_pose_error_on_aflw2000_sample(
 
 
 def test_pose_error_on_the_pipeline_path(
-    repo_script: Callable[[str], ModuleType], networks: DefaultNetworks, monkeypatch: pytest.MonkeyPatch
+    repo_script: Callable[[str], ModuleType], networks: ModelSet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Landmarks as `headforge reconstruct` gets them (`find_heads` on the whole photo, no labels
     used) -> mean absolute error under DETECTOR_MAE_BOUND, every face found."""
@@ -138,7 +138,7 @@ def test_pose_error_on_the_pipeline_path(
 
 
 def test_pose_on_synthetic_renders(
-    repo_script: Callable[[str], ModuleType], networks: DefaultNetworks, monkeypatch: pytest.MonkeyPatch
+    repo_script: Callable[[str], ModuleType], networks: ModelSet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The astronaut's textured face rendered at known yaw and pitch: exact ground truth, no labels."""
     bench = _bench_on(repo_script, networks, monkeypatch)

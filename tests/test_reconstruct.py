@@ -25,7 +25,7 @@ from skimage import data
 from typer.testing import CliRunner
 
 from headforge.cli import app
-from headforge.models.runtime import DefaultNetworks
+from headforge.models.runtime import ModelSet
 from headforge.pipeline.package import SPLAT_PLY_PROPERTIES
 from headforge.pipeline.run import PIPELINES, ReconstructOptions, reconstruct_image
 from headforge.schemas import result_schema, validate_result
@@ -216,7 +216,7 @@ def _check_summary_table(stdout: str, out: Path) -> None:
     assert " ok " in sky_row and " 0 " in sky_row and "(no face found)" in sky_row
 
 
-def test_api_orientation_outputs_and_determinism(tmp_path: Path, networks: DefaultNetworks) -> None:
+def test_api_orientation_outputs_and_determinism(tmp_path: Path, networks: ModelSet) -> None:
     rgb = data.astronaut()
     rotated = np.ascontiguousarray(np.rot90(rgb, k=1))  # stored sideways, tag 6 turns it upright
     exif = Image.Exif()
@@ -323,7 +323,7 @@ def test_group_photos(tmp_path: Path, onnx_models: None) -> None:
     assert all(report["numErrors"] == 0 for report in reports), [r for r in reports if r["numErrors"]]
 
 
-def test_tiny_and_faceless_images_succeed_without_heads(tmp_path: Path, networks: DefaultNetworks) -> None:
+def test_tiny_and_faceless_images_succeed_without_heads(tmp_path: Path, networks: ModelSet) -> None:
     buffer = io.BytesIO()
     Image.new("RGB", (2, 2), (90, 90, 90)).save(buffer, "PNG")
     document = reconstruct_image(

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from headforge.models.runtime import DefaultNetworks
+from headforge.models.runtime import ModelSet
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 AFLW_DIR = SHARED_DATA / "aflw2000-sample"
@@ -62,7 +62,7 @@ def run(quick: bool) -> dict[str, Any]:
     from headforge.models.runtime import default_threads, load_default_networks
     from headforge.pipeline.run import ReconstructOptions, reconstruct_image
 
-    networks: DefaultNetworks = load_default_networks()
+    networks: ModelSet = load_default_networks()
     options = ReconstructOptions(texture_size=TEXTURE_SIZE, splats=SPLATS)
     photos = single_face_photos(quick)
     repeats = 2 if quick else 5

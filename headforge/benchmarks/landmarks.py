@@ -19,7 +19,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from headforge.config import tflite_source_dir
-from headforge.models.runtime import DefaultNetworks
+from headforge.models.runtime import ModelSet
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 VOC_DIR = SHARED_DATA / "voc-faces"
@@ -65,13 +65,13 @@ def read_rgb(path: Path) -> NDArray[np.uint8]:
         return np.asarray(image.convert("RGB"))
 
 
-def load_headforge_networks(num_threads: int) -> tuple[DefaultNetworks, str]:
+def load_headforge_networks(num_threads: int) -> tuple[ModelSet, str]:
     """headforge's runtime networks and a backend label; LiteRT when the model repository is
     missing (the ratio is then ~1 by construction, and the label says so)."""
     from headforge.errors import ModelsMissingError
     from headforge.models import litert, runtime
 
-    loader: Callable[..., DefaultNetworks] | None = getattr(runtime, "load_default_networks", None)
+    loader: Callable[..., ModelSet] | None = getattr(runtime, "load_default_networks", None)
     if loader is not None:
         try:
             return loader(threads=num_threads, providers=("cpu",)), "onnxruntime-cpu"
@@ -94,7 +94,7 @@ def benchmark_photos(quick: bool) -> list[tuple[str, NDArray[np.uint8]]]:
     return photos
 
 
-def _time_pass(networks: DefaultNetworks, photos: list[tuple[str, NDArray[np.uint8]]]) -> tuple[float, int]:
+def _time_pass(networks: ModelSet, photos: list[tuple[str, NDArray[np.uint8]]]) -> tuple[float, int]:
     from headforge.pipeline.landmarks import find_heads
 
     start = time.perf_counter()

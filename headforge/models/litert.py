@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from headforge.models.runtime import DefaultNetworks
+from headforge.models.runtime import FACE_LANDMARK, FULL_RANGE, IRIS_LANDMARK, SHORT_RANGE, ModelSet
 
 
 class LiteRTNetwork:
@@ -33,11 +33,13 @@ class LiteRTNetwork:
         return [np.concatenate([outs[k] for outs in per_item]) for k in range(len(self._outputs))]
 
 
-def load_litert_networks(tflite_dir: Path, num_threads: int = 1) -> DefaultNetworks:
+def load_litert_networks(tflite_dir: Path, num_threads: int = 1) -> ModelSet:
     """The four default networks, from the `.tflite` files extracted by `headforge models pull`."""
-    return DefaultNetworks(
-        short_range=LiteRTNetwork(tflite_dir / "face_detection_short_range.tflite", num_threads),
-        full_range=LiteRTNetwork(tflite_dir / "face_detection_full_range_sparse.tflite", num_threads),
-        face_landmark=LiteRTNetwork(tflite_dir / "face_landmark.tflite", num_threads),
-        iris=LiteRTNetwork(tflite_dir / "iris_landmark.tflite", num_threads),
+    return ModelSet(
+        {
+            SHORT_RANGE: LiteRTNetwork(tflite_dir / "face_detection_short_range.tflite", num_threads),
+            FULL_RANGE: LiteRTNetwork(tflite_dir / "face_detection_full_range_sparse.tflite", num_threads),
+            FACE_LANDMARK: LiteRTNetwork(tflite_dir / "face_landmark.tflite", num_threads),
+            IRIS_LANDMARK: LiteRTNetwork(tflite_dir / "iris_landmark.tflite", num_threads),
+        }
     )

@@ -1,13 +1,16 @@
-"""The runtime layer: one place that owns inference sessions for the default networks.
+"""The runtime layer: one place that owns inference sessions, as a model set keyed by name.
 
-A `Network` takes a batch in the exact layout and value range of the original `.tflite` input
-(NHWC float32; detectors in [-1, 1], landmark networks in [0, 1]) and returns the raw outputs in
-the `.tflite` output order.
+A `Network` takes a batch in the exact layout and value range of its exported input (for the
+MediaPipe networks: NHWC float32 as the `.tflite` files take it; detectors in [-1, 1], landmark
+networks in [0, 1]) and returns the raw outputs in the exported output order.
 
-`load_default_networks()` opens the ONNX models that `headforge models pull` exported, with ONNX
-Runtime, once per process (per thread/provider setting). Providers are picked by availability:
-TensorRT, then CUDA, then CPU; `HEADFORGE_PROVIDERS` (comma-separated, e.g. `cpu` or
-`cuda,cpu`) and `HEADFORGE_THREADS` override the defaults.
+A `ModelSet` maps model repository names (`face_detection_full_range`, `face_landmark`, ...) to
+networks and opens each one on first use. `load_model_set()` gives the process's set (one per
+thread/provider setting), whose networks are the ONNX models of the model repository run by ONNX
+Runtime; a worker therefore loads only the networks its pipelines use. Providers are picked by
+availability: TensorRT, then CUDA, then CPU; `HEADFORGE_PROVIDERS` (comma-separated, e.g. `cpu`
+or `cuda,cpu`) and `HEADFORGE_THREADS` override the defaults. `load_default_networks()` is the same
+set with the four MediaPipe networks opened up front (it fails when any is missing).
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,12 +29,12 @@ from headforge.config import headforge_home
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_NETWORK_NAMES = (
-    "face_detection_short_range",
-    "face_detection_full_range",
-    "face_landmark",
-    "iris_landmark",
-)
+# Model repository names of the MediaPipe networks (`headforge models pull` exports them).
+SHORT_RANGE = "face_detection_short_range"
+FULL_RANGE = "face_detection_full_range"
+FACE_LANDMARK = "face_landmark"
+IRIS_LANDMARK = "iris_landmark"
+DEFAULT_NETWORK_NAMES = (SHORT_RANGE, FULL_RANGE, FACE_LANDMARK, IRIS_LANDMARK)
 
 THREADS_ENV = "HEADFORGE_THREADS"
 PROVIDERS_ENV = "HEADFORGE_PROVIDERS"
@@ -49,12 +53,61 @@ class Network(Protocol):
     def run(self, x: np.ndarray) -> list[np.ndarray]: ...
 
 
-@dataclass
-class DefaultNetworks:
-    short_range: Network
-    full_range: Network
-    face_landmark: Network
-    iris: Network
+Opener = Callable[[str], Network]
+
+
+class ModelSet:
+    """Networks keyed by model repository name, each opened by `opener` on first use and kept.
+
+    `used()` gives a view that shares the opened networks and records which names it handed out:
+    the runner takes one per job, so `result.json` lists only the networks that job ran.
+    """
+
+    def __init__(self, networks: Mapping[str, Network] | None = None, opener: Opener | None = None) -> None:
+        self._networks: dict[str, Network] = dict(networks or {})
+        self._opener = opener
+        self._lock = threading.Lock()
+        self.handed_out: list[str] = []
+
+    def __getitem__(self, name: str) -> Network:
+        network = self._networks.get(name)
+        if network is None:
+            with self._lock:
+                network = self._networks.get(name)
+                if network is None:
+                    if self._opener is None:
+                        from headforge.errors import ModelsMissingError
+
+                        raise ModelsMissingError(
+                            f"no network {name!r} in this model set", details={"missing": [name]}
+                        )
+                    network = self._opener(name)
+                    self._networks[name] = network
+        if name not in self.handed_out:
+            self.handed_out.append(name)
+        return network
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._networks
+
+    def loaded(self) -> list[str]:
+        """Names of the networks opened so far."""
+        return list(self._networks)
+
+    def preload(self, names: Iterable[str]) -> None:
+        """Open `names` now (a worker's start-up), without recording them as used."""
+        for name in names:
+            if name not in self._networks:
+                used = list(self.handed_out)
+                self[name]
+                self.handed_out = used
+
+    def used(self) -> ModelSet:
+        """A view over the same networks that records the names it hands out, starting empty."""
+        view = ModelSet.__new__(ModelSet)
+        view._networks, view._opener, view._lock = self._networks, self._opener, self._lock
+        view.handed_out = []
+        return view
 
 
 def physical_cores() -> int:
@@ -229,6 +282,22 @@ def _trt_profile(path: Path) -> dict[str, str]:
     return {key: ",".join(shapes) for key, shapes in profile.items()}
 
 
+def repository_network_path(name: str, root: Path | None = None) -> Path:
+    """`model.onnx` of entry `name` at the default version; `ModelsMissingError` when it is absent
+    or damaged (sha256 differs from its manifest)."""
+    from headforge.errors import ModelsMissingError
+    from headforge.export.repository import read_entry
+    from headforge.models.pull import DEFAULT_VERSION
+
+    entry = read_entry(name, DEFAULT_VERSION, root)
+    if entry is None or not entry.is_intact():  # absent, or its file no longer matches the manifest
+        raise ModelsMissingError(
+            f"the model repository lacks {name}/{DEFAULT_VERSION}; run `headforge models pull`",
+            details={"missing": [f"{name}/{DEFAULT_VERSION}"]},
+        )
+    return entry.model_path
+
+
 def default_network_paths(root: Path | None = None) -> dict[str, Path]:
     """`model.onnx` of each default network's current version; `ModelsMissingError` when any is
     absent or damaged (sha256 differs from its manifest)."""
@@ -252,22 +321,25 @@ def default_network_paths(root: Path | None = None) -> dict[str, Path]:
     return paths
 
 
-def load_default_networks(
-    threads: int | None = None, providers: tuple[str, ...] | None = None
-) -> DefaultNetworks:
-    """The four default networks as ONNX Runtime sessions, created once per process and setting."""
-    return _load_default_networks(
-        threads or default_threads(), tuple(select_providers(providers)), str(headforge_home())
-    )
+def load_model_set(threads: int | None = None, providers: tuple[str, ...] | None = None) -> ModelSet:
+    """This process's model set for a thread/provider setting: ONNX Runtime sessions over the
+    model repository, each opened on first use."""
+    return _load_model_set(threads or default_threads(), tuple(select_providers(providers)), str(headforge_home()))
 
 
 @functools.lru_cache(maxsize=4)
-def _load_default_networks(threads: int, providers: tuple[str, ...], home: str) -> DefaultNetworks:
-    paths = default_network_paths()
-    sessions = {name: OrtNetwork(path, name, threads, list(providers)) for name, path in paths.items()}
-    return DefaultNetworks(
-        short_range=sessions["face_detection_short_range"],
-        full_range=sessions["face_detection_full_range"],
-        face_landmark=sessions["face_landmark"],
-        iris=sessions["iris_landmark"],
-    )
+def _load_model_set(threads: int, providers: tuple[str, ...], home: str) -> ModelSet:
+    def open_network(name: str) -> Network:
+        return OrtNetwork(repository_network_path(name), name, threads, list(providers))
+
+    return ModelSet(opener=open_network)
+
+
+def load_default_networks(threads: int | None = None, providers: tuple[str, ...] | None = None) -> ModelSet:
+    """The process's model set with the four MediaPipe networks opened; `ModelsMissingError`
+    naming every one the repository lacks."""
+    models = load_model_set(threads, providers)
+    if not all(name in models for name in DEFAULT_NETWORK_NAMES):
+        default_network_paths()  # one error that lists every missing entry
+        models.preload(DEFAULT_NETWORK_NAMES)
+    return models

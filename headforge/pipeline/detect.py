@@ -19,7 +19,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from headforge.errors import InvalidImageError, InvalidOptionError
-from headforge.models.runtime import DefaultNetworks, Network
+from headforge.models.runtime import FULL_RANGE as FULL_RANGE_NETWORK
+from headforge.models.runtime import SHORT_RANGE as SHORT_RANGE_NETWORK
+from headforge.models.runtime import ModelSet, Network
 from headforge.pipeline.anchors import (
     FULL_RANGE_ANCHORS,
     SHORT_RANGE_ANCHORS,
@@ -37,7 +39,7 @@ NMS_IOU = 0.3  # MediaPipe's min_suppression_threshold for both face detectors
 class DetectorModel:
     """One BlazeFace variant: which network, its anchors and MediaPipe's score threshold."""
 
-    network: str  # attribute of DefaultNetworks
+    network: str  # model set name of the network
     anchors: AnchorOptions
     default_min_score: float
 
@@ -46,10 +48,10 @@ class DetectorModel:
         return self.anchors.input_size
 
 
-SHORT_RANGE = DetectorModel("short_range", SHORT_RANGE_ANCHORS, 0.5)
+SHORT_RANGE = DetectorModel(SHORT_RANGE_NETWORK, SHORT_RANGE_ANCHORS, 0.5)
 # MediaPipe's full-range graph keeps scores ≥ 0.6. headforge keeps ≥ 0.5: small and tile-edge faces
 # in group photos score just above 0.5, and FaceMesh's presence score rejects what is not a face.
-FULL_RANGE = DetectorModel("full_range", FULL_RANGE_ANCHORS, 0.5)
+FULL_RANGE = DetectorModel(FULL_RANGE_NETWORK, FULL_RANGE_ANCHORS, 0.5)
 MODELS = {"short_range": SHORT_RANGE, "full_range": FULL_RANGE}
 
 
@@ -323,7 +325,7 @@ def run_detector(
 
 def detect_faces(
     rgb: NDArray[np.uint8],
-    networks: DefaultNetworks,
+    networks: ModelSet,
     *,
     min_score: float | None = None,
     max_faces: int | None = None,
@@ -353,7 +355,7 @@ def detect_faces(
         windows = plan_windows(width, height, min_face_size=min_face_size)
     else:
         windows = plan_windows(width, height, min_face_size=float(max(width, height)))
-    network: Network = getattr(networks, detector.network)
+    network: Network = networks[detector.network]
     raw = run_detector(rgb, network, detector, windows, threshold)
     merged = merge_windows(raw) if len(windows) > 1 else raw
     order = np.argsort(-merged.scores, kind="stable")

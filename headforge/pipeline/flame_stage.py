@@ -6,8 +6,8 @@ FLAME's UVs and seams), `mesh` (head frame: meters, +Y up, face toward +Z, FLAME
 similarity to the image and the fit's residual in pixels). Texture and splats are the default
 pipeline's stages, which take any topology.
 
-The runner calls `fit_flame_image` once per image, so all of its heads are fitted in one batch;
-`fit_flame_head` (one head) is its fallback when the batch refuses some head's landmarks.
+The registry's `flame` row runs `fit_flame_stage` once per capture, so all of its heads are fitted
+in one batch; the runner retries each head alone when the batch refuses some head's landmarks.
 """
 
 from __future__ import annotations
@@ -32,13 +32,12 @@ from headforge.models.flame_import import (
 )
 from headforge.pipeline.flame_fit import FitSettings, FlameFit, FlameLandmarkModel, fit_flame
 from headforge.pipeline.rig import DEFAULT_EXPRESSIONS
-from headforge.pipeline.types import Head, Mesh, Pose
+from headforge.pipeline.types import Head, Mesh, Pose, StageContext
 
 __all__ = [
     "describe_flame_asset",
-    "fit_flame_head",
     "fit_flame_heads",
-    "fit_flame_image",
+    "fit_flame_stage",
     "flame_available",
     "flame_unavailable_reason",
     "load_model",
@@ -96,14 +95,17 @@ def fit_flame_heads(
         _add_morph_targets(head, model, fit, expressions)
 
 
-def fit_flame_image(heads: list[Head], rgb: NDArray[np.uint8]) -> None:
-    """The runner's batch hook (`PIPELINES["flame"].fit_batch`): every head of the image at once."""
-    fit_flame_heads(heads, rgb.shape)
-
-
-def fit_flame_head(head: Head, rgb: NDArray[np.uint8]) -> None:
-    """The runner's per-head hook (`PIPELINES["flame"].fit`), used when the batch fails on a head."""
-    fit_flame_heads([head], rgb.shape)
+def fit_flame_stage(ctx: StageContext, heads: list[Head]) -> None:
+    """The `flame` pipeline's fit stage: every head of the capture in one batch."""
+    if not heads:
+        return
+    shapes = {ctx.image(head).shape for head in heads}
+    if len(shapes) == 1:
+        fit_flame_heads(heads, shapes.pop())
+        return
+    # Views of different sizes: one batch per size (the params record each head's image size).
+    for shape in sorted(shapes):
+        fit_flame_heads([head for head in heads if ctx.image(head).shape == shape], shape)
 
 
 def describe_flame_asset(path: Path | None = None) -> list[dict[str, Any]]:

@@ -19,7 +19,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from headforge.errors import InvalidOptionError
-from headforge.models.runtime import DefaultNetworks
+from headforge.models.runtime import FACE_LANDMARK, IRIS_LANDMARK, ModelSet
 from headforge.pipeline.detect import check_rgb, detect_faces, warp_to_square
 from headforge.pipeline.types import Detection, FloatArray, Head
 
@@ -130,11 +130,11 @@ def unit_to_image(
 
 
 def run_face_mesh(
-    rgb: NDArray[np.uint8], rois: Sequence[Roi], networks: DefaultNetworks
+    rgb: NDArray[np.uint8], rois: Sequence[Roi], networks: ModelSet
 ) -> tuple[list[NDArray[np.float32]], NDArray[np.float64]]:
     """FaceMesh on all ROIs in one `Network.run` call: per ROI (468, 3) pixels, and presence scores."""
     batch = np.stack([crop_roi(rgb, roi, FACE_MESH_INPUT) for roi in rois])
-    raw_landmarks, raw_presence = networks.face_landmark.run(batch)[:2]
+    raw_landmarks, raw_presence = networks[FACE_LANDMARK].run(batch)[:2]
     raw_landmarks = np.asarray(raw_landmarks).reshape(len(rois), NUM_MESH_LANDMARKS, 3)
     logits = np.clip(np.asarray(raw_presence, np.float64).reshape(len(rois)), -100.0, 100.0)
     presence = 1.0 / (1.0 + np.exp(-logits))
@@ -154,7 +154,7 @@ def eye_rois(landmarks_2d: NDArray[np.floating]) -> list[Roi]:
 
 
 def run_iris(
-    rgb: NDArray[np.uint8], meshes: Sequence[NDArray[np.float32]], networks: DefaultNetworks
+    rgb: NDArray[np.uint8], meshes: Sequence[NDArray[np.float32]], networks: ModelSet
 ) -> list[NDArray[np.float32]]:
     """Iris on both eyes of every head in one call; returns (478, 3) landmarks per head.
 
@@ -164,7 +164,7 @@ def run_iris(
     rois = [roi for mesh in meshes for roi in eye_rois(mesh[:, :2])]
     flips = [False, True] * len(meshes)
     batch = np.stack([crop_roi(rgb, roi, IRIS_INPUT, flip) for roi, flip in zip(rois, flips, strict=True)])
-    iris_raw = np.asarray(networks.iris.run(batch)[1]).reshape(len(rois), 5, 3)
+    iris_raw = np.asarray(networks[IRIS_LANDMARK].run(batch)[1]).reshape(len(rois), 5, 3)
     results = []
     for head, mesh in enumerate(meshes):
         extra = []
@@ -180,7 +180,7 @@ def run_iris(
 def predict_landmarks(
     rgb: NDArray[np.uint8],
     detections: Sequence[Detection],
-    networks: DefaultNetworks,
+    networks: ModelSet,
     *,
     refine: bool = True,
     iris: bool = False,
@@ -222,7 +222,7 @@ def predict_landmarks(
 
 def find_heads(
     rgb: NDArray[np.uint8],
-    networks: DefaultNetworks,
+    networks: ModelSet,
     *,
     max_heads: int | None = None,
     iris: bool = False,

@@ -74,7 +74,7 @@ def _kind_of(name: str) -> str:
         return "binding"
     if name.endswith("_texture.png"):
         return "texture"
-    if name == "preview.png":
+    if name == "preview.png" or name.endswith("_preview.png"):
         return "preview"
     if name == "result.json":
         return "result"

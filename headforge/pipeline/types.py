@@ -15,6 +15,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 if TYPE_CHECKING:
+    from headforge.models.runtime import ModelSet
+    from headforge.pipeline.options import ReconstructOptions
     from headforge.pipeline.rig import MorphTargets, SplatBinding
 
 FloatArray = NDArray[np.float32]
@@ -79,9 +81,19 @@ class Mesh:
     morph_targets: MorphTargets | None = None  # animation targets in this mesh's frame (FLAME heads)
 
 
+SPLAT_SOURCES = ("sampled", "learned")
+MAX_SH_DEGREE = 3
+
+
 @dataclass
 class Splats:
-    """Surface-bound 2D Gaussians (linear values; the PLY writer applies logs and logits)."""
+    """2D Gaussians (linear values; the PLY writer applies logs and logits).
+
+    `source` says where they came from: `sampled` on the textured mesh by the default splat step,
+    or `learned` (decoded by a network, e.g. KaoLRM's). `sh_rest` holds the optional higher
+    spherical-harmonic coefficients beyond the base color: (N, (d+1)^2 - 1, 3) for degree d in 1..3,
+    coefficient-major with RGB last; None means degree 0 (colors only).
+    """
 
     means: FloatArray  # (N, 3)
     normals: FloatArray  # (N, 3)
@@ -90,6 +102,25 @@ class Splats:
     scales: FloatArray  # (N, 3) linear, third axis along the normal (epsilon)
     rotations: FloatArray  # (N, 4) unit quaternion w, x, y, z
     binding: SplatBinding | None = None  # each splat's triangle, barycentrics and local frame
+    sh_rest: FloatArray | None = None  # (N, K, 3), K = 3, 8 or 15
+    source: str = "sampled"
+
+    def __post_init__(self) -> None:
+        if self.source not in SPLAT_SOURCES:
+            raise ValueError(f"splat source must be one of {SPLAT_SOURCES}, not {self.source!r}")
+        if self.sh_rest is not None:
+            rest = np.asarray(self.sh_rest)
+            if rest.ndim != 3 or rest.shape[0] != len(self.means) or rest.shape[2] != 3:
+                raise ValueError(f"sh_rest must be (N, K, 3) with N = {len(self.means)}, got {rest.shape}")
+            if rest.shape[1] not in {(d + 1) ** 2 - 1 for d in range(1, MAX_SH_DEGREE + 1)}:
+                raise ValueError(f"sh_rest has {rest.shape[1]} coefficients; degree 1..3 has 3, 8 or 15")
+
+    @property
+    def sh_degree(self) -> int:
+        """The spherical-harmonic degree: 0 without `sh_rest`, else 1..3."""
+        if self.sh_rest is None:
+            return 0
+        return round((np.asarray(self.sh_rest).shape[1] + 1) ** 0.5) - 1
 
 
 @dataclass
@@ -98,6 +129,7 @@ class Head:
 
     index: int
     detection: Detection
+    view: int = 0  # which photo of the capture the head was found in (0 for a single photo)
     landmarks_2d: FloatArray | None = None  # (K, 2)
     landmarks_3d: FloatArray | None = None  # (K, 3)
     landmark_score: float | None = None
@@ -108,3 +140,42 @@ class Head:
     texture: NDArray[np.uint8] | None = None  # (S, S, 3) RGB
     splats: Splats | None = None
     artifacts: dict[str, str] = field(default_factory=dict)  # kind -> file name
+
+
+@dataclass
+class View:
+    """One photo of a capture: its upload name and bytes, and the decoded image."""
+
+    index: int
+    filename: str
+    data: bytes
+    image: DecodedImage
+
+    @property
+    def rgb(self) -> NDArray[np.uint8]:
+        return self.image.rgb
+
+
+@dataclass
+class Capture:
+    """The runner's unit of work: 1..N photos. `subject` says they all show one person, so the stages
+    see every view's heads together; otherwise a capture holds one photo."""
+
+    views: list[View]
+    subject: bool = False
+
+
+@dataclass
+class StageContext:
+    """What a head source or a stage may use besides the heads: the job's options, the model set
+    (networks by name, opened on first use; the ones taken are listed in result.json), the capture
+    and a list of notes that end up in result.json."""
+
+    options: ReconstructOptions
+    models: ModelSet
+    capture: Capture
+    notes: list[str] = field(default_factory=list)
+
+    def image(self, head: Head) -> NDArray[np.uint8]:
+        """The RGB photo `head` was found in."""
+        return self.capture.views[head.view].rgb

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any
 
-from fastapi import FastAPI, File, Form, Header, Query, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
@@ -43,6 +43,7 @@ from headforge.errors import (
 )
 from headforge.service import webhooks
 from headforge.service.auth import Authenticator, Principal
+from headforge.service.forms import option_fields
 from headforge.service.celery_app import dispatch, make_celery, publish_webhook
 from headforge.service.jobs import (
     CANCELED,
@@ -120,24 +121,6 @@ def _safe_filename(name: str | None, index: int) -> str:
     base = PurePosixPath((name or "").replace("\\", "/")).name
     cleaned = _SAFE_NAME.sub("_", base).strip("._")[:100]
     return cleaned or f"image{index}"
-
-
-def _option_values(
-    pipeline: str | None, outputs: list[str] | None, texture_size: int | None, splats: int | None,
-    max_heads: int | None,
-) -> dict[str, Any]:
-    values: dict[str, Any] = {}
-    if pipeline is not None:
-        values["pipeline"] = pipeline.strip()
-    if outputs:
-        values["outputs"] = sorted({p.strip() for item in outputs for p in item.split(",") if p.strip()})
-    if texture_size is not None:
-        values["texture_size"] = texture_size
-    if splats is not None:
-        values["splats"] = splats
-    if max_heads is not None:
-        values["max_heads"] = max_heads
-    return values
 
 
 def validate_options(values: dict[str, Any]) -> dict[str, Any]:
@@ -430,11 +413,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post("/v1/jobs", status_code=202, summary="Submit one or more images as one job")
     async def submit_job(
         images: Annotated[list[UploadFile], File(description="Image files (repeat the field)")],
-        pipeline: Annotated[str | None, Form()] = None,
-        outputs: Annotated[list[str] | None, Form(description="glb, obj, splats, preview (comma-separated or repeated)")] = None,
-        texture_size: Annotated[int | None, Form()] = None,
-        splats: Annotated[int | None, Form()] = None,
-        max_heads: Annotated[int | None, Form()] = None,
+        options: Annotated[dict[str, Any], Depends(option_fields)],
         webhook_url: Annotated[str | None, Form()] = None,
         wait: Annotated[int, Query(ge=0, le=MAX_WAIT_SECONDS, description="Seconds to wait for the result")] = 0,
         authorization: Annotated[str | None, Header()] = None,
@@ -448,7 +427,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 details={"files": len(images), "max_files": settings.max_files_per_job},
             )
         uploads = await run_in_threadpool(_read_uploads, images, settings)
-        values = _option_values(pipeline, outputs, texture_size, splats, max_heads)
+        values = options
         job_id, _existed = await run_in_threadpool(
             _submit, principal, uploads, values, webhook_url or None, idempotency_key, batch=False)
         if wait:
@@ -460,13 +439,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.post("/v1/batches", status_code=202, summary="Submit many images (or one zip) as a batch of jobs")
     async def submit_batch(
+        options: Annotated[dict[str, Any], Depends(option_fields)],
         images: Annotated[list[UploadFile] | None, File(description="Image files (repeat the field)")] = None,
         archive: Annotated[UploadFile | None, File(description="A zip of images")] = None,
-        pipeline: Annotated[str | None, Form()] = None,
-        outputs: Annotated[list[str] | None, Form()] = None,
-        texture_size: Annotated[int | None, Form()] = None,
-        splats: Annotated[int | None, Form()] = None,
-        max_heads: Annotated[int | None, Form()] = None,
         webhook_url: Annotated[str | None, Form()] = None,
         authorization: Annotated[str | None, Header()] = None,
         idempotency_key: Annotated[str | None, Header()] = None,
@@ -488,7 +463,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if len(uploads) > settings.max_files_per_batch:
             raise TooManyFilesError(f"{len(uploads)} images; the limit is {settings.max_files_per_batch}",
                                     details={"files": len(uploads), "max_files": settings.max_files_per_batch})
-        values = _option_values(pipeline, outputs, texture_size, splats, max_heads)
+        if options.get("subject"):
+            raise InvalidOptionError("subject=true applies to one job's photos (POST /v1/jobs), not to a batch",
+                                     details={"option": "subject"})
+        values = options
         batch_id, _existed = await run_in_threadpool(
             _submit, principal, uploads, values, webhook_url or None, idempotency_key, batch=True)
         batch = jobs.get_batch_for(principal.owner, batch_id)
@@ -687,7 +665,7 @@ def describe_models() -> dict[str, Any]:
         except Exception as error:  # a broken optional pipeline must not break the listing
             reason = f"{type(error).__name__}: {error}"
         pipelines.append({"name": name, "description": entry.description, "available": reason is None,
-                          "reason": reason})
+                          "reason": reason, "queue": entry.queue, "networks": list(entry.networks)})
     from headforge.export.repository import read_entry
     from headforge.models.pull import DEFAULT_VERSION
 

@@ -174,4 +174,10 @@ class Settings:
         return self.data_dir / "artifacts"
 
     def queue_for(self, pipeline: str) -> str:
-        return self.queue_routes.get(pipeline, "cpu")
+        """The queue a pipeline's jobs go to: `HEADFORGE_QUEUE_ROUTES`, else the pipeline row's `queue`."""
+        if pipeline in self.queue_routes:
+            return self.queue_routes[pipeline]
+        from headforge.pipeline.registry import PIPELINES
+
+        row = PIPELINES.get(pipeline)
+        return row.queue if row is not None else "cpu"

@@ -1,7 +1,7 @@
 """Celery tasks (`run_job`, `deliver_webhook`), per-process model loading and the sweeper.
 
 `run_job` receives only a job id. It claims the job in the job store (a lease with a token), reads
-the uploads from the artifact store, calls `reconstruct_image` (the same call the CLI makes),
+the uploads from the artifact store, calls `reconstruct_capture` (the same call the CLI makes),
 uploads every file it wrote under an attempt-specific prefix, and then completes the job with a
 compare-and-set on its lease token. Whatever the broker does (redelivery after a crash, a
 duplicate from the sweeper), only one attempt can complete a job, and the artifacts it records
@@ -11,7 +11,6 @@ are exactly the files that attempt wrote.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import os
 import tempfile
@@ -65,11 +64,15 @@ def context() -> _ProcessContext:
     return _context
 
 
-def _load_networks() -> Any:
-    """The default networks; logs "models loaded" with the pid, once per process by design."""
-    from headforge.models.runtime import load_default_networks
+def _load_networks(settings: Settings) -> Any:
+    """The model set with the networks of the pipelines this worker's queues serve opened; logs
+    "models loaded" with the pid, once per process by design."""
+    from headforge.pipeline.process import prepare_process
+    from headforge.pipeline.registry import PIPELINES
 
-    networks = load_default_networks()
+    queues = settings.worker_queues
+    served = [name for name in sorted(PIPELINES) if not queues or settings.queue_for(name) in queues]
+    networks = prepare_process([name for name in served if PIPELINES[name].missing_reason() is None])
     log.info("models loaded", extra={"pid": os.getpid()})
     return networks
 
@@ -80,16 +83,9 @@ def _import_pipeline() -> None:
     Done lazily inside the first job, the imports took seconds of its time limit, and a soft time
     limit that fired during one was lost: trimesh guards its optional imports with
     `except BaseException`, which swallowed `SoftTimeLimitExceeded`, and the job ran on."""
-    import pkgutil
+    from headforge.pipeline.process import import_pipeline_modules
 
-    import headforge.pipeline
-
-    for module in pkgutil.iter_modules(headforge.pipeline.__path__):
-        name = f"headforge.pipeline.{module.name}"
-        try:
-            importlib.import_module(name)
-        except Exception as error:  # an optional pipeline's dependency; its jobs report it themselves
-            log.warning("could not import %s: %s", name, error)
+    import_pipeline_modules()
 
 
 @signals.worker_process_init.connect
@@ -102,7 +98,7 @@ def _warm_up(**_kwargs: Any) -> None:
     configure_logging(json_logs=ctx.settings.json_logs)
     _import_pipeline()
     try:
-        ctx.networks = _load_networks()
+        ctx.networks = _load_networks(ctx.settings)
     except HeadforgeError as error:  # e.g. models_missing: jobs will fail with this code
         log.error("models not loaded: %s", error.message, extra={"code": error.code})
 
@@ -177,12 +173,12 @@ def _execute(ctx: _ProcessContext, claim: Claim, beat: _Heartbeat) -> tuple[list
     """Run the pipeline on every input of the job and upload the outputs; return artifacts,
     the key of the result document and timings."""
     from headforge.pipeline.package import json_bytes
-    from headforge.pipeline.run import ReconstructOptions, reconstruct_image
+    from headforge.pipeline.run import ReconstructOptions, reconstruct_capture
 
     job = claim.job
     options = ReconstructOptions.from_dict(job["options"])
     if ctx.networks is None:
-        ctx.networks = _load_networks()
+        ctx.networks = _load_networks(ctx.settings)
     prefix = f"jobs/{job['id']}/{claim.token}/"
     inputs = job["inputs"]
     pipeline_ms = 0.0
@@ -190,15 +186,18 @@ def _execute(ctx: _ProcessContext, claim: Claim, beat: _Heartbeat) -> tuple[list
     artifacts: list[dict[str, Any]] = []
     documents: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="job-", dir=ctx.store.scratch_dir()) as scratch:
-        for index, item in enumerate(inputs):
-            data = ctx.store.get_bytes(item["key"])
+        # With `subject`, all photos form one capture (one result.json listing the views); without,
+        # each photo is its own capture.
+        captures = [inputs] if options.subject else [[item] for item in inputs]
+        for index, capture in enumerate(captures):
+            photos = [(item["filename"], ctx.store.get_bytes(item["key"])) for item in capture]
             out_dir = Path(scratch) / str(index)
 
             def progress(stage: str, fraction: float, index: int = index) -> None:
-                beat.report(stage, (index + fraction) / len(inputs))
+                beat.report(stage, (index + fraction) / len(captures))
 
             started = time.perf_counter()
-            document = reconstruct_image(data, item["filename"], options, out_dir, progress, networks=ctx.networks)
+            document = reconstruct_capture(photos, options, out_dir, progress, networks=ctx.networks)
             pipeline_ms += (time.perf_counter() - started) * 1000
             for stage, value in document.get("timings_ms", {}).items():
                 if stage != "total" and isinstance(value, int | float):
@@ -207,11 +206,11 @@ def _execute(ctx: _ProcessContext, claim: Claim, beat: _Heartbeat) -> tuple[list
             if beat.lost.is_set():
                 raise JobStopped("the job was canceled or taken over")
         upload_started = time.perf_counter()
-        if len(inputs) == 1:
+        if len(captures) == 1:
             artifacts = _upload_outputs(ctx.store, Path(scratch) / "0", prefix, "", documents[0])
             result_key = f"{prefix}result.json"
         else:
-            for index in range(len(inputs)):
+            for index in range(len(captures)):
                 artifacts += _upload_outputs(ctx.store, Path(scratch) / str(index), prefix, f"{index}/",
                                              documents[index])
             combined = Path(scratch) / "result.json"
