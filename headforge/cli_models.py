@@ -29,7 +29,7 @@ def pull(
     Offline installs: set HEADFORGE_MEDIAPIPE_WHEEL=/path/to/mediapipe-0.10.21-cp311-cp311-manylinux_2_28_x86_64.whl.
     """
     from headforge.config import model_repository
-    from headforge.models.pull import DEFAULT_MODELS, DEFAULT_VERSION
+    from headforge.models.pull import ALL_MODELS, DEFAULT_VERSION
     from headforge.models.pull import pull as run_pull
 
     report = run_pull(force=force, log=lambda line: typer.echo(line, err=True))
@@ -37,12 +37,12 @@ def pull(
         from headforge.export.repository import entry_dir
         from headforge.export.tensorrt import add_engine_to_entry
 
-        for model in DEFAULT_MODELS:
+        for model in ALL_MODELS:
             plan = add_engine_to_entry(entry_dir(model.name, DEFAULT_VERSION))
             typer.echo(f"built {plan}", err=True)
     state = "updated" if report.changed else "already up to date"
     typer.echo(
-        f"models {state}: {model_repository()} ({', '.join(m.name for m in DEFAULT_MODELS)} @ {DEFAULT_VERSION})"
+        f"models {state}: {model_repository()} ({', '.join(m.name for m in ALL_MODELS)} @ {DEFAULT_VERSION})"
     )
 
 

@@ -17,6 +17,7 @@ from headforge.config import headforge_home, model_repository, tflite_source_dir
 from headforge.errors import ModelFetchError
 from headforge.export.repository import read_entry, sha256_file
 from headforge.models.pull import (
+    ALL_MODELS,
     DEFAULT_MODELS,
     DEFAULT_VERSION,
     WHEEL_ENV,
@@ -42,7 +43,7 @@ def test_pull_again_does_nothing() -> None:
         missing("the model repository is empty; run `headforge models pull`")
     report = pull()
     assert not report.changed
-    assert report.up_to_date == [m.name for m in DEFAULT_MODELS]
+    assert report.up_to_date == [m.name for m in ALL_MODELS]
 
 
 def test_pull_into_a_fresh_home_then_repair(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -52,9 +53,9 @@ def test_pull_into_a_fresh_home_then_repair(tmp_path: Path, monkeypatch: pytest.
 
     first = pull()
     assert first.fetched_wheel == wheel
-    assert sorted(first.exported) == sorted(m.name for m in DEFAULT_MODELS)
+    assert sorted(first.exported) == sorted(m.name for m in ALL_MODELS)
     assert model_repository() == tmp_path / "home" / "models"
-    for model in DEFAULT_MODELS:
+    for model in ALL_MODELS:
         assert sha256_file(tflite_source_dir() / model.tflite_name) == model.sha256
         entry = read_entry(model.name, DEFAULT_VERSION)
         assert entry is not None and entry.is_intact()

@@ -97,6 +97,20 @@ DEFAULT_MODELS: tuple[DefaultModel, ...] = (
 )
 
 
+# Networks beyond the four of the default pipeline, exported by the same pull (the `kaolrm`
+# pipeline's background removal). Kept apart so code that needs the four face networks keeps them.
+SELFIE_SEGMENTATION = DefaultModel(
+    "selfie_segmentation",
+    "mediapipe/modules/selfie_segmentation/selfie_segmentation.tflite",
+    "9ee168ec7c8f2a16c56fe8e1cfbc514974cbbb7e434051b455635f1bd1462f5c",
+    "headforge.models.selfie:SelfieSegmentation",
+    256,
+    (0.0, 1.0),
+    ("mask",),
+)
+ALL_MODELS: tuple[DefaultModel, ...] = (*DEFAULT_MODELS, SELFIE_SEGMENTATION)
+
+
 @dataclass
 class PullReport:
     fetched_wheel: Path | None = None
@@ -120,7 +134,11 @@ def load_module(model: DefaultModel, tflite_path: Path) -> nn.Module:
     from headforge.models.tflite_weights import TFLiteGraph
 
     module = model.build().eval()
-    load_tflite_weights(module.tflite_layer_order(), TFLiteGraph(tflite_path))  # type: ignore[operator]
+    graph = TFLiteGraph(tflite_path)
+    if hasattr(module, "load_tflite"):  # a network with weights beyond convolutions and PReLUs
+        module.load_tflite(graph)  # type: ignore[operator]
+    else:
+        load_tflite_weights(module.tflite_layer_order(), graph)  # type: ignore[operator]
     return module
 
 
@@ -128,14 +146,14 @@ def pull(force: bool = False, log: Callable[[str], None] = lambda _: None) -> Pu
     """Make the model repository hold every default network; a no-op when it already does."""
     report = PullReport()
     source = tflite_source_dir()
-    missing_tflite = [m for m in DEFAULT_MODELS if force or not _verified(source / m.tflite_name, m.sha256)]
+    missing_tflite = [m for m in ALL_MODELS if force or not _verified(source / m.tflite_name, m.sha256)]
     if missing_tflite:
         wheel = fetch_wheel(log)
         report.fetched_wheel = wheel
         extract_tflite(wheel, missing_tflite, source)
         report.extracted = [m.tflite_name for m in missing_tflite]
         log(f"extracted {len(missing_tflite)} .tflite file(s) into {source}")
-    for model in DEFAULT_MODELS:
+    for model in ALL_MODELS:
         entry = read_entry(model.name, DEFAULT_VERSION)
         if (
             not force
