@@ -354,8 +354,9 @@ def _lines(line_format: str, rows: NDArray[Any]) -> str:
 
 
 def splats_ply_bytes(splats: Splats) -> bytes:
-    """Binary little-endian PLY in the 3DGS layout: SH DC colour, logit opacity, log scales,
-    unit quaternion (w, x, y, z)."""
+    """Binary little-endian PLY in the 3DGS layout: SH DC colour, the higher SH coefficients when
+    present (`f_rest_*`, channel-major: all red coefficients, then green, then blue, as 3DGS writes
+    them), logit opacity, log scales, unit quaternion (w, x, y, z)."""
     count = len(splats.means)
     for field_name, array, width in (
         ("normals", splats.normals, 3),
@@ -367,7 +368,15 @@ def splats_ply_bytes(splats: Splats) -> bytes:
             raise ValueError(f"splats.{field_name} has shape {np.shape(array)}, expected ({count}, {width})")
     if np.shape(splats.opacities) != (count,):
         raise ValueError(f"splats.opacities has shape {np.shape(splats.opacities)}, expected ({count},)")
-    record = np.empty(count, dtype=[(name, "<f4") for name in SPLAT_PLY_PROPERTIES])
+    rest = np.zeros((count, 0))
+    if splats.sh_rest is not None:
+        coefficients = np.asarray(splats.sh_rest, dtype=np.float64)
+        if coefficients.ndim != 3 or coefficients.shape[0] != count or coefficients.shape[2] != 3:
+            raise ValueError(f"splats.sh_rest has shape {coefficients.shape}, expected ({count}, K, 3)")
+        rest = coefficients.transpose(0, 2, 1).reshape(count, -1)
+    rest_names = [f"f_rest_{index}" for index in range(rest.shape[1])]
+    names = [*SPLAT_PLY_PROPERTIES[:9], *rest_names, *SPLAT_PLY_PROPERTIES[9:]]
+    record = np.empty(count, dtype=[(name, "<f4") for name in names])
     means = np.asarray(splats.means, dtype=np.float64)
     normals = np.asarray(splats.normals, dtype=np.float64)
     dc = (np.clip(np.asarray(splats.colors, dtype=np.float64), 0.0, 1.0) - 0.5) / SH_C0
@@ -385,6 +394,8 @@ def splats_ply_bytes(splats: Splats) -> bytes:
     ]  # fmt: skip
     for name, column in zip(SPLAT_PLY_PROPERTIES, columns, strict=True):
         record[name] = column
+    for index, name in enumerate(rest_names):
+        record[name] = rest[:, index]
     buffer = io.BytesIO()
     PlyData([PlyElement.describe(record, "vertex")], text=False, byte_order="<").write(buffer)
     return buffer.getvalue()
