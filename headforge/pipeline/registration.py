@@ -57,6 +57,7 @@ class RegistrationSettings:
     max_distance_end: float = 0.02
     min_normal_dot: float = 0.3
     refine_iterations: int = 2
+    graph_stride: int = 3  # every n-th data vertex drives the graph levels
     refine_smoothing: int = 12  # Jacobi sweeps diffusing the refinement offsets
     overlap_distance: float = 0.08  # share of the diagonal for the overlap check
 
@@ -441,8 +442,9 @@ def register(
     data_ids = np.flatnonzero(mask)
     if len(data_ids) == 0:
         raise TargetNotOverlappingError("no template vertex may follow the target (empty data region)")
-    near, _, _ = target.tangent_projection(current[data_ids])
-    gap = np.linalg.norm(near - current[data_ids], axis=1)
+    probe = data_ids[:: max(1, settings.graph_stride)]
+    near, _, _ = target.tangent_projection(current[probe])
+    gap = np.linalg.norm(near - current[probe], axis=1)
     limit = settings.overlap_distance * template.diagonal
     overlap = float(np.mean(gap < limit))
     if overlap < MIN_OVERLAP:
@@ -477,8 +479,11 @@ def register(
     damping = sp.diags(damping_diagonal, format="csc")
     total_steps = sum(iterations for _, iterations in settings.levels)
     step = 0
-    rows = basis[data_ids]
-    row_normal = (rows.T @ rows).tocsc() * inverse_area
+    # The graph has a few hundred nodes: a share of the data vertices determines it as well as all
+    # of them would, at a fraction of the closest-point queries (the refinement uses every vertex).
+    graph_ids = data_ids[:: max(1, settings.graph_stride)]
+    rows = basis[graph_ids]
+    row_normal = (rows.T @ rows).tocsc() * (inverse_area * len(data_ids) / len(graph_ids))
     for stiffness, iterations in settings.levels:
         # One factorisation per level: rejected correspondences keep their weight but ask the vertex
         # to stay where it is, so the matrix does not change within a level.
@@ -489,16 +494,21 @@ def register(
             + damping
         )
         factor = spla.splu(system.tocsc(), permc_spec="COLAMD")
+        normals = None  # once per level
         for _ in range(iterations):
             fraction = step / max(total_steps - 1, 1)
             reach = template.diagonal * (
                 settings.max_distance_start * (1 - fraction) + settings.max_distance_end * fraction
             )
             current = np.asarray(basis @ solution)
-            points, weights = _correspondences(template, target, current, data_ids, reach, settings)
-            points = np.where(weights[:, None] > 0, points, current[data_ids])
+            if normals is None:
+                normals = fast_vertex_normals(current, template.faces)
+            points, weights = _correspondences(
+                template, target, current, graph_ids, reach, settings, vertex_normals=normals
+            )
+            points = np.where(weights[:, None] > 0, points, current[graph_ids])
             rhs = (
-                np.asarray(rows.T @ points) * inverse_area
+                np.asarray(rows.T @ points) * (inverse_area * len(data_ids) / len(graph_ids))
                 + landmark_weight * landmark_rhs
                 + damping_diagonal[:, None] * solution
             )
@@ -508,7 +518,7 @@ def register(
     current = np.asarray(basis @ solution)
     final_reach = template.diagonal * settings.max_distance_end
     current = _refine(template, target, current, data_ids, final_reach, settings)
-    points, weights = _correspondences(template, target, current, data_ids, final_reach, settings, exact=True)
+    points, weights = _correspondences(template, target, current, data_ids, final_reach, settings)
     used = weights > 0
     driven = np.zeros(count, dtype=bool)
     driven[data_ids[used]] = True
@@ -547,10 +557,14 @@ def _correspondences(
     reach: float,
     settings: RegistrationSettings,
     exact: bool = False,
+    vertex_normals: Float | None = None,
 ) -> tuple[Float, Float]:
     """Closest target points for the data vertices and their weights (0 = rejected); `exact=False`
-    projects onto the tangent plane at the nearest target vertex instead of the triangles."""
-    normals = fast_vertex_normals(current, template.faces)[data_ids]
+    projects onto the tangent plane at the nearest target vertex instead of the triangles.
+    `vertex_normals` of the current template may come from an earlier step (they change slowly)."""
+    if vertex_normals is None:
+        vertex_normals = fast_vertex_normals(current, template.faces)
+    normals = vertex_normals[data_ids]
     if exact:
         points, target_normals, on_boundary = target.closest(current[data_ids])
     else:
