@@ -6,7 +6,7 @@
 `build` reconstructs a fixed set of photos (the astronaut, a group photo, a portrait) with the
 `facemesh` pipeline and with the `flame` pipeline on the synthetic FLAME files of
 `tests/flame_synthetic.py`. `compare` checks that both builds wrote the same file names, GLB vertex
-positions agree within 1e-5, and every result.json field of the reference is present with the same
+positions, OBJ numbers and splat properties agree within 1e-5, and every result.json field of the reference is present with the same
 value (timings and version excepted; GLBs by vertex positions, not bytes); new fields and new files are allowed (listed). Exit status 1 on any difference.
 """
 
@@ -30,6 +30,7 @@ PHOTOS = [
 ]
 OPTIONS = ["--texture-size", "512", "--splats", "2000", "--seed", "3"]
 IGNORED = {"timings_ms", "headforge_version"}
+NUMERIC = (".glb", ".obj", "_splats.ply")  # files compared by value (within TOLERANCE), not by bytes
 TOLERANCE = 1e-5
 
 
@@ -57,6 +58,24 @@ def _glb_vertices(path: Path) -> np.ndarray:
     return np.concatenate([np.asarray(g.vertices) for g in scene.geometry.values()])
 
 
+def _numbers(path: Path) -> np.ndarray:
+    """GLB vertex positions, OBJ numbers (v, vt, vn, f lines) or every splat property, as floats."""
+    if path.suffix == ".glb":
+        return _glb_vertices(path)
+    if path.suffix == ".obj":
+        values = [
+            float(token.split("/")[0])
+            for line in path.read_text().splitlines()
+            if line[:2] in ("v ", "vt", "vn", "f ")
+            for token in line.split()[1:]
+        ]
+        return np.asarray(values)
+    from plyfile import PlyData
+
+    vertex = PlyData.read(str(path))["vertex"].data
+    return np.stack([np.asarray(vertex[name], np.float64) for name in vertex.dtype.names], axis=1)
+
+
 def _diff(reference: Any, new: Any, where: str, problems: list[str], top: bool = False) -> None:
     if isinstance(reference, dict):
         if not isinstance(new, dict):
@@ -75,7 +94,7 @@ def _diff(reference: Any, new: Any, where: str, problems: list[str], top: bool =
             if item.get("name") not in by_name:
                 problems.append(f"{where}: {item.get('name')} missing")
             else:
-                if str(item["name"]).endswith(".glb"):  # compared by vertex positions instead
+                if str(item["name"]).endswith(NUMERIC):  # compared by their numbers instead
                     item = {k: v for k, v in item.items() if k not in {"bytes", "sha256"}}
                 _diff(item, by_name[item["name"]], f"{where}[{item['name']}]", problems)
     elif isinstance(reference, list):
@@ -110,10 +129,10 @@ def compare(reference: Path, new: Path) -> list[str]:
                 problems,
                 top=True,
             )
-        elif ref_file.suffix == ".glb":
-            a, b = _glb_vertices(ref_file), _glb_vertices(new_file)
-            if a.shape != b.shape or float(np.abs(a - b).max()) > TOLERANCE:
-                problems.append(f"{relative}: GLB vertices differ")
+        elif ref_file.name.endswith(NUMERIC):
+            a, b = _numbers(ref_file), _numbers(new_file)
+            if a.shape != b.shape or (a.size and float(np.abs(a - b).max()) > TOLERANCE):
+                problems.append(f"{relative}: values differ")
     return problems
 
 

@@ -190,3 +190,31 @@ def test_registry_rows_are_callables() -> None:
         assert callable(row.heads.find) and all(callable(stage.run) for stage in row.stages)
         assert row.queue in ("cpu", "gpu")
         assert all(callable(requirement) for requirement in row.requires)
+
+
+# --- one Rodrigues ------------------------------------------------------------------------------------
+
+
+def test_rodrigues_is_one_formula_for_numpy_and_torch() -> None:
+    import torch
+
+    from headforge.models.rotations import rodrigues
+
+    rng = np.random.default_rng(5)
+    vectors = np.concatenate([rng.normal(0, 1.5, (64, 3)), np.zeros((1, 3)), np.full((1, 3), 1e-9)])
+    matrices = rodrigues(vectors)
+    np.testing.assert_allclose(
+        matrices @ matrices.transpose(0, 2, 1), np.broadcast_to(np.eye(3), matrices.shape), atol=1e-12
+    )
+    np.testing.assert_allclose(np.linalg.det(matrices), 1.0, atol=1e-12)
+    np.testing.assert_allclose(matrices[-2], np.eye(3), atol=1e-15)
+    # R v = v (the axis is fixed) and the rotation angle is |v|.
+    np.testing.assert_allclose(np.einsum("bij,bj->bi", matrices[:64], vectors[:64]), vectors[:64], atol=1e-12)
+    angles = np.arccos(np.clip((np.trace(matrices[:64], axis1=1, axis2=2) - 1) / 2, -1, 1))
+    wrapped = np.linalg.norm(vectors[:64], axis=1) % (2 * np.pi)
+    np.testing.assert_allclose(angles, np.minimum(wrapped, 2 * np.pi - wrapped), atol=1e-6)
+    tensor = torch.tensor(vectors, requires_grad=True)
+    torch_matrices = rodrigues(tensor)
+    np.testing.assert_allclose(torch_matrices.detach().numpy(), matrices, atol=1e-14)
+    torch_matrices.sum().backward()
+    assert tensor.grad is not None and torch.isfinite(tensor.grad).all()  # finite at zero rotation too

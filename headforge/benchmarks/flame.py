@@ -105,24 +105,15 @@ def _adam_fit(
     targets = t(targets_np)
     weights = t([1.0, 1.0, settings.depth_weight])
 
-    def rotate(axis_angle: torch.Tensor) -> torch.Tensor:
-        angle = torch.linalg.vector_norm(axis_angle + 1e-12, dim=1, keepdim=True)[..., None]
-        k = axis_angle / angle[..., 0]
-        zero = torch.zeros_like(k[:, 0])
-        skew = torch.stack(
-            [zero, -k[:, 2], k[:, 1], k[:, 2], zero, -k[:, 0], -k[:, 1], k[:, 0], zero], 1
-        ).view(-1, 3, 3)
-        return torch.eye(3, dtype=k.dtype) + torch.sin(angle) * skew + (1 - torch.cos(angle)) * skew @ skew
-
     def image_points() -> torch.Tensor:
-        jaw_rotation = rotate(jaw)
+        jaw_rotation = rodrigues(jaw)
         feature = (jaw_rotation - torch.eye(3, dtype=torch.float64)).reshape(-1, 9)
         a = a_const + torch.einsum("kdz,bz->bkd", a_dirs, z) + torch.einsum("kdf,bf->bkd", a_pose, feature)
         b = b_const + torch.einsum("kdz,bz->bkd", b_dirs, z) + torch.einsum("kdf,bf->bkd", b_pose, feature)
         joint = jaw_const + z @ jaw_dirs.T
         lever = b - omega_w[None, :, None] * joint[:, None, :]
         points = a + torch.einsum("bij,bkj->bki", jaw_rotation - torch.eye(3, dtype=torch.float64), lever)
-        rotation = rotate(omega) @ rotation0
+        rotation = rodrigues(omega) @ rotation0
         return (
             torch.exp(log_scale)[:, None, None] * torch.einsum("bij,bkj->bki", rotation, points)
             + translation[:, None]

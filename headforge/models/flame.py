@@ -9,7 +9,10 @@ The math follows smplx's `lbs.py`:
     G_k      = G_parent(k) · [R_k | J_k − J_parent(k)]  (root: [R_0 | J_0])
     A_k      = G_k · [I | −J_k]                       (joint transforms relative to the rest pose)
     v        = Σ_k w_k A_k · v_posed + translation
-The module is batched, differentiable and exports to ONNX (no data-dependent control flow).
+The module is batched, differentiable and exports to ONNX (no data-dependent control flow). It is
+the reference form of FLAME: the pipeline evaluates FLAME with `FlameLandmarkModel`
+(`pipeline/flame_fit.py`, NumPy, neck and eyes at rest), which tests/test_flame_layer.py checks
+against this layer; both take their rotations from `models/rotations.py`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 from torch import nn
 
 from headforge.models.flame_import import FlameAsset
+from headforge.models.rotations import rodrigues
 
 if TYPE_CHECKING:
     from headforge.export.onnx import ExportSpec
@@ -39,19 +43,6 @@ class FlameConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.num_shape <= 300 or not 1 <= self.num_expression <= 100:
             raise ValueError("FLAME has at most 300 shape and 100 expression components")
-
-
-def batch_rodrigues(axis_angle: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Axis-angle vectors (N, 3) to rotation matrices (N, 3, 3)."""
-    angle = torch.linalg.vector_norm(axis_angle + eps, dim=1, keepdim=True)  # (N, 1)
-    axis = axis_angle / angle
-    cos = torch.cos(angle)[:, :, None]
-    sin = torch.sin(angle)[:, :, None]
-    rx, ry, rz = axis[:, 0], axis[:, 1], axis[:, 2]
-    zeros = torch.zeros_like(rx)
-    skew = torch.stack([zeros, -rz, ry, rz, zeros, -rx, -ry, rx, zeros], dim=1).view(-1, 3, 3)
-    identity = torch.eye(3, dtype=axis_angle.dtype, device=axis_angle.device)[None]
-    return identity + sin * skew + (1.0 - cos) * torch.bmm(skew, skew)
 
 
 def _transform(rotation: torch.Tensor, translation: torch.Tensor) -> torch.Tensor:
@@ -126,7 +117,7 @@ class FlameLayer(nn.Module):
             + torch.einsum("bl,vcl->bvc", expression, self.exprdirs)
         )
         joints = torch.einsum("jv,bvc->bjc", self.j_regressor, v_shaped)
-        rotations = batch_rodrigues(pose.reshape(-1, 3)).view(batch, NUM_JOINTS, 3, 3)
+        rotations = rodrigues(pose.reshape(batch, NUM_JOINTS, 3))
         identity = torch.eye(3, dtype=pose.dtype, device=pose.device)
         pose_feature = (rotations[:, 1:] - identity).reshape(batch, -1)
         v_posed = v_shaped + torch.matmul(pose_feature, self.posedirs).view(batch, -1, 3)

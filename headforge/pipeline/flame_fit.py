@@ -22,6 +22,7 @@ from numpy.typing import NDArray
 
 from headforge.errors import InvalidLandmarksError, PipelineUnavailableError
 from headforge.models.flame_import import FlameAsset
+from headforge.models.rotations import rodrigues  # re-exported: the one Rodrigues
 from headforge.pipeline.geometry import umeyama  # re-exported: callers import it from here too
 
 F64 = NDArray[np.float64]
@@ -55,18 +56,8 @@ class FlameFit:
     iterations: int
 
 
-def rodrigues(axis_angle: F64) -> F64:
-    """Axis-angles (..., 3) to rotation matrices (..., 3, 3)."""
-    angle = np.linalg.norm(axis_angle, axis=-1, keepdims=True)
-    safe = np.where(angle < 1e-12, 1.0, angle)
-    axis = axis_angle / safe
-    skew = _skew(axis)
-    sin = np.sin(angle)[..., None]
-    cos = np.cos(angle)[..., None]
-    return np.eye(3) + sin * skew + (1.0 - cos) * (skew @ skew)
-
-
 def _skew(v: F64) -> F64:
+    """Cross-product matrices [v]× (..., 3, 3)."""
     zeros = np.zeros_like(v[..., 0])
     return np.stack(
         [zeros, -v[..., 2], v[..., 1], v[..., 2], zeros, -v[..., 0], -v[..., 1], v[..., 0], zeros], axis=-1
