@@ -3,21 +3,35 @@ and measures headforge against a reference in the same run."""
 
 from __future__ import annotations
 
-import importlib
+from collections.abc import Callable
 from typing import Any
 
-SECTIONS = ("landmarks", "e2e", "flame")
+
+def _landmarks(quick: bool) -> dict[str, Any]:
+    from headforge.benchmarks import landmarks
+
+    return landmarks.run(quick)
+
+
+def _e2e(quick: bool) -> dict[str, Any]:
+    from headforge.benchmarks import e2e
+
+    return e2e.run(quick)
+
+
+def _flame(quick: bool) -> dict[str, Any]:
+    from headforge.benchmarks import flame
+
+    return flame.run(quick)
+
+
+# Section name → its runner (the modules import their heavy dependencies only when run).
+SECTIONS: dict[str, Callable[[bool], dict[str, Any]]] = {"landmarks": _landmarks, "e2e": _e2e, "flame": _flame}
 
 
 def run_all(quick: bool) -> dict[str, Any]:
-    """Run every section that exists and merge their results into one flat document."""
+    """Run every section and merge their results into one flat document."""
     result: dict[str, Any] = {}
-    for name in SECTIONS:
-        try:
-            module = importlib.import_module(f"headforge.benchmarks.{name}")
-        except ModuleNotFoundError as missing:
-            if missing.name != f"headforge.benchmarks.{name}":
-                raise
-            continue
-        result.update(module.run(quick))
+    for run in SECTIONS.values():
+        result.update(run(quick))
     return result
