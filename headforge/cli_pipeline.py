@@ -31,6 +31,9 @@ def reconstruct(
     subject: bool = typer.Option(
         False, "--subject", help="All IMAGES show one person: one capture, one result.json in OUT."
     ),
+    topology: str | None = typer.Option(
+        None, "--topology", help="Register a stored studio template onto every head (docs/topology.md)."
+    ),
     as_json: bool = typer.Option(
         False, "--json", help="Print the machine-readable summary instead of a table."
     ),
@@ -47,6 +50,7 @@ def reconstruct(
         max_heads=max_heads,
         seed=seed,
         subject=subject,
+        topology=topology,
     )
     # One capture per image, or all images as one capture of one subject.
     captures = [images] if subject else [[image] for image in images]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -102,7 +103,9 @@ class HeadTemplate:
 
 
 def templates_dir() -> Path:
-    return asset_dir() / "templates"
+    """Where templates are stored: `HEADFORGE_TEMPLATES`, else `HEADFORGE_HOME/assets/templates`."""
+    override = os.environ.get("HEADFORGE_TEMPLATES")
+    return Path(override).expanduser() if override else asset_dir() / "templates"
 
 
 def check_name(name: str) -> str:

@@ -84,8 +84,8 @@ def make_template() -> SyntheticTemplate:
     s = np.arange(SEGMENTS)
     faces = [np.stack([np.zeros(SEGMENTS, int), vid(np.zeros_like(s), s + 1), vid(np.zeros_like(s), s)], 1)]
     uv_faces = [np.stack([top_uv_base + s, tid(np.zeros_like(s), s + 1), tid(np.zeros_like(s), s)], 1)]
-    r, s2 = np.meshgrid(np.arange(RINGS - 1), s, indexing="ij")
-    r, s2 = r.reshape(-1), s2.reshape(-1)
+    ring_grid, segment_grid = np.meshgrid(np.arange(RINGS - 1), s, indexing="ij")
+    r, s2 = ring_grid.reshape(-1), segment_grid.reshape(-1)
     a, b, c, d = vid(r, s2), vid(r, s2 + 1), vid(r + 1, s2 + 1), vid(r + 1, s2)
     ta, tb, tc, td = tid(r, s2), tid(r, s2 + 1), tid(r + 1, s2 + 1), tid(r + 1, s2)
     faces += [np.stack([a, b, c], 1), np.stack([a, c, d], 1)]
@@ -93,7 +93,7 @@ def make_template() -> SyntheticTemplate:
     last = np.full(SEGMENTS, RINGS - 1)
     faces.append(np.stack([np.full(SEGMENTS, bottom_id), vid(last, s), vid(last, s + 1)], 1))
     uv_faces.append(np.stack([bottom_uv_base + s, tid(last, s), tid(last, s + 1)], 1))
-    faces_array = np.concatenate(faces).astype(np.int64)
+    faces_array: np.ndarray = np.concatenate(faces).astype(np.int64)
     uv_faces_array = np.concatenate(uv_faces).astype(np.int64)
     # Wind counter-clockwise from outside (positive signed volume).
     mesh = trimesh.Trimesh(vertices, faces_array, process=False)
@@ -161,3 +161,47 @@ def write_landmarks(
         document["groups"] = groups
     path.write_text(json.dumps(document))
     return path
+
+
+def spread(points: np.ndarray, count: int) -> np.ndarray:
+    """`count` indices into `points` spread by farthest-point sampling (deterministic)."""
+    chosen = [0]
+    distance = np.linalg.norm(points - points[0], axis=1)
+    for _ in range(count - 1):
+        chosen.append(int(np.argmax(distance)))
+        distance = np.minimum(distance, np.linalg.norm(points - points[chosen[-1]], axis=1))
+    return np.asarray(chosen, dtype=np.int64)
+
+
+def correspondences(
+    template: SyntheticTemplate, points: np.ndarray, center: np.ndarray, kind: str, count: int = 40
+) -> list[dict[str, object]]:
+    """Landmark entries tying `count` of `points` (ids of a FLAME head or the face mesh, in a head-like
+    frame around `center`) to the template vertex in the same direction from the head's center."""
+    ids = spread(points, count)
+    directions = points[ids] - center
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    unit = template.vertices / np.linalg.norm(template.vertices, axis=1, keepdims=True)
+    nearest = np.argmax(directions @ unit.T, axis=1)
+    return [{"vertex": int(v), kind: int(i)} for v, i in zip(nearest, ids, strict=True)]
+
+
+def write_studio_template(directory: Path, *, landmarks: bool = True) -> tuple[Path, Path | None]:
+    """The template's OBJ and (optionally) a correspondence file with FLAME ids (from the synthetic
+    FLAME head of tests/flame_synthetic.py), MediaPipe ids (from the face mesh's canonical face) and
+    the `face` group."""
+    from flame_synthetic import make_synthetic_flame
+
+    from headforge.pipeline.topology import load_topology
+
+    template = make_template()
+    mesh_path = write_obj(template, directory / "studio.obj")
+    if not landmarks:
+        return mesh_path, None
+    flame = np.asarray(make_synthetic_flame().v_template)
+    flame_center = 0.5 * (flame.min(0) + flame.max(0))
+    face = load_topology().template
+    entries = correspondences(template, flame, flame_center, "flame", 40)
+    entries += correspondences(template, face, np.array([0.0, 0.0, -0.06]), "mediapipe", 30)
+    groups = {"face": np.flatnonzero(template.face_region).tolist()}
+    return mesh_path, write_landmarks(directory / "studio_landmarks.json", entries, groups)

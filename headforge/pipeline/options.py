@@ -47,6 +47,13 @@ class ReconstructOptions(BaseModel):
         Field(strict=True, ge=1, le=MAX_HEADS_LIMIT, description="Keep at most N heads per photo."),
     ] = None
     seed: Annotated[int, Field(strict=True, ge=0, le=MAX_SEED, description="Seed for splat sampling.")] = 0
+    topology: Annotated[
+        str | None,
+        Field(
+            description="A stored studio template (`headforge template list`) to register onto every head: "
+            "the meshes come out in its vertices, faces and UVs (docs/topology.md).",
+        ),
+    ] = None
     subject: Annotated[
         bool,
         Field(
@@ -76,6 +83,15 @@ class ReconstructOptions(BaseModel):
         from headforge.pipeline.registry import get_pipeline
 
         return get_pipeline(value.strip()).name  # UnknownPipelineError otherwise
+
+    @field_validator("topology")
+    @classmethod
+    def _template_name(cls, value: str | None) -> str | None:
+        from headforge.templates import check_name
+
+        if value is None or not value.strip():
+            return None
+        return check_name(value.strip())
 
     @field_serializer("outputs")
     def _sorted_outputs(self, outputs: frozenset[str]) -> list[str]:

@@ -144,6 +144,7 @@ def _head_document(head: Head, texture_coverage: float | None) -> dict[str, Any]
         "splat_source": None if splats is None else splats.source,
         "sh_degree": None if splats is None else splats.sh_degree,
         "artifacts": dict(sorted(head.artifacts.items())),
+        **({} if head.registration is None else {"registration": _jsonable(head.registration)}),
     }
 
 

@@ -317,4 +317,25 @@ def register_heads(heads: list[Head], template_name: str) -> None:
         head.mesh_image = template_mesh(template, scale * registered @ rotation.T + translation)
         report = outcome.report(UNITS_PER_MM["m"])
         report["face_region_only"] = mask is not None
-        head.params = {**head.params, "registration": report}
+        head.registration = report
+
+
+# The landmark ids each pipeline's heads carry (FLAME pipelines: FLAME vertex ids).
+PIPELINE_TARGET_KIND = {"facemesh": "mediapipe", "flame": "flame", "vggheads": "flame", "kaolrm": "flame"}
+
+
+def topology_stage(template_name: str, pipeline: str) -> Any:
+    """The registration `Stage` for `topology=NAME`, checked up front: the template exists and has
+    landmarks for the pipeline's heads (`unknown_template`, `template_landmarks_missing`)."""
+    from headforge.pipeline.registry import Stage
+    from headforge.pipeline.types import StageContext
+
+    template = load_template(template_name)
+    kind = PIPELINE_TARGET_KIND.get(pipeline)
+    if kind is not None:
+        require_landmarks(template, kind)
+
+    def run(_ctx: StageContext, heads: list[Head]) -> None:
+        register_heads(heads, template_name)
+
+    return Stage("topology", run)

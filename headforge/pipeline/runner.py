@@ -93,6 +93,11 @@ def reconstruct_capture(
     pipeline = get_pipeline(options.pipeline)
     require_available(pipeline)
     symmetry = np.asarray(pipeline.symmetry(), dtype=np.int32) if pipeline.symmetry else None
+    stages = pipeline.stages
+    if options.topology is not None:  # the studio template follows the pipeline's own stages
+        from headforge.pipeline.retopology import topology_stage
+
+        stages = (*stages, topology_stage(options.topology, pipeline.name))
 
     report("decode", 0.0)
     with timer.stage("decode"):
@@ -114,9 +119,9 @@ def reconstruct_capture(
             heads += pipeline.heads.find(ctx, view)
     if not heads and not ctx.notes:
         ctx.notes.append("no face found in the image; nothing to reconstruct")
-    for position, stage in enumerate(pipeline.stages):
+    for position, stage in enumerate(stages):
         if heads:
-            report(stage.name, 0.1 + 0.05 * (position + 1) / len(pipeline.stages))
+            report(stage.name, 0.1 + 0.05 * (position + 1) / len(stages))
             with timer.stage(stage.name):
                 heads = _run_stage(stage, ctx, heads, len(views) > 1)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -140,6 +140,7 @@ class Head:
     texture: NDArray[np.uint8] | None = None  # (S, S, 3) RGB
     splats: Splats | None = None
     artifacts: dict[str, str] = field(default_factory=dict)  # kind -> file name
+    registration: dict[str, Any] | None = None  # the topology= template fit (pipeline/retopology.py)
 
 
 @dataclass

@@ -150,6 +150,30 @@ HeadParams = NoParams | FlameParams
 PIPELINE_PARAMS: dict[str, type[BaseModel]] = {"facemesh": NoParams, "flame": FlameParams}
 
 
+class RegistrationRecord(_Strict):
+    """The `topology=` template fit of one head (docs/topology.md)."""
+
+    template: str
+    target_landmarks: Annotated[
+        Literal["flame", "mediapipe"] | None, Field(description="Whose ids placed the template on the head.")
+    ]
+    landmarks: Annotated[int, Field(ge=0)]
+    residual_mm: Annotated[
+        float | None,
+        Field(ge=0, description="Mean distance of the data-driven template vertices to the head's surface, mm."),
+    ]
+    residual_p95_mm: Annotated[float | None, Field(ge=0)]
+    landmark_error_mm: Annotated[float | None, Field(ge=0)]
+    driven_share: Annotated[
+        float, Field(ge=0, le=1, description="Share of the template's vertices that the head's surface pulled.")
+    ]
+    steps: Annotated[int, Field(ge=0)]
+    fit_ms: Annotated[float, Field(ge=0)]
+    face_region_only: Annotated[
+        bool, Field(description="Only the template's face group followed the data (a face-mesh head).")
+    ]
+
+
 class HeadArtifacts(_Strict):
     """Artifact kind to file name, for the files written for this head."""
 
@@ -209,6 +233,7 @@ class HeadRecord(_Strict):
         int | None, Field(ge=0, le=3, description="Spherical-harmonic degree of the splats.")
     ] = None
     artifacts: HeadArtifacts
+    registration: RegistrationRecord | None = None
 
 
 class Artifact(_Strict):
