@@ -282,6 +282,22 @@ def _trt_profile(path: Path) -> dict[str, str]:
     return {key: ",".join(shapes) for key, shapes in profile.items()}
 
 
+def _vggheads_path(root: Path | None = None) -> Path:
+    """The newest imported VGGHeads entry's model file (`headforge models import vggheads`)."""
+    from headforge.errors import ModelsMissingError
+    from headforge.models.vggheads_import import current_entry, unavailable_reason
+
+    entry = current_entry(root)
+    if entry is None:
+        raise ModelsMissingError(str(unavailable_reason(root)), details={"missing": ["vggheads"]})
+    return entry.model_path
+
+
+# Networks a user imports (`headforge models import FAMILY`): their entries are versioned by the
+# checkpoint, not by DEFAULT_VERSION, so each family says which entry to open.
+IMPORTED_NETWORKS: dict[str, Callable[[Path | None], Path]] = {"vggheads": _vggheads_path}
+
+
 def repository_network_path(name: str, root: Path | None = None) -> Path:
     """`model.onnx` of entry `name` at the default version; `ModelsMissingError` when it is absent
     or damaged (sha256 differs from its manifest)."""
@@ -289,6 +305,9 @@ def repository_network_path(name: str, root: Path | None = None) -> Path:
     from headforge.export.repository import read_entry
     from headforge.models.pull import DEFAULT_VERSION
 
+    imported = IMPORTED_NETWORKS.get(name)
+    if imported is not None:
+        return imported(root)
     entry = read_entry(name, DEFAULT_VERSION, root)
     if entry is None or not entry.is_intact():  # absent, or its file no longer matches the manifest
         raise ModelsMissingError(

@@ -142,7 +142,7 @@ def networks_for(names: Sequence[str]) -> list[str]:
 # Stage callables are small adapters in each family's module; they import their heavy modules inside.
 
 from headforge.models.runtime import FACE_LANDMARK, FULL_RANGE  # noqa: E402
-from headforge.pipeline import facemesh_stage  # noqa: E402
+from headforge.pipeline import facemesh_stage, vggheads_stage  # noqa: E402
 
 
 def _fit_flame(ctx: StageContext, heads: list[Head]) -> None:
@@ -167,6 +167,13 @@ def _flame_records() -> list[dict[str, Any]]:
     return describe_flame_asset()
 
 
+def _vggheads_flame_records() -> list[dict[str, Any]]:
+    """The FLAME asset, when one is imported (the vggheads meshes use it); nothing otherwise."""
+    from headforge.models.flame_import import flame_unavailable_reason
+
+    return [] if flame_unavailable_reason() is not None else _flame_records()
+
+
 MEDIAPIPE_HEADS = HeadSource("detect_landmarks", facemesh_stage.mediapipe_heads)
 
 register_pipeline(
@@ -189,5 +196,24 @@ register_pipeline(
         networks=(FULL_RANGE, FACE_LANDMARK),
         models=_flame_records,
         prepare=_flame_prepare,
+    )
+)
+
+
+def _vggheads_missing() -> str | None:
+    from headforge.models.vggheads_import import unavailable_reason
+
+    return unavailable_reason()
+
+
+register_pipeline(
+    Pipeline(
+        name="vggheads",
+        description="VGGHeads: every head and its FLAME parameters from one network pass per photo "
+        "(needs an imported VGGHeads checkpoint; meshes need FLAME files too)",
+        heads=HeadSource("vggheads", vggheads_stage.vggheads_heads),
+        stages=(Stage("flame", vggheads_stage.vggheads_flame_stage),),
+        requires=(_vggheads_missing,),
+        models=_vggheads_flame_records,
     )
 )
