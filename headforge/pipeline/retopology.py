@@ -208,6 +208,18 @@ def _read_ply(data: bytes) -> tuple[NDArray[np.float64], NDArray[np.int64]]:
     return welded, mapping[faces] if len(faces) else faces
 
 
+def check_declared_size(data: bytes, filename: str, suffixes: tuple[str, ...] = TARGET_SUFFIXES) -> None:
+    """The gateway's checks of a target upload, without parsing it: a known suffix, and the vertex
+    and face counts the file declares (PLY) or that its lines show (OBJ) within the limits."""
+    suffix = Path(filename).suffix.lower()
+    if suffix not in suffixes:
+        raise InvalidMeshError(
+            f"target meshes are {', '.join(suffixes)} files, got {filename!r}",
+            details={"filename": filename, "allowed": list(suffixes)},
+        )
+    _check_declared_size(data, suffix, filename)
+
+
 def _check_declared_size(data: bytes, suffix: str, filename: str) -> None:
     """Refuse oversized meshes before parsing them, from what the file declares or counts cheaply."""
     if suffix == ".obj":
@@ -339,3 +351,102 @@ def topology_stage(template_name: str, pipeline: str) -> Any:
         register_heads(heads, template_name)
 
     return Stage("topology", run)
+
+
+# --------------------------------------------------------------------------- the retopology job
+
+RETOPOLOGY_TASK = "retopology"
+RETOPOLOGY_OUTPUTS = ("glb", "obj")
+TARGET_LANDMARK_CHOICES = ("auto", "flame", "mediapipe", "none")
+
+
+def retopology_options(values: dict[str, Any]) -> dict[str, Any]:
+    """The options of a retopology job (`POST /v1/retopology`), checked: `template` (stored),
+    `target_landmarks` (auto | flame | mediapipe | none), `units` (m | cm | mm), `outputs` (glb, obj)."""
+    from headforge.templates import check_name
+
+    unknown = sorted(set(values) - {"task", "template", "target_landmarks", "units", "outputs"})
+    if unknown:
+        raise InvalidOptionError(f"unknown options {unknown}", details={"unknown": unknown})
+    template = check_name(str(values.get("template", "")).strip())
+    load_template(template)  # unknown_template now, not in the worker
+    target_landmarks = str(values.get("target_landmarks") or "auto")
+    if target_landmarks not in TARGET_LANDMARK_CHOICES:
+        raise InvalidOptionError(
+            f"target_landmarks must be one of {list(TARGET_LANDMARK_CHOICES)}, got {target_landmarks!r}",
+            details={"option": "target_landmarks", "value": target_landmarks},
+        )
+    units = str(values.get("units") or "m")
+    if units not in UNITS_PER_MM:
+        raise InvalidOptionError(
+            f"units must be one of {sorted(UNITS_PER_MM)}, got {units!r}",
+            details={"option": "units", "value": units},
+        )
+    outputs = values.get("outputs") or list(RETOPOLOGY_OUTPUTS)
+    if isinstance(outputs, str):
+        outputs = [part.strip() for part in outputs.split(",") if part.strip()]
+    bad = sorted(set(outputs) - set(RETOPOLOGY_OUTPUTS))
+    if bad or not outputs:
+        raise InvalidOptionError(
+            f"outputs must be among {list(RETOPOLOGY_OUTPUTS)}, got {outputs!r}",
+            details={"option": "outputs", "allowed": list(RETOPOLOGY_OUTPUTS)},
+        )
+    return {
+        "task": RETOPOLOGY_TASK,
+        "template": template,
+        "target_landmarks": target_landmarks,
+        "units": units,
+        "outputs": sorted(set(outputs)),
+    }
+
+
+def retopologize(data: bytes, filename: str, options: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """Fit the job's template onto the uploaded mesh and write `fitted.glb` / `fitted.obj` (+ `.mtl`)
+    and `result.json` into `out_dir`, each atomically; returns the result document."""
+    import hashlib
+    import time
+
+    from headforge.files import write_atomic
+    from headforge.pipeline.package import glb_bytes, json_bytes
+
+    started = time.perf_counter()
+    checked = retopology_options(options)
+    template = load_template(checked["template"])
+    vertices, faces = read_target_mesh(data, filename)
+    choice = checked["target_landmarks"]
+    kind = (
+        guess_target_kind(len(vertices), template)
+        if choice == "auto"
+        else (None if choice == "none" else choice)
+    )
+    outcome = fit_template_to_mesh(template, vertices, faces, target_kind=kind)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files: dict[str, bytes] = {}
+    if "glb" in checked["outputs"]:
+        files["fitted.glb"] = glb_bytes(outcome.mesh, None, "fitted")
+    if "obj" in checked["outputs"]:
+        files["fitted.mtl"] = f"newmtl {template.name}\nKd 1.000000 1.000000 1.000000\nillum 1\n".encode(
+            "ascii"
+        )
+        files["fitted.obj"] = template_obj_bytes(template, outcome.mesh.vertices, "fitted.mtl")
+    artifacts = []
+    for name, payload in files.items():
+        write_atomic(out_dir / name, payload)
+        artifacts.append({"name": name, "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()})
+    document = {
+        "task": RETOPOLOGY_TASK,
+        "options": checked,
+        "source": {"filename": filename, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()},
+        "target": {"vertices": len(vertices), "faces": len(faces)},
+        "template": {
+            "name": template.name,
+            "vertices": len(template.vertices),
+            "faces": len(template.faces),
+            "uvs": len(template.uvs),
+        },
+        "fit": outcome.report(UNITS_PER_MM[checked["units"]]),
+        "artifacts": artifacts,
+        "timings_ms": {"total": round((time.perf_counter() - started) * 1000, 2)},
+    }
+    write_atomic(out_dir / "result.json", json_bytes(document))
+    return document

@@ -57,6 +57,7 @@ from headforge.service.jobs import (
 )
 from headforge.service.metrics import make_registry
 from headforge.service.ratelimit import check_rate
+from headforge.service.retopology import router as retopology_router
 from headforge.service.settings import Settings
 from headforge.service.store import ArtifactStore, make_store
 from headforge.service.views import public_batch, public_job
@@ -134,6 +135,10 @@ def validate_options(values: dict[str, Any]) -> dict[str, Any]:
             f"pipeline {options.pipeline!r} is not available on this server: {reason}",
             details={"pipeline": options.pipeline, "reason": reason},
         )
+    if options.topology is not None:  # unknown_template / template_landmarks_missing at submission
+        from headforge.pipeline.retopology import topology_stage
+
+        topology_stage(options.topology, options.pipeline)
     return options.to_dict()
 
 
@@ -233,6 +238,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         responses=ERROR_RESPONSES,
     )
     app.state.headforge = state
+    app.include_router(retopology_router)  # POST /v1/retopology (service/retopology.py)
 
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
@@ -679,7 +685,9 @@ def describe_models() -> dict[str, Any]:
             "available": bool(model is not None and model.model_path.is_file()),
             "sha256": manifest.get("model_sha256"),
         })
-    return {"pipelines": pipelines, "models": models}
+    from headforge.templates import list_templates
+
+    return {"pipelines": pipelines, "models": models, "templates": list_templates()}
 
 
 def app_from_env() -> FastAPI:

@@ -176,6 +176,8 @@ def _execute(ctx: _ProcessContext, claim: Claim, beat: _Heartbeat) -> tuple[list
     from headforge.pipeline.run import ReconstructOptions, reconstruct_capture
 
     job = claim.job
+    if job["options"].get("task") == "retopology":  # POST /v1/retopology (service/retopology.py)
+        return _execute_retopology(ctx, claim)
     options = ReconstructOptions.from_dict(job["options"])
     if ctx.networks is None:
         ctx.networks = _load_networks(ctx.settings)
@@ -226,6 +228,21 @@ def _execute(ctx: _ProcessContext, claim: Claim, beat: _Heartbeat) -> tuple[list
     timings = {**{k: round(v, 2) for k, v in stage_ms.items()}, "pipeline": round(pipeline_ms, 2),
                "upload": round(upload_ms, 2)}
     return artifacts, result_key, timings
+
+
+def _execute_retopology(ctx: _ProcessContext, claim: Claim) -> tuple[list[dict[str, Any]], str, dict[str, float]]:
+    """A retopology job: the template fitted onto the uploaded mesh, its files uploaded."""
+    from headforge.pipeline.retopology import retopologize
+
+    job = claim.job
+    prefix = f"jobs/{job['id']}/{claim.token}/"
+    (item,) = job["inputs"]
+    with tempfile.TemporaryDirectory(prefix="job-", dir=ctx.store.scratch_dir()) as scratch:
+        started = time.perf_counter()
+        document = retopologize(ctx.store.get_bytes(item["key"]), item["filename"], job["options"], Path(scratch))
+        fit_ms = (time.perf_counter() - started) * 1000
+        artifacts = _upload_outputs(ctx.store, Path(scratch), prefix, "", document)
+    return artifacts, f"{prefix}result.json", {"retopology": round(fit_ms, 2)}
 
 
 @app.task(name=JOB_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
