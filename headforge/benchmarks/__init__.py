@@ -26,7 +26,11 @@ def _flame(quick: bool) -> dict[str, Any]:
 
 
 # Section name → its runner (the modules import their heavy dependencies only when run).
-SECTIONS: dict[str, Callable[[bool], dict[str, Any]]] = {"landmarks": _landmarks, "e2e": _e2e, "flame": _flame}
+SECTIONS: dict[str, Callable[[bool], dict[str, Any]]] = {
+    "landmarks": _landmarks,
+    "e2e": _e2e,
+    "flame": _flame,
+}
 
 
 def run_all(quick: bool) -> dict[str, Any]:

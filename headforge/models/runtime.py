@@ -343,7 +343,9 @@ def default_network_paths(root: Path | None = None) -> dict[str, Path]:
 def load_model_set(threads: int | None = None, providers: tuple[str, ...] | None = None) -> ModelSet:
     """This process's model set for a thread/provider setting: ONNX Runtime sessions over the
     model repository, each opened on first use."""
-    return _load_model_set(threads or default_threads(), tuple(select_providers(providers)), str(headforge_home()))
+    return _load_model_set(
+        threads or default_threads(), tuple(select_providers(providers)), str(headforge_home())
+    )
 
 
 @functools.lru_cache(maxsize=4)

@@ -160,12 +160,15 @@ class RegistrationRecord(_Strict):
     landmarks: Annotated[int, Field(ge=0)]
     residual_mm: Annotated[
         float | None,
-        Field(ge=0, description="Mean distance of the data-driven template vertices to the head's surface, mm."),
+        Field(
+            ge=0, description="Mean distance of the data-driven template vertices to the head's surface, mm."
+        ),
     ]
     residual_p95_mm: Annotated[float | None, Field(ge=0)]
     landmark_error_mm: Annotated[float | None, Field(ge=0)]
     driven_share: Annotated[
-        float, Field(ge=0, le=1, description="Share of the template's vertices that the head's surface pulled.")
+        float,
+        Field(ge=0, le=1, description="Share of the template's vertices that the head's surface pulled."),
     ]
     steps: Annotated[int, Field(ge=0)]
     fit_ms: Annotated[float, Field(ge=0)]
