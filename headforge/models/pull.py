@@ -41,7 +41,7 @@ class DefaultModel:
     name: str
     member: str  # path inside the wheel
     sha256: str  # of the extracted .tflite
-    module: str  # "package.module:Class"
+    factory: Callable[[], nn.Module]  # builds our module (untrained), importing torch on call
     input_size: int
     value_range: tuple[float, float]
     outputs: tuple[str, ...]
@@ -51,10 +51,43 @@ class DefaultModel:
         return Path(self.member).name
 
     def build(self) -> nn.Module:
-        import importlib
+        return self.factory()
 
-        module_name, class_name = self.module.split(":")
-        return getattr(importlib.import_module(module_name), class_name)()  # type: ignore[no-any-return]
+    @property
+    def module(self) -> str:
+        """`package.module:Class` of the module `factory` builds, as the manifest records it."""
+        built = type(self.factory())
+        return f"{built.__module__}:{built.__qualname__}"
+
+
+def _blazeface_short_range() -> nn.Module:
+    from headforge.models.blazeface import BlazeFaceShortRange
+
+    return BlazeFaceShortRange()
+
+
+def _blazeface_full_range() -> nn.Module:
+    from headforge.models.blazeface import BlazeFaceFullRange
+
+    return BlazeFaceFullRange()
+
+
+def _face_mesh() -> nn.Module:
+    from headforge.models.facemesh import FaceMesh
+
+    return FaceMesh()
+
+
+def _iris_landmark() -> nn.Module:
+    from headforge.models.iris import IrisLandmark
+
+    return IrisLandmark()
+
+
+def _selfie_segmentation() -> nn.Module:
+    from headforge.models.selfie import SelfieSegmentation
+
+    return SelfieSegmentation()
 
 
 DEFAULT_MODELS: tuple[DefaultModel, ...] = (
@@ -62,7 +95,7 @@ DEFAULT_MODELS: tuple[DefaultModel, ...] = (
         "face_detection_short_range",
         "mediapipe/modules/face_detection/face_detection_short_range.tflite",
         "bbff11cebd1eb27a1e004cae0b0e63ec8c551cbf34a4451148b4908b8db3eca8",
-        "headforge.models.blazeface:BlazeFaceShortRange",
+        _blazeface_short_range,
         128,
         (-1.0, 1.0),
         ("regressors", "classificators"),
@@ -71,7 +104,7 @@ DEFAULT_MODELS: tuple[DefaultModel, ...] = (
         "face_detection_full_range",
         "mediapipe/modules/face_detection/face_detection_full_range_sparse.tflite",
         "2c3728e6da56f21e21a320433396fb06d40d9088f2247c05e5635a688d45dfe1",
-        "headforge.models.blazeface:BlazeFaceFullRange",
+        _blazeface_full_range,
         192,
         (-1.0, 1.0),
         ("regressors", "classificators"),
@@ -80,7 +113,7 @@ DEFAULT_MODELS: tuple[DefaultModel, ...] = (
         "face_landmark",
         "mediapipe/modules/face_landmark/face_landmark.tflite",
         "1055cb9d4a9ca8b8c688902a3a5194311138ba256bcc94e336d8373a5f30c814",
-        "headforge.models.facemesh:FaceMesh",
+        _face_mesh,
         192,
         (0.0, 1.0),
         ("landmarks", "face_flag"),
@@ -89,7 +122,7 @@ DEFAULT_MODELS: tuple[DefaultModel, ...] = (
         "iris_landmark",
         "mediapipe/modules/iris_landmark/iris_landmark.tflite",
         "d1744d2a09c25f501d39eba4faff47e53ecca8852c5ce19bce8eeac39357521f",
-        "headforge.models.iris:IrisLandmark",
+        _iris_landmark,
         64,
         (0.0, 1.0),
         ("eye_contours_and_brows", "iris"),
@@ -103,7 +136,7 @@ SELFIE_SEGMENTATION = DefaultModel(
     "selfie_segmentation",
     "mediapipe/modules/selfie_segmentation/selfie_segmentation.tflite",
     "9ee168ec7c8f2a16c56fe8e1cfbc514974cbbb7e434051b455635f1bd1462f5c",
-    "headforge.models.selfie:SelfieSegmentation",
+    _selfie_segmentation,
     256,
     (0.0, 1.0),
     ("mask",),
@@ -184,7 +217,7 @@ def export_default_model(model: DefaultModel, tflite_path: Path) -> Path:
         "sha256": model.sha256,
         "wheel_sha256": WHEEL_SHA256,
         "license": "Apache-2.0",
-        "module": model.module,
+        "module": f"{type(module).__module__}:{type(module).__qualname__}",
         "input_layout": "NHWC",
         "input_range": list(model.value_range),
     }
