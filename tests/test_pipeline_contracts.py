@@ -218,3 +218,16 @@ def test_rodrigues_is_one_formula_for_numpy_and_torch() -> None:
     np.testing.assert_allclose(torch_matrices.detach().numpy(), matrices, atol=1e-14)
     torch_matrices.sum().backward()
     assert tensor.grad is not None and torch.isfinite(tensor.grad).all()  # finite at zero rotation too
+
+
+def test_the_package_resolves_no_import_strings() -> None:
+    """Pipelines, pulls and benchmarks hold real callables: nothing in the package imports a module
+    by a name built at run time."""
+    package = Path(__file__).resolve().parents[1] / "headforge"
+    offenders = [
+        str(path.relative_to(package))
+        for path in sorted(package.rglob("*.py"))
+        if "import_module(" in path.read_text(encoding="utf-8")
+        or "__import__(" in path.read_text(encoding="utf-8")
+    ]
+    assert offenders == []
