@@ -162,6 +162,11 @@ def _finish_heads(
         for position, head in enumerate(heads):
             base = 0.15 + position * per_head
             coverage: float | None = None
+            if head.mesh_image is None:  # a head source without meshes (vggheads without FLAME): no files
+                head.index = sum(other.view == head.view for other in kept)
+                kept.append(head)
+                coverages.append(None)
+                continue
             try:
                 if head.texture is None:
                     report("texture", base + 0.25 * per_head)
