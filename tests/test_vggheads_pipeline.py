@@ -28,6 +28,7 @@ from headforge.models.vggheads_import import import_vggheads
 from headforge.pipeline import vggheads as pv
 from headforge.pipeline.pose import angles_to_rotation
 from headforge.pipeline.run import ReconstructOptions, pipeline_missing_reason, reconstruct_image
+from headforge.schemas import validate_result
 
 FRONTAL = np.diag([1.0, -1.0, -1.0])
 
@@ -181,6 +182,7 @@ def test_vggheads_without_flame(
     assert all(head["mesh"] is None and head["splats"] == 0 for head in document["heads"])
     assert any("no FLAME model is imported" in note for note in document["notes"])
     written = json.loads((tmp_path / "out" / "result.json").read_text())
+    validate_result(written)
     assert [m["name"] for m in written["models"]] == ["vggheads"]
     assert written["models"][0]["version"].startswith("s-")
 
@@ -200,4 +202,5 @@ def test_vggheads_with_synthetic_flame(
         for kind in ("glb", "splats"):
             assert (out / head["artifacts"][kind]).is_file()
     assert not any("no FLAME model" in note for note in document["notes"])
+    validate_result(json.loads((out / "result.json").read_text()))
     assert [m["name"] for m in document["models"]] == ["vggheads", "flame"]

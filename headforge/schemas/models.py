@@ -144,10 +144,49 @@ class FlameParams(_Strict):
     ] = None
 
 
-HeadParams = NoParams | FlameParams
+class VGGHeadsParams(_Strict):
+    """One head's FLAME parameters as the VGGHeads network predicts them (no fit). FLAME frame: meters,
+    +Y up, face toward +Z; image = scale_px_per_m · rotation · (X + 0.05 ẑ) + translation_px."""
+
+    model: Literal["vggheads-flame"]
+    image_size: Annotated[
+        list[Annotated[int, Field(ge=1)]],
+        Field(min_length=2, max_length=2, description="Width and height of the photo the head is in."),
+    ]
+    shape: Annotated[
+        list[float],
+        Field(
+            min_length=300,
+            max_length=300,
+            description="β: 300 FLAME shape components (the network predicts the first 64 (S, M) or 128 (L); "
+            "the rest are 0).",
+        ),
+    ]
+    expression: Annotated[
+        list[float],
+        Field(
+            min_length=100,
+            max_length=100,
+            description="ψ: 100 FLAME expression components (the first 32 or 64 predicted, the rest 0).",
+        ),
+    ]
+    jaw_pose: Annotated[Point3, Field(description="Jaw rotation, axis-angle in radians.")]
+    rotation: Annotated[
+        list[Point3],
+        Field(min_length=3, max_length=3, description="FLAME frame to image frame rotation (rows)."),
+    ]
+    translation_px: Annotated[Point3, Field(description="Where the offset FLAME origin lands, image pixels.")]
+    scale_px_per_m: Annotated[float, Field(gt=0, description="Image pixels per FLAME meter.")]
+
+
+HeadParams = NoParams | FlameParams | VGGHeadsParams
 
 # Pipelines whose heads must carry one kind of params (checked by the schema's `allOf`).
-PIPELINE_PARAMS: dict[str, type[BaseModel]] = {"facemesh": NoParams, "flame": FlameParams}
+PIPELINE_PARAMS: dict[str, type[BaseModel]] = {
+    "facemesh": NoParams,
+    "flame": FlameParams,
+    "vggheads": VGGHeadsParams,
+}
 
 
 class RegistrationRecord(_Strict):
