@@ -12,6 +12,7 @@ import httpx
 import numpy as np
 import pytest
 import trimesh
+from flame_synthetic import imported_synthetic_flame
 from stacklib import FAST_OPTIONS, KEYS, Stack, astronaut_jpeg, running_stack, wait_job
 from template_synthetic import NUM_VERTICES, deform, icosphere_target, write_studio_template
 
@@ -32,8 +33,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             os.environ.pop("HEADFORGE_TEMPLATES")
         else:
             os.environ["HEADFORGE_TEMPLATES"] = previous
+    _files, flame_asset = imported_synthetic_flame(root)
     with running_stack(
-        root / "stack", redis=True, worker_concurrency=1, HEADFORGE_TEMPLATES=str(store)
+        root / "stack",
+        redis=True,
+        worker_concurrency=1,
+        HEADFORGE_TEMPLATES=str(store),
+        HEADFORGE_FLAME_ASSET=str(flame_asset),
     ) as running:
         yield running
 
@@ -115,11 +121,16 @@ def test_models_lists_templates_and_jobs_take_topology(stack: Stack) -> None:
         listing = httpx.get(f"{stack.base_url}/v1/models", headers=_auth(), timeout=30).json()
         (studio,) = [entry for entry in listing["templates"] if entry["name"] == "studio"]
         assert studio["vertices"] == NUM_VERTICES and studio["landmarks"]["mediapipe"] == 30
-        job = wait_job(client, client.submit([("astronaut.jpg", astronaut_jpeg())], topology="studio",
-                                             **FAST_OPTIONS)["id"])  # fmt: skip
-        assert job["status"] == "succeeded", job["error"]
-        head = job["result"]["heads"][0]
-        assert head["mesh"]["vertices"] == NUM_VERTICES and head["registration"]["template"] == "studio"
+        for pipeline, kind in (("facemesh", "mediapipe"), ("flame", "flame")):
+            job = wait_job(client, client.submit([("astronaut.jpg", astronaut_jpeg())], pipeline=pipeline,
+                                                 topology="studio", **FAST_OPTIONS)["id"])  # fmt: skip
+            assert job["status"] == "succeeded", job["error"]
+            head = job["result"]["heads"][0]
+            assert head["mesh"]["vertices"] == NUM_VERTICES and head["registration"]["template"] == "studio"
+            assert head["registration"]["target_landmarks"] == kind
+            assert {"h0.glb", "h0.obj", "h0_texture.png", "h0_splats.ply"} <= {
+                a["name"] for a in job["artifacts"]
+            }
         refused = httpx.post(f"{stack.base_url}/v1/jobs", headers=_auth(), timeout=30,
                              files={"images": ("a.jpg", astronaut_jpeg())}, data={"topology": "nosuch"})  # fmt: skip
         assert refused.status_code == 422 and refused.json()["error"]["code"] == "unknown_template"
