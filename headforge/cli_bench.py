@@ -7,8 +7,15 @@ import json
 import typer
 
 
-def bench(quick: bool = typer.Option(False, "--quick", help="A run under 60 s.")) -> None:
+def bench(
+    quick: bool = typer.Option(False, "--quick", help="A run under 60 s."),
+    vggheads: bool = typer.Option(
+        False,
+        "--vggheads",
+        help="Run only the vggheads section (S, M, L eager vs ONNX Runtime; several minutes; S only with --quick).",
+    ),
+) -> None:
     """Measure headforge against references in the same run; print one JSON line."""
-    from headforge.benchmarks import run_all
+    from headforge.benchmarks import OPTIONAL_SECTIONS, run_all
 
-    print(json.dumps(run_all(quick)))
+    print(json.dumps(OPTIONAL_SECTIONS["vggheads"](quick) if vggheads else run_all(quick)))

@@ -33,6 +33,16 @@ SECTIONS: dict[str, Callable[[bool], dict[str, Any]]] = {
 }
 
 
+def _vggheads(quick: bool) -> dict[str, Any]:
+    from headforge.benchmarks import vggheads
+
+    return vggheads.run(quick)
+
+
+# Opt-in sections (`headforge bench --vggheads`): minutes long, so not part of the default run.
+OPTIONAL_SECTIONS: dict[str, Callable[[bool], dict[str, Any]]] = {"vggheads": _vggheads}
+
+
 def run_all(quick: bool) -> dict[str, Any]:
     """Run every section and merge their results into one flat document."""
     result: dict[str, Any] = {}
