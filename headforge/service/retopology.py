@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 import time
 from pathlib import PurePosixPath
 from typing import Annotated, Any
@@ -29,6 +30,7 @@ from headforge.service.views import public_job
 log = logging.getLogger("headforge.api")
 router = APIRouter()
 MAX_WAIT_SECONDS = 300
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 RETOPOLOGY_QUEUE_KEY = "retopology"  # HEADFORGE_QUEUE_ROUTES may send these jobs to their own queue
 
 
@@ -55,7 +57,7 @@ async def submit_retopology(
     await run_in_threadpool(check_rate, state.jobs.backend, principal)
     settings = state.settings
     data = await run_in_threadpool(mesh.file.read, settings.max_upload_bytes + 1)
-    filename = PurePosixPath((mesh.filename or "mesh").replace("\\", "/")).name[:100] or "mesh"
+    filename = _safe_name(mesh.filename)
     if len(data) > settings.max_upload_bytes:
         raise FileTooLargeError(
             f"{filename} is over the {settings.max_upload_bytes} byte limit",
@@ -83,6 +85,13 @@ async def submit_retopology(
         status_code=202,
         headers={"Location": f"/v1/jobs/{job_id}"},
     )
+
+
+def _safe_name(name: str | None) -> str:
+    """The upload's base name with anything but letters, digits, '.', '_' and '-' replaced (store keys)."""
+    base = PurePosixPath((name or "").replace("\\", "/")).name
+    cleaned = _UNSAFE.sub("_", base).strip("._")[:100]
+    return cleaned or "mesh"
 
 
 def _create(state: Any, principal: Any, filename: str, data: bytes, options: dict[str, Any]) -> str:
