@@ -35,11 +35,11 @@ def pull(
     report = run_pull(force=force, log=lambda line: typer.echo(line, err=True))
     if tensorrt:
         from headforge.export.repository import entry_dir
-        from headforge.export.tensorrt import add_engine_to_entry
+        from headforge.export.tensorrt import build_entry_engine
 
         for model in ALL_MODELS:
-            plan = add_engine_to_entry(entry_dir(model.name, DEFAULT_VERSION))
-            typer.echo(f"built {plan}", err=True)
+            built = build_entry_engine(entry_dir(model.name, DEFAULT_VERSION))
+            typer.echo(f"built {model.name}: {built['engine_cache']}", err=True)
     state = "updated" if report.changed else "already up to date"
     typer.echo(
         f"models {state}: {model_repository()} ({', '.join(m.name for m in ALL_MODELS)} @ {DEFAULT_VERSION})"
@@ -117,3 +117,29 @@ def import_checkpoint(
         f"imported {report.family} {report.variant} ({report.parameters:,} parameters, {parity}) "
         f"→ {report.directory}"
     )
+
+
+@app.command("build-engine")
+def build_engine(
+    name: str = typer.Argument(..., help="Repository entry name (`headforge models list`), e.g. vggheads."),
+    version: str | None = typer.Option(None, "--version", help="Entry version; default: the newest."),
+    fp32: bool = typer.Option(False, "--fp32", help="Build an fp32 engine instead of fp16."),
+    as_json: bool = typer.Option(False, "--json", help="Print the recorded settings as one JSON line."),
+) -> None:
+    """Build a TensorRT engine for a repository entry (GPU machine): ONNX Runtime's TensorRT
+    provider builds it into its engine cache, where GPU workers then load it (docs/models.md)."""
+    from headforge.errors import InvalidOptionError
+    from headforge.export.repository import list_entries
+    from headforge.export.tensorrt import build_entry_engine
+
+    entries = [e for e in list_entries() if e.name == name and (version is None or e.version == version)]
+    if not entries:
+        wanted = f"{name!r} version {version!r}" if version else repr(name)
+        raise InvalidOptionError(f"no repository entry {wanted}; see `headforge models list`")
+    entry = max(entries, key=lambda e: (str(e.manifest.get("created", "")), e.version))
+    settings = build_entry_engine(entry.directory, fp16=not fp32)
+    if as_json:
+        typer.echo(json.dumps({"name": entry.name, "version": entry.version, **settings}, sort_keys=True))
+    else:
+        precision = "fp32" if fp32 else "fp16"
+        typer.echo(f"built {entry.name}/{entry.version} ({precision}) → {settings['engine_cache']}")

@@ -253,33 +253,12 @@ TRT_BATCH_PROFILE = (1, 8, 64)
 
 def _provider_with_options(provider: str, name: str, path: Path) -> str | tuple[str, dict[str, Any]]:
     if provider == "TensorrtExecutionProvider":
-        cache = headforge_home() / "trt_cache" / name
-        cache.mkdir(parents=True, exist_ok=True)
-        options: dict[str, Any] = {
-            "trt_fp16_enable": True,
-            "trt_engine_cache_enable": True,
-            "trt_engine_cache_path": str(cache),
-        }
-        options.update(_trt_profile(path))
-        return provider, options
+        # The same options `headforge models build-engine` built the cached engine with, so a GPU
+        # worker loads that engine instead of building its own (headforge/export/tensorrt.py).
+        from headforge.export.tensorrt import trt_provider_options
+
+        return provider, trt_provider_options(path, name)
     return provider
-
-
-def _trt_profile(path: Path) -> dict[str, str]:
-    """TensorRT EP shape-profile options (min/opt/max batch) for every input of the model."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    profile: dict[str, list[str]] = {
-        "trt_profile_min_shapes": [],
-        "trt_profile_opt_shapes": [],
-        "trt_profile_max_shapes": [],
-    }
-    for model_input in graph.input:
-        rest = [str(d.dim_value) for d in model_input.type.tensor_type.shape.dim[1:]]
-        for key, batch in zip(profile, TRT_BATCH_PROFILE, strict=True):
-            profile[key].append(f"{model_input.name}:{'x'.join([str(batch), *rest])}")
-    return {key: ",".join(shapes) for key, shapes in profile.items()}
 
 
 def _vggheads_path(root: Path | None = None) -> Path:
