@@ -204,3 +204,31 @@ def test_vggheads_with_synthetic_flame(
     assert not any("no FLAME model" in note for note in document["notes"])
     validate_result(json.loads((out / "result.json").read_text()))
     assert [m["name"] for m in document["models"]] == ["vggheads", "flame"]
+
+
+class _FixedBatchNetwork:
+    """A stand-in for a released graph exported with batch 1: refuses larger batches."""
+
+    input_shape = (1, 3, 640, 640)
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def run(self, x: np.ndarray) -> list[np.ndarray]:
+        assert x.shape[0] == 1, "a fixed-batch graph takes one image"
+        self.calls += 1
+        boxes = np.tile(np.array([[100.0, 100.0, 200.0, 200.0]], np.float32), (1, 1000, 1))
+        scores = np.zeros((1, 1000, 1), np.float32)
+        scores[0, 0, 0] = 0.9
+        flame = np.zeros((1, 1000, 413), np.float32)
+        flame[..., pv.ROT_A1] = FRONTAL[:, 0]
+        flame[..., pv.ROT_A2] = FRONTAL[:, 1]
+        flame[..., pv.SCALE] = 500.0
+        return [boxes, scores, flame]
+
+
+def test_fixed_batch_graphs_run_one_photo_at_a_time(astronaut: NDArray[np.uint8]) -> None:
+    network = _FixedBatchNetwork()
+    found = pv.detect_batch(network, [astronaut, astronaut[:256]])
+    assert network.calls == 2 and [len(heads) for heads in found] == [1, 1]
+    assert found[0][0].box.tolist() == pytest.approx([80, 80, 160, 160])  # 512² photo: canvas = 1.25 × photo

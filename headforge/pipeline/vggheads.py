@@ -230,7 +230,12 @@ def detect_batch(
         return []
     prepared = [letterbox(photo, channel_order=channel_order) for photo in photos]
     batch = np.stack([tensor for tensor, _ in prepared])
-    boxes, scores, flame = network.run(batch)[:3]
+    fixed = getattr(network, "input_shape", (None,))[0]  # a released graph may take batch 1 only
+    if isinstance(fixed, int) and 0 < fixed < len(batch):
+        parts = [network.run(batch[i : i + fixed])[:3] for i in range(0, len(batch), fixed)]
+        boxes, scores, flame = (np.concatenate([part[k] for part in parts]) for k in range(3))
+    else:
+        boxes, scores, flame = network.run(batch)[:3]
     return [
         select_heads(
             boxes[i], scores[i], flame[i], frame, max_heads=max_heads, score_threshold=score_threshold
