@@ -11,24 +11,12 @@ from types import ModuleType
 
 import numpy as np
 import pytest
-from needs import missing, strict
+from needs import missing, shared_data, strict
 from numpy.typing import NDArray
 
 from headforge.models.runtime import ModelSet
 
 REPO = Path(__file__).resolve().parents[1]
-
-# Real photos with labels sit beside the repository (../shared/data); absent on users' machines.
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def shared_data(*parts: str) -> Path:
-    """A path under ../shared/data, or skip the test when it is absent."""
-    path = SHARED_DATA.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"shared test data not present: {path}")
-    return path
-
 
 @pytest.fixture(scope="session")
 def shared_data_dir() -> Path:

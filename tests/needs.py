@@ -6,6 +6,7 @@ GPU tests and tests over ../shared data still skip: CI has neither a GPU nor a p
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import NoReturn
 
 import pytest
@@ -20,3 +21,15 @@ def missing(reason: str) -> NoReturn:
     if strict():
         pytest.fail(f"{reason} (HEADFORGE_STRICT_TESTS=1 turns this skip into a failure)")
     pytest.skip(reason)
+
+
+# Real photos with labels sit beside the repository (../shared/data); absent on users' machines.
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_data(*parts: str) -> Path:
+    """A path under ../shared/data, or skip the test when it is absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"shared test data not present: {path}")
+    return path

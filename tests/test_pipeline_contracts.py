@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import shared_data
+from needs import shared_data
 from plyfile import PlyData
 
 from headforge.errors import InvalidOptionError, ModelsMissingError, UnknownPipelineError
