@@ -693,12 +693,12 @@ def test_worker_threads_match_cpu_request() -> None:
 
 
 def test_tensorrt_cache_is_writable(compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    """The runtime writes TensorRT engines under $HEADFORGE_HOME/trt_cache: GPU workers mount it."""
+    """TensorRT engines are cached under $HEADFORGE_HOME/trt_cache (export/tensorrt.py): GPU workers mount it."""
     from headforge.config import headforge_home
 
     monkeypatch.setenv("HEADFORGE_HOME", "/opt/headforge")
     cache = str(headforge_home() / "trt_cache")
-    assert "trt_cache" in (ROOT / "headforge" / "models" / "runtime.py").read_text(encoding="utf-8")
+    assert "trt_cache" in (ROOT / "headforge" / "export" / "tensorrt.py").read_text(encoding="utf-8")
     worker = find(rendered("gpu"), "Deployment", "headforge-worker-gpu")
     mounts = {m["mountPath"] for m in _container(worker)["volumeMounts"]}
     assert cache in mounts

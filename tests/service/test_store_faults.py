@@ -168,7 +168,9 @@ def _pump(source: socket.socket, sink: socket.socket, allow: Callable[[int], boo
     try:
         while data := source.recv(65536):
             if allow is not None and not allow(len(data)):
-                break
+                # The proxy is closing (another thread drops both sockets). No half-close here: a clean
+                # end of the request would let S3 answer 400 for the short body before the drop.
+                return
             sink.sendall(data)
     except OSError:
         pass
