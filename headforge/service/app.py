@@ -43,8 +43,8 @@ from headforge.errors import (
 )
 from headforge.service import webhooks
 from headforge.service.auth import Authenticator, Principal
-from headforge.service.forms import option_fields
 from headforge.service.celery_app import dispatch, make_celery, publish_webhook
+from headforge.service.forms import option_fields
 from headforge.service.jobs import (
     CANCELED,
     QUEUED,
