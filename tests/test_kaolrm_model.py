@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from kaolrm_synthetic import SMALL
 
 from headforge.models.dinov2 import Dinov2, Dinov2Config
 from headforge.models.kaolrm import (
@@ -27,18 +28,6 @@ from headforge.models.kaolrm import (
 
 KEY_FILE = Path(__file__).parent / "data" / "kaolrm_state_dict_keys.txt"
 
-SMALL = KaoLRMConfig(
-    camera_embed_dim=64,
-    transformer_dim=48,
-    transformer_layers=2,
-    transformer_heads=4,
-    triplane_low_res=8,
-    triplane_high_res=16,
-    triplane_dim=8,
-    encoder_feat_dim=48,
-    encoder_depth=2,
-    encoder_num_heads=4,
-)
 
 
 def read_key_file() -> dict[str, tuple[int, ...]]:
