@@ -34,6 +34,12 @@ def reconstruct(
     topology: str | None = typer.Option(
         None, "--topology", help="Register a stored studio template onto every head (docs/topology.md)."
     ),
+    kaolrm_checkpoint: str | None = typer.Option(
+        None, "--kaolrm-checkpoint", help="kaolrm pipeline: mono or multiview (default: mono when imported)."
+    ),
+    kaolrm_points: str = typer.Option(
+        "sampled", "--kaolrm-points", help="kaolrm pipeline: learned splats at sampled points or FLAME's vertices."
+    ),
     as_json: bool = typer.Option(
         False, "--json", help="Print the machine-readable summary instead of a table."
     ),
@@ -51,6 +57,8 @@ def reconstruct(
         seed=seed,
         subject=subject,
         topology=topology,
+        kaolrm_checkpoint=kaolrm_checkpoint,
+        kaolrm_points=kaolrm_points,
     )
     # One capture per image, or all images as one capture of one subject.
     captures = [images] if subject else [[image] for image in images]

@@ -26,8 +26,7 @@ def serve(
     api_workers: int = typer.Option(1, "--api-workers", help="uvicorn worker processes for the API."),
 ) -> None:
     """Run the API (and, in embedded mode, one worker on the same machine)."""
-    import uvicorn
-
+    from headforge.service.server import run_api
     from headforge.service.settings import Settings
 
     settings = Settings.from_env()
@@ -47,8 +46,7 @@ def serve(
     # installed before it started. Make that handler an exit, so the `finally` below stops the worker.
     signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
-        uvicorn.run("headforge.service.app:app_from_env", factory=True, host=host, port=port,
-                    workers=api_workers, log_level="warning", access_log=False)
+        run_api(host, port, api_workers)
     finally:
         if child is not None and child.poll() is None:
             child.send_signal(signal.SIGTERM)

@@ -249,3 +249,16 @@ def test_expression_sequence_parses() -> None:
     )
     assert sequence.expression.shape == (2, 16) and sequence.fps == 24
     np.testing.assert_array_equal(sequence.jaw, [[0, 0, 0], [0.2, 0, 0]])
+
+
+def test_flame_driver_matches_the_full_model(model: FlameLandmarkModel, fit: FlameFit) -> None:
+    from headforge.pipeline.animate import FlameDriver
+
+    rng = np.random.default_rng(11)
+    expression = rng.normal(0, 1.5, (4, 16))
+    jaw = np.c_[rng.uniform(0, 0.3, 4), rng.normal(0, 0.05, (4, 2))]
+    z = np.zeros((4, model.num_linear))
+    z[:, : model.num_shape] = fit.shape
+    z[:, model.num_shape : model.num_shape + 16] = expression
+    driven = FlameDriver(model, fit.shape, 16).vertices(expression, jaw)
+    np.testing.assert_allclose(driven, model.vertices(z, jaw), atol=2e-6)

@@ -368,3 +368,42 @@ def import_checkpoint(path: Path, options: ImportOptions) -> ImportReport:
             "flame_in_checkpoint": result.flame_in_checkpoint,
         },
     )
+
+
+def imported_variants(root: Path | None = None) -> list[str]:
+    """The variants with a complete imported entry pair, mono first."""
+    return [variant for variant in VARIANTS if latest_entries(variant, root) is not None]
+
+
+def unavailable_reason(root: Path | None = None) -> str | None:
+    """Why the `kaolrm` pipeline cannot run here, or None."""
+    if not imported_variants(root):
+        return (
+            "no KaoLRM checkpoint is imported; run `headforge models import kaolrm DIR --name mono|multiview` "
+            "(see docs/models.md)"
+        )
+    return None
+
+
+def entry_model_path(name: str, root: Path | None = None) -> Path:
+    """`model.onnx` of the newest complete import of entry `name` (`kaolrm-<variant>-image` or
+    `-gaussians`); `ModelsMissingError` when that variant is not imported."""
+    from headforge.errors import ModelsMissingError
+
+    for variant in VARIANTS:
+        if name in (image_entry_name(variant), gaussian_entry_name(variant)):
+            entries = latest_entries(variant, root)
+            if entries is None:
+                raise ModelsMissingError(
+                    f"no KaoLRM {variant} checkpoint is imported; run `headforge models import kaolrm DIR "
+                    f"--name {variant}`",
+                    details={"missing": [name]},
+                )
+            from headforge.export.repository import read_entry
+
+            folder = entries[0] if name == image_entry_name(variant) else entries[1]
+            entry = read_entry(name, folder.name, root)
+            if entry is None:
+                raise ModelsMissingError(f"{name}/{folder.name} is unreadable", details={"missing": [name]})
+            return entry.model_path
+    raise ModelsMissingError(f"{name!r} is not a KaoLRM entry", details={"missing": [name]})

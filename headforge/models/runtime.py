@@ -246,6 +246,11 @@ class OrtNetwork:
         ]
         return [np.concatenate([part[k] for part in parts]) for k in range(len(self._outputs))]
 
+    def run_feeds(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """One call with every named input (graphs of several inputs, e.g. KaoLRM's Gaussian graph)."""
+        batch = {name: np.ascontiguousarray(value, dtype=np.float32) for name, value in feeds.items()}
+        return list(self._session.run(self._outputs, batch))
+
 
 # TensorRT builds one engine per shape profile; one profile covers batches 1..64 (optimised for 8).
 TRT_BATCH_PROFILE = (1, 8, 64)
@@ -275,6 +280,22 @@ def _vggheads_path(root: Path | None = None) -> Path:
 # Networks a user imports (`headforge models import FAMILY`): their entries are versioned by the
 # checkpoint, not by DEFAULT_VERSION, so each family says which entry to open.
 IMPORTED_NETWORKS: dict[str, Callable[[Path | None], Path]] = {"vggheads": _vggheads_path}
+
+
+def _kaolrm_path(name: str) -> Callable[[Path | None], Path]:
+    """The newest imported KaoLRM entry `name` (`headforge models import kaolrm`)."""
+
+    def path(root: Path | None = None) -> Path:
+        from headforge.models.kaolrm_import import entry_model_path
+
+        return entry_model_path(name, root)
+
+    return path
+
+
+for _variant in ("mono", "multiview"):
+    for _graph in ("image", "gaussians"):
+        IMPORTED_NETWORKS[f"kaolrm-{_variant}-{_graph}"] = _kaolrm_path(f"kaolrm-{_variant}-{_graph}")
 
 
 def repository_network_path(name: str, root: Path | None = None) -> Path:

@@ -26,7 +26,7 @@ from numpy.typing import NDArray
 from plyfile import PlyData, PlyElement
 
 from headforge.errors import InvalidOptionError
-from headforge.pipeline.flame_fit import FlameFit, FlameLandmarkModel
+from headforge.pipeline.flame_fit import JAW, JAW_FEATURES, FlameFit, FlameLandmarkModel, rodrigues
 from headforge.pipeline.package import SH_C0, splats_ply_bytes, write_atomic
 from headforge.pipeline.rig import (
     JAW_OPEN_RAD,
@@ -63,6 +63,45 @@ def flame_morph_targets(model: FlameLandmarkModel, fit: FlameFit, count: int) ->
     jaws[-1, 0] += JAW_OPEN_RAD
     vertices = model.vertices(coefficients, jaws)
     return MorphTargets(expression_target_names(count), (vertices[1:] - vertices[0]).astype(np.float32))
+
+
+class FlameDriver:
+    """One head's FLAME with its identity precomputed: expression (B, K) and jaw (B, 3) → vertices
+    (B, V, 3) float32, the same as `FlameLandmarkModel.vertices` with ψ beyond K at zero, but reading
+    only the K expression directions per frame (the identity's shape offsets are summed once)."""
+
+    def __init__(self, model: FlameLandmarkModel, shape: NDArray[np.floating], expressions: int) -> None:
+        asset = model.asset
+        count = len(asset.v_template)
+        shape64 = np.asarray(shape, np.float64)
+        identity = asset.v_template.astype(np.float64) + np.einsum(
+            "vcl,l->vc", asset.shapedirs[:, :, : model.num_shape].astype(np.float64), shape64
+        )
+        self.count = count
+        self.identity = identity.reshape(-1).astype(np.float32)  # (V*3,)
+        self.expression_dirs = np.ascontiguousarray(
+            asset.exprdirs[:, :, :expressions].reshape(-1, expressions).T, dtype=np.float32
+        )  # (K, V*3)
+        self.pose_dirs = np.ascontiguousarray(
+            asset.posedirs[..., JAW_FEATURES].reshape(-1, 9).T, dtype=np.float32
+        )  # (9, V*3)
+        self.joint = (model.jaw_const + shape64 @ model.jaw_dirs[:, : model.num_shape].T).astype(np.float32)
+        self.joint_dirs = np.ascontiguousarray(
+            model.jaw_dirs[:, model.num_shape : model.num_shape + expressions].T, dtype=np.float32
+        )  # (K, 3)
+        self.jaw_weight = asset.weights[:, JAW].astype(np.float32)[:, None]  # (V, 1)
+        self.expressions = expressions
+
+    def vertices(self, expression: NDArray[np.floating], jaw: NDArray[np.floating]) -> NDArray[np.float32]:
+        """Posed vertices (B, V, 3) for expression (B, K) and jaw axis-angles (B, 3)."""
+        expression = np.asarray(expression, np.float32)
+        batch = len(expression)
+        delta = (rodrigues(np.asarray(jaw, np.float64)) - np.eye(3)).astype(np.float32)  # (B, 3, 3)
+        posed = self.identity + expression @ self.expression_dirs + delta.reshape(batch, 9) @ self.pose_dirs
+        posed = posed.reshape(batch, self.count, 3)
+        joint = self.joint + expression @ self.joint_dirs  # (B, 3)
+        lever = posed - joint[:, None, :]
+        return np.asarray(posed + self.jaw_weight * np.matmul(lever, delta.transpose(0, 2, 1)), np.float32)
 
 
 @dataclass
@@ -186,10 +225,7 @@ def animate_result(
         shape = np.asarray(params["shape"], np.float64)
         if len(shape) != model.num_shape:
             raise InvalidOptionError("the result's FLAME shape does not match the imported FLAME asset")
-        coefficients = np.zeros((frames, model.num_linear))
-        coefficients[:, : model.num_shape] = shape
-        coefficients[:, model.num_shape : model.num_shape + expressions] = sequence.expression
-        vertices = model.vertices(coefficients, sequence.jaw).astype(np.float32)
+        vertices = FlameDriver(model, shape, expressions).vertices(sequence.expression, sequence.jaw)
         faces = np.asarray(model.asset.faces, np.int64)
         deformer = None
         appearance = None

@@ -16,6 +16,7 @@ PNG checksum, an unparsable header, data the decoder rejects).
 from __future__ import annotations
 
 import io
+import math
 import os
 import re
 import struct
@@ -95,6 +96,113 @@ def probe_image(data: bytes, max_pixels: int | None = None) -> ImageProbe:
     return ImageProbe(SUPPORTED_FORMATS[str(image.format)], width, height)
 
 
+def verify_image(data: bytes, max_pixels: int | None = None) -> ImageProbe:
+    """The gateway's check: refuse like `decode_image` would, without a full-resolution RGB8 decode.
+
+    Every byte of image data is still decoded (so truncated and corrupt files are refused), but into
+    the file's own pixel mode, never the float copies `decode_image` composites alpha with; JPEGs
+    decode at 1/8 scale (libjpeg's DCT scaling reads all the entropy-coded data at a fraction of the
+    memory). A JPEG whose entropy-coded data is too short to hold as many 8×8 blocks as its frame
+    header claims is refused as truncated: libjpeg pads such a file with gray without an error."""
+    image, caught = _open(data, max_pixels)
+    with image:
+        source_format = SUPPORTED_FORMATS[str(image.format)]
+        orientation = _orientation(image)
+        width, height = image.size
+        try:
+            with warnings.catch_warnings(record=True) as load_warnings:
+                warnings.simplefilter("always")
+                if source_format == "PNG":
+                    _verify_png_checksums(data)
+                if source_format == "JPEG":
+                    _check_jpeg_scan_length(data)
+                    image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
+                image.load()
+        except (OSError, SyntaxError, ValueError, EOFError, struct.error) as error:
+            _raise_decode_error(data, error, caught + list(load_warnings))
+    if orientation in _SWAPS_AXES:
+        width, height = height, width
+    return ImageProbe(source_format, width, height)
+
+
+def _check_jpeg_scan_length(data: bytes) -> None:
+    """Raise `TruncatedImageError` when the first image's entropy-coded data cannot hold its blocks.
+
+    Every 8×8 block costs at least one bit in a sequential scan (its DC difference) and in a
+    progressive file's first DC scan, so a frame of N blocks needs at least N/8 bytes of scan data.
+    Real files are far above this bound; a header claiming a large frame over a few bytes is not."""
+    frame: tuple[int, int, dict[int, tuple[int, int]]] | None = None
+    needed_bits = 0
+    scanned = 0
+    position = 2
+    size = len(data)
+    while position + 4 <= size:
+        if data[position] != 0xFF:
+            return  # not where a marker should be: Pillow's own checks judge the file
+        marker = data[position + 1]
+        if marker == 0xFF:
+            position += 1
+            continue
+        if marker == 0xD9:
+            break
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:
+            position += 2
+            continue
+        length = struct.unpack(">H", data[position + 2 : position + 4])[0]
+        segment = data[position + 4 : position + 2 + length]
+        if marker in (0xC0, 0xC1, 0xC2) and len(segment) >= 6:
+            height, width, count = struct.unpack(">HHB", segment[1:6])
+            components = {}
+            for index in range(count):
+                entry = segment[6 + 3 * index : 9 + 3 * index]
+                if len(entry) == 3:
+                    components[entry[0]] = (entry[1] >> 4, entry[1] & 15)
+            frame = (width, height, components)
+        elif marker in (0xC3, 0xC5, 0xC6, 0xC7) or (0xC9 <= marker <= 0xCF and marker != 0xCC):
+            return  # lossless, hierarchical or arithmetic coding: no simple bound
+        position += 2 + length
+        if marker == 0xDA and frame is not None and len(segment) >= 1:
+            count = segment[0]
+            ids = [segment[1 + 2 * i] for i in range(count) if 1 + 2 * i < len(segment)]
+            tail = segment[1 + 2 * count : 4 + 2 * count]
+            first_dc = len(tail) == 3 and tail[0] == 0 and (tail[2] >> 4) == 0
+            if first_dc:
+                needed_bits += sum(_jpeg_blocks(frame, component) for component in ids)
+            # The entropy-coded data runs to the next marker other than a restart or a stuffed 0xFF00.
+            start = position
+            while True:
+                found = data.find(b"\xff", position)
+                if found < 0 or found + 1 >= size:
+                    position = size
+                    break
+                follower = data[found + 1]
+                if follower == 0 or 0xD0 <= follower <= 0xD7:
+                    position = found + 2
+                    continue
+                position = found
+                break
+            scanned += position - start
+    if frame is not None and scanned * 8 < needed_bits:
+        raise TruncatedImageError(
+            f"the JPEG file ends early: its {frame[0]}x{frame[1]} frame needs at least {needed_bits // 8} bytes "
+            f"of image data, the file has {scanned}",
+            details={"format": "JPEG", "bytes": size, "width": frame[0], "height": frame[1]},
+        )
+
+
+def _jpeg_blocks(frame: tuple[int, int, dict[int, tuple[int, int]]], component: int) -> int:
+    """8×8 blocks of one component of a frame (without the padding of interleaved scans)."""
+    width, height, components = frame
+    if component not in components or not components:
+        return 0
+    h_max = max(h for h, _v in components.values()) or 1
+    v_max = max(v for _h, v in components.values()) or 1
+    h, v = components[component]
+    columns = math.ceil(math.ceil(width * h / h_max) / 8)
+    rows = math.ceil(math.ceil(height * v / v_max) / 8)
+    return columns * rows
+
+
 def decode_image(data: bytes, max_pixels: int | None = None) -> DecodedImage:
     """Decode `data` to upright RGB8; raise `EmptyFileError`, `NotAnImageError`,
     `TruncatedImageError`, `CorruptImageError` or `TooManyPixelsError`."""
@@ -108,6 +216,8 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> DecodedImage:
                 warnings.simplefilter("always")
                 if source_format == "PNG":
                     _verify_png_checksums(data)
+                if source_format == "JPEG":
+                    _check_jpeg_scan_length(data)
                 image.load()
         except (OSError, SyntaxError, ValueError, EOFError, struct.error) as error:
             _raise_decode_error(data, error, caught + list(load_warnings))

@@ -61,6 +61,20 @@ class ReconstructOptions(BaseModel):
             description="All photos of the job show one person: they reach the stages as one capture.",
         ),
     ] = False
+    kaolrm_checkpoint: Annotated[
+        Literal["mono", "multiview"] | None,
+        Field(
+            description="kaolrm pipeline: the imported checkpoint to run (default: mono when imported, "
+            "else multiview)."
+        ),
+    ] = None
+    kaolrm_points: Annotated[
+        Literal["sampled", "vertices"],
+        Field(
+            description="kaolrm pipeline: learned splats at 8000 area-weighted surface points drawn with the "
+            "job seed, or at FLAME's 5023 vertices."
+        ),
+    ] = "sampled"
 
     def __init__(self, **values: Any) -> None:
         try:

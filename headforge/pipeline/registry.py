@@ -217,3 +217,29 @@ register_pipeline(
         models=_vggheads_flame_records,
     )
 )
+
+
+def _kaolrm_stage(ctx: StageContext, heads: list[Head]) -> None:
+    from headforge.pipeline.kaolrm_stage import kaolrm_stage
+
+    kaolrm_stage(ctx, heads)
+
+
+def _kaolrm_missing() -> str | None:
+    from headforge.models.kaolrm_import import unavailable_reason
+
+    return unavailable_reason()
+
+
+register_pipeline(
+    Pipeline(
+        name="kaolrm",
+        description="KaoLRM: FLAME parameters and learned 2D Gaussians from one face crop through an LRM "
+        "triplane (needs an imported KaoLRM checkpoint; meshes and splats need FLAME files too)",
+        heads=MEDIAPIPE_HEADS,
+        stages=(Stage("kaolrm", _kaolrm_stage),),
+        requires=(_kaolrm_missing,),
+        networks=(FULL_RANGE, FACE_LANDMARK, "selfie_segmentation"),
+        models=_vggheads_flame_records,
+    )
+)

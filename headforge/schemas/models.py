@@ -179,13 +179,50 @@ class VGGHeadsParams(_Strict):
     scale_px_per_m: Annotated[float, Field(gt=0, description="Image pixels per FLAME meter.")]
 
 
-HeadParams = NoParams | FlameParams | VGGHeadsParams
+class KaoLRMParams(_Strict):
+    """One head's FLAME parameters as KaoLRM predicts them from its crop (no fit), in KaoLRM's frame:
+    the mesh is p = scale · FLAME(β, ψ, global, jaw) + translation (z of the translation set to 0 for
+    the mono checkpoint), seen by a pinhole at p = (0, 0, 2) looking along −z with focal synth_focal:
+    crop u = 0.5 + f · p_x / (2 − p_z), v = 0.5 − f · p_y / (2 − p_z), photo pixel = crop_origin_px +
+    (u, v) · crop_side_px (docs/models.md)."""
+
+    model: Literal["kaolrm"]
+    checkpoint: Annotated[Literal["mono", "multiview"], Field(description="The KaoLRM checkpoint that ran.")]
+    synth_focal: Annotated[float, Field(gt=0, description="Its focal, normalised by the crop side.")]
+    image_size: Annotated[
+        list[Annotated[int, Field(ge=1)]],
+        Field(min_length=2, max_length=2, description="Width and height of the photo the head is in."),
+    ]
+    shape: Annotated[
+        list[float], Field(min_length=100, max_length=100, description="β: FLAME's first 100 shape components.")
+    ]
+    expression: Annotated[
+        list[float],
+        Field(min_length=50, max_length=50, description="ψ: FLAME's first 50 expression components."),
+    ]
+    global_pose: Annotated[Point3, Field(description="Global rotation, axis-angle in radians.")]
+    jaw_pose: Annotated[Point3, Field(description="Jaw rotation, axis-angle in radians.")]
+    scale: Annotated[float, Field(ge=0.1, description="KaoLRM's scale (softplus, at least 0.1).")]
+    translation: Annotated[Point3, Field(description="KaoLRM's translation as predicted.")]
+    crop_origin_px: Annotated[Point2, Field(description="The crop's top-left corner in photo pixels.")]
+    crop_side_px: Annotated[float, Field(gt=0, description="The crop's side in photo pixels.")]
+    flame_model: Annotated[
+        Literal["checkpoint", "imported"] | None,
+        Field(
+            description="Whose FLAME tensors built the mesh: the checkpoint's (kept by the import) or the "
+            "operator's imported FLAME; null when no mesh was built (no imported FLAME with UVs)."
+        ),
+    ]
+
+
+HeadParams = NoParams | FlameParams | VGGHeadsParams | KaoLRMParams
 
 # Pipelines whose heads must carry one kind of params (checked by the schema's `allOf`).
 PIPELINE_PARAMS: dict[str, type[BaseModel]] = {
     "facemesh": NoParams,
     "flame": FlameParams,
     "vggheads": VGGHeadsParams,
+    "kaolrm": KaoLRMParams,
 }
 
 

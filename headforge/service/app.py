@@ -15,12 +15,13 @@ import math
 import re
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Annotated, Any
+from typing import IO, Annotated, Any
 
 from fastapi import Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
@@ -32,6 +33,7 @@ from headforge.errors import (
     EmptyFileError,
     FileTooLargeError,
     HeadforgeError,
+    IdempotencyInProgressError,
     InvalidOptionError,
     JobNotFinishedError,
     MethodNotAllowedError,
@@ -43,8 +45,9 @@ from headforge.errors import (
 )
 from headforge.service import webhooks
 from headforge.service.auth import Authenticator, Principal
-from headforge.service.celery_app import dispatch, make_celery, publish_webhook
 from headforge.service.forms import option_fields
+from headforge.service.celery_app import dispatch, make_celery, publish_webhook
+from headforge.service.guard import BodyGuard
 from headforge.service.jobs import (
     CANCELED,
     QUEUED,
@@ -59,7 +62,7 @@ from headforge.service.metrics import make_registry
 from headforge.service.ratelimit import check_rate
 from headforge.service.retopology import router as retopology_router
 from headforge.service.settings import Settings
-from headforge.service.store import ArtifactStore, make_store
+from headforge.service.store import ArtifactStore, make_store, store_os_error
 from headforge.service.views import public_batch, public_job
 
 log = logging.getLogger("headforge.api")
@@ -68,6 +71,13 @@ STATIC_DIR = Path(__file__).parent / "static"
 MAX_WAIT_SECONDS = 60
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".mpo"}
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+# A zip entry over 1 MiB that expands more than this many times its stored size is refused before
+# it is extracted: photos are compressed already, so only a bomb (or a huge flat bitmap) gets there.
+MAX_ZIP_RATIO = 100
+ZIP_RATIO_MIN_BYTES = 1024 * 1024
+# How long a request whose Idempotency-Key another request has reserved waits for that request's
+# batch record before it is told to retry (409 `idempotency_in_progress`).
+IDEMPOTENCY_WAIT_SECONDS = 10.0
 
 
 def error_body(error: HeadforgeError) -> dict[str, Any]:
@@ -77,7 +87,7 @@ def error_body(error: HeadforgeError) -> dict[str, Any]:
 def error_response(error: HeadforgeError) -> JSONResponse:
     headers = {}
     retry_after = error.details.get("retry_after") if error.details else None
-    if error.http_status in (429, 503) and retry_after is not None:
+    if error.http_status in (409, 429, 503) and retry_after is not None:
         headers["Retry-After"] = str(math.ceil(float(retry_after)))
     elif error.http_status == 503:
         headers["Retry-After"] = "5"
@@ -142,9 +152,11 @@ def validate_options(values: dict[str, Any]) -> dict[str, Any]:
     return options.to_dict()
 
 
-def validate_image(upload: Upload, settings: Settings) -> dict[str, Any]:
-    """Size limits, then a full decode (so truncated or corrupt files never reach a worker)."""
-    from headforge.pipeline.decode import decode_image
+def validate_image(upload: Upload, settings: Settings, gate: threading.Semaphore | None = None) -> dict[str, Any]:
+    """Size limits, then the gateway's check decode (`verify_image`: every byte decoded, in the file's
+    own pixel mode, JPEGs at 1/8 scale), so truncated or corrupt files never reach a worker. `gate`
+    bounds how many uploads are decoded at once."""
+    from headforge.pipeline.decode import verify_image
 
     if not upload.data:
         raise EmptyFileError(f"{upload.filename} is empty", details={"filename": upload.filename})
@@ -154,11 +166,15 @@ def validate_image(upload: Upload, settings: Settings) -> dict[str, Any]:
             details={"filename": upload.filename, "bytes": len(upload.data), "max_bytes": settings.max_upload_bytes},
         )
     try:
-        decoded = decode_image(upload.data)
+        if gate is None:
+            probe = verify_image(upload.data)
+        else:
+            with gate:
+                probe = verify_image(upload.data)
     except HeadforgeError as error:
         error.details = {**error.details, "filename": upload.filename}
         raise
-    return {"format": decoded.source_format, "width": decoded.width, "height": decoded.height}
+    return {"format": probe.format, "width": probe.width, "height": probe.height}
 
 
 def _read_uploads(files: list[UploadFile], settings: Settings) -> list[Upload]:
@@ -175,11 +191,16 @@ def _read_uploads(files: list[UploadFile], settings: Settings) -> list[Upload]:
     return uploads
 
 
-def _unzip(data: bytes, settings: Settings) -> list[Upload]:
-    """Image entries of a zip, with limits on count and expanded size (zip bombs)."""
+def _unzip(source: bytes | IO[bytes], settings: Settings) -> list[Upload]:
+    """Image entries of a zip, with limits on count and expanded size (zip bombs).
+
+    The declared sizes are checked before anything is extracted: each entry against the per-file
+    limit and `MAX_ZIP_RATIO`, their sum against the request limit (what the images could have
+    weighed sent one by one). Each entry is then read in chunks under a running cap, so an entry
+    whose data expands past what its header says stops there."""
     try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
-    except zipfile.BadZipFile:
+        archive = zipfile.ZipFile(io.BytesIO(source) if isinstance(source, bytes) else source)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError):
         raise NotAnImageError("the archive is not a readable zip file") from None
     entries = [
         info for info in archive.infolist()
@@ -193,17 +214,45 @@ def _unzip(data: bytes, settings: Settings) -> list[Upload]:
             f"the archive holds {len(entries)} images, over the limit of {settings.max_files_per_batch}",
             details={"files": len(entries), "max_files": settings.max_files_per_batch},
         )
-    uploads = []
+    declared = 0
     for index, info in enumerate(entries):
         name = _safe_filename(info.filename, index)
         if info.file_size > settings.max_upload_bytes:
             raise FileTooLargeError(f"{name} expands to {info.file_size} bytes, over the limit",
                                     details={"filename": name, "max_bytes": settings.max_upload_bytes})
-        with archive.open(info) as handle:
-            content = handle.read(settings.max_upload_bytes + 1)
-        if len(content) > settings.max_upload_bytes:
-            raise FileTooLargeError(f"{name} is over the byte limit", details={"filename": name})
-        uploads.append(Upload(name, content))
+        if info.file_size > ZIP_RATIO_MIN_BYTES and info.file_size > MAX_ZIP_RATIO * max(1, info.compress_size):
+            raise FileTooLargeError(
+                f"{name} expands {info.file_size / max(1, info.compress_size):.0f} times its stored size "
+                f"(the limit is {MAX_ZIP_RATIO}); refused as a zip bomb",
+                details={"filename": name, "bytes": info.file_size, "stored_bytes": info.compress_size,
+                         "max_ratio": MAX_ZIP_RATIO},
+            )
+        declared += info.file_size
+    if declared > settings.max_request_bytes:
+        raise FileTooLargeError(
+            f"the archive expands to {declared} bytes, over the {settings.max_request_bytes} byte request limit",
+            details={"bytes": declared, "max_bytes": settings.max_request_bytes},
+        )
+    uploads = []
+    total = 0
+    for index, info in enumerate(entries):
+        name = _safe_filename(info.filename, index)
+        cap = min(info.file_size, settings.max_upload_bytes)
+        parts: list[bytes] = []
+        size = 0
+        try:
+            with archive.open(info) as handle:
+                while block := handle.read(min(1024 * 1024, cap + 1 - size)):
+                    size += len(block)
+                    total += len(block)
+                    if size > cap or total > settings.max_request_bytes:
+                        raise FileTooLargeError(f"{name} expands past its declared size or the limits",
+                                                details={"filename": name, "max_bytes": cap})
+                    parts.append(block)
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, RuntimeError) as error:
+            raise NotAnImageError(f"{name} cannot be read from the archive: {type(error).__name__}",
+                                  details={"filename": name}) from None
+        uploads.append(Upload(name, b"".join(parts)))
     return uploads
 
 
@@ -278,10 +327,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.middleware("http")
     async def _guard_and_measure(request: Request, call_next: Callable[[Request], Any]) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > settings.max_request_bytes:
-            return error_response(FileTooLargeError(
-                "the request body is too large", details={"max_bytes": settings.max_request_bytes}))
         started = time.perf_counter()
         response: Response = await call_next(request)
         route = request.scope.get("route")
@@ -289,6 +334,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         request_counter.labels(request.method, label, str(response.status_code)).inc()
         request_latency.labels(label).observe(time.perf_counter() - started)
         return response
+
+    # Outermost: the key and the size limit are checked before any body byte is read (guard.py).
+    app.add_middleware(
+        BodyGuard, max_bytes=settings.max_request_bytes, body_timeout=settings.body_timeout,
+        body_idle_timeout=settings.body_idle_timeout, authenticate=state.auth.authenticate, respond=error_response,
+    )
+    decode_gate = threading.BoundedSemaphore(settings.max_concurrent_decodes)
 
     def principal_of(authorization: str | None) -> Principal:
         return state.auth.authenticate(authorization)
@@ -313,7 +365,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         options = validate_options(options_in)
         if webhook_url:
             webhooks.check_webhook_url(webhook_url, settings.webhook_allow_private)
-        inputs_meta = [validate_image(upload, settings) for upload in uploads]
+        inputs_meta = [validate_image(upload, settings, decode_gate) for upload in uploads]
         kind = "batch" if batch else "job"
         resource_id = new_id(kind)
         fingerprint = _fingerprint(kind, uploads, options, webhook_url)
@@ -334,7 +386,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 inputs = []
                 for i in group:
                     key = f"inputs/{job_id}/{i}-{uploads[i].filename}"
-                    state.store.put_bytes(key, uploads[i].data)
+                    try:
+                        state.store.put_bytes(key, uploads[i].data)
+                    except OSError as error:  # a read-only or broken disk: 503, like a full one
+                        raise store_os_error(error, "write", key) from error
                     inputs.append({
                         "key": key, "filename": uploads[i].filename, "size": len(uploads[i].data),
                         "sha256": hashlib.sha256(uploads[i].data).hexdigest(), **inputs_meta[i],
@@ -370,6 +425,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 state.store.delete_prefix(f"inputs/{job_id}/")
             except Exception as error:  # the store or state is what failed (docs/service.md, Store errors)
                 log.warning("could not discard a failed submission: %s", error, extra={"job_id": job_id})
+
+    async def _recorded_batch(principal: Principal, batch_id: str, existed: bool) -> dict[str, Any]:
+        """The batch record. A repeat whose Idempotency-Key an earlier request holds may arrive
+        before that request has recorded its batch: wait for it a while, then ask for a retry."""
+        deadline = time.monotonic() + (IDEMPOTENCY_WAIT_SECONDS if existed else 0.0)
+        while True:
+            try:
+                return await run_in_threadpool(jobs.get_batch_for, principal.owner, batch_id)
+            except NotFoundError:
+                if not existed or time.monotonic() >= deadline:
+                    if not existed:
+                        raise
+                    raise IdempotencyInProgressError(
+                        "an earlier request with this Idempotency-Key is still being stored; retry shortly",
+                        details={"id": batch_id, "retry_after": 1},
+                    ) from None
+            await asyncio.sleep(0.05)
 
     async def _wait_finished(job_id: str, seconds: float) -> dict[str, Any] | None:
         """The job once finished, or None after `seconds`. With Redis, a pub/sub message from the
@@ -462,8 +534,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
         uploads = await run_in_threadpool(_read_uploads, files, settings)
         if archive is not None:
-            data = await run_in_threadpool(archive.file.read, settings.max_upload_bytes * 20 + 1)
-            uploads += await run_in_threadpool(_unzip, data, settings)
+            uploads += await run_in_threadpool(_unzip, archive.file, settings)
         if not uploads:
             raise InvalidOptionError("send images in `images` or a zip in `archive`")
         if len(uploads) > settings.max_files_per_batch:
@@ -473,9 +544,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise InvalidOptionError("subject=true applies to one job's photos (POST /v1/jobs), not to a batch",
                                      details={"option": "subject"})
         values = options
-        batch_id, _existed = await run_in_threadpool(
+        batch_id, existed = await run_in_threadpool(
             _submit, principal, uploads, values, webhook_url or None, idempotency_key, batch=True)
-        batch = jobs.get_batch_for(principal.owner, batch_id)
+        batch = await _recorded_batch(principal, batch_id, existed)
         return JSONResponse(
             {"id": batch_id, "status": "running", "status_url": f"/v1/batches/{batch_id}",
              "jobs": batch["job_ids"]},
@@ -532,8 +603,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.delete("/v1/jobs/{job_id}", summary="Cancel a queued or running job; remove a finished one")
     def delete_job(job_id: str, authorization: Annotated[str | None, Header()] = None) -> Response:
-        from headforge.service.tasks import remove_job
-
         principal = principal_of(authorization)
         check_rate(jobs.backend, principal)
         doc = jobs.get_for(principal.owner, job_id)
@@ -545,8 +614,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 _notify_canceled(current)
                 return JSONResponse(public_job(current, jobs, base_url=base_url()), status_code=200)
             # It succeeded or failed between the lookup and the cancel: a finished job, so remove it.
-        remove_job(jobs, state.store, job_id)
+        _remove(job_id)
         return Response(status_code=204)
+
+    def _remove(job_id: str) -> None:
+        """Delete a job's files, then its record (which stays, for a retry or the sweeper, when the
+        files cannot be removed now: 503)."""
+        from headforge.service.tasks import remove_job
+
+        try:
+            remove_job(jobs, state.store, job_id)
+        except OSError as error:
+            raise store_os_error(error, "delete", f"inputs/{job_id}") from error
 
     @app.get("/v1/batches/{batch_id}", summary="Counts and progress of a batch")
     def get_batch(batch_id: str, authorization: Annotated[str | None, Header()] = None) -> dict[str, Any]:
@@ -590,14 +669,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.delete("/v1/batches/{batch_id}", summary="Cancel or remove every job of a batch")
     def delete_batch(batch_id: str, authorization: Annotated[str | None, Header()] = None) -> Response:
-        from headforge.service.tasks import remove_job
-
         principal = principal_of(authorization)
         check_rate(jobs.backend, principal)
         batch = jobs.get_batch_for(principal.owner, batch_id)
         for job_id in batch["job_ids"]:
             jobs.cancel(job_id)
-            remove_job(jobs, state.store, job_id)
+            _remove(job_id)
         jobs.delete_batch(batch_id)
         return Response(status_code=204)
 

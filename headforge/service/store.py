@@ -97,6 +97,29 @@ def _disk_full_is_transient(operation: str, key: str | None = None) -> Iterator[
         ) from error
 
 
+def store_os_error(error: OSError, operation: str, key: str | None = None) -> ServiceUnavailableError:
+    """The gateway's answer to a local disk that refuses `operation` (read-only, full, broken): 503
+    `service_unavailable`, naming the errno but no path."""
+    name = errno.errorcode.get(error.errno or 0, type(error).__name__)
+    details: dict[str, Any] = {"operation": operation, "error": name}
+    if key is not None:
+        details["key"] = key
+    return ServiceUnavailableError(
+        f"the artifact store cannot {operation} now ({error.strerror or name})", details=details
+    )
+
+
+def _raise_unless_missing(_function: Any, _path: str, exc_info: Any) -> None:
+    """`shutil.rmtree`'s error handler: something removed concurrently is fine, anything else raises."""
+    if not isinstance(exc_info[1], FileNotFoundError):
+        raise exc_info[1]
+
+
+# Public name for the workers: a job whose own writes (scratch files, outputs) fill the disk is
+# retried with backoff like a store write that does.
+disk_full_is_transient = _disk_full_is_transient
+
+
 def _s3_transient_cause(error: BaseException) -> BaseException | None:
     """The error that makes a failed S3 call worth retrying (a connection failure or timeout, or a
     throttling or 5xx answer): `error` itself or one it wraps. None when the failure is permanent.
@@ -161,11 +184,15 @@ class ArtifactStore(Protocol):
 
 
 class LocalArtifactStore:
-    """Objects as files under `root`, written atomically (temp file, fsync, rename)."""
+    """Objects as files under `root`, written atomically (temp file, fsync, rename).
 
-    def __init__(self, root: Path):
+    `ping` (readiness) fails when the directory cannot take a write now: not writable, fewer than
+    `min_free_bytes` free (one upload's worth by default, `make_store`), or a probe write refused."""
+
+    def __init__(self, root: Path, min_free_bytes: int = 0):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.min_free_bytes = min_free_bytes
 
     def _path(self, key: str) -> Path:
         return self.root / _check_key(key)
@@ -173,6 +200,25 @@ class LocalArtifactStore:
     def ping(self) -> None:
         if not (self.root.is_dir() and os.access(self.root, os.W_OK)):
             raise ServiceUnavailableError("the artifact directory is not writable", details={"root": str(self.root)})
+        stats = os.statvfs(self.root)
+        free = stats.f_bavail * stats.f_frsize
+        if free < self.min_free_bytes:
+            raise ServiceUnavailableError(
+                f"the artifact disk is full: {free} bytes free, under the {self.min_free_bytes} one upload needs",
+                details={"root": str(self.root), "free_bytes": free, "min_free_bytes": self.min_free_bytes},
+            )
+        probe = self.root / f".tmp-probe-{uuid.uuid4().hex}"
+        try:
+            with open(probe, "wb") as handle:
+                handle.write(b"ready")
+        except OSError as error:
+            raise ServiceUnavailableError(
+                f"the artifact directory cannot take writes ({error.strerror})",
+                details={"root": str(self.root), "error": errno.errorcode.get(error.errno or 0, "OSError")},
+            ) from error
+        finally:
+            with contextlib.suppress(OSError):
+                probe.unlink(missing_ok=True)
 
     def _atomic_write(self, key: str, write: Any) -> None:
         destination = self._path(key)
@@ -269,8 +315,9 @@ class LocalArtifactStore:
         if not base.exists():
             return 0
         count = sum(1 for p in base.rglob("*") if p.is_file()) if base.is_dir() else 1
+        # Errors raise (a read-only disk): the caller keeps the job's record until the files are gone.
         if base.is_dir():
-            shutil.rmtree(base, ignore_errors=True)
+            shutil.rmtree(base, onerror=_raise_unless_missing)
         else:
             base.unlink(missing_ok=True)
         return count
@@ -429,4 +476,4 @@ def make_store(settings: Settings) -> ArtifactStore:
         return S3ArtifactStore(
             settings.s3_bucket, settings.s3_prefix, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region
         )
-    return LocalArtifactStore(settings.artifacts_dir)
+    return LocalArtifactStore(settings.artifacts_dir, min_free_bytes=settings.max_upload_bytes)

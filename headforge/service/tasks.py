@@ -29,7 +29,7 @@ from headforge.service.celery_app import JOB_TASK, WEBHOOK_TASK, app, dispatch, 
 from headforge.service.jobs import FAILED, SUCCEEDED, TERMINAL, Claim, JobStore, make_backend
 from headforge.service.metrics import record_stage_timings
 from headforge.service.settings import Settings
-from headforge.service.store import ArtifactStore, make_store, media_type_for
+from headforge.service.store import ArtifactStore, disk_full_is_transient, make_store, media_type_for
 from headforge.service.views import public_job
 
 log = logging.getLogger("headforge.worker")
@@ -264,7 +264,8 @@ def run_job(self: Any, job_id: str) -> dict[str, Any]:
         beat.start()
         prefix = f"jobs/{job_id}/{claim.token}/"
         try:
-            artifacts, result_key, timings = _execute(ctx, claim, beat)
+            with disk_full_is_transient("the job's writes"):
+                artifacts, result_key, timings = _execute(ctx, claim, beat)
         except JobStopped:
             _discard_attempt(ctx.store, prefix)
             log.info("job stopped: canceled or taken over")
@@ -427,7 +428,11 @@ def sweep(ctx: _ProcessContext, worker_name: str) -> dict[str, int]:
         counts["webhooks"] += 1
     cutoff = now - ctx.settings.job_ttl_seconds
     for job_id in ctx.jobs.finished_before(cutoff):
-        remove_job(ctx.jobs, ctx.store, job_id)
+        try:
+            remove_job(ctx.jobs, ctx.store, job_id)
+        except Exception as error:  # the record stays, so the next sweep tries again
+            log.warning("could not remove expired job %s: %s", job_id, error, extra={"job_id": job_id})
+            continue
         counts["expired"] += 1
     for batch_id in ctx.jobs.batches_before(cutoff):
         ctx.jobs.delete_batch(batch_id)
@@ -435,10 +440,11 @@ def sweep(ctx: _ProcessContext, worker_name: str) -> dict[str, int]:
 
 
 def remove_job(jobs: JobStore, store: ArtifactStore, job_id: str) -> None:
-    """Delete a job's record, uploads and artifacts."""
-    jobs.delete(job_id)
+    """Delete a job's uploads and artifacts, then its record. When the files cannot be removed the
+    error propagates and the record stays, so a retry (or the sweeper, at the TTL) finds them."""
     store.delete_prefix(f"jobs/{job_id}")
     store.delete_prefix(f"inputs/{job_id}")
+    jobs.delete(job_id)
 
 
 def webhooks_host() -> str:

@@ -44,10 +44,26 @@ def verify(body: bytes, secret: str, header: str) -> bool:
     return hmac.compare_digest(sign(body, secret), header)
 
 
+# Every block of the IANA IPv4 and IPv6 Special-Purpose Address Registries (as of 2025), whether or
+# not the registry marks it globally reachable, plus multicast. Python's `ipaddress` flags most but
+# not all of them (192.0.0.8/32, the AS112 and AMT blocks, 6to4 and NAT64 prefixes pass `is_global`).
+SPECIAL_PURPOSE_NETWORKS = tuple(ipaddress.ip_network(block) for block in (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+    "192.0.0.0/24", "192.0.2.0/24", "192.31.196.0/24", "192.52.193.0/24", "192.88.99.0/24",
+    "192.168.0.0/16", "192.175.48.0/24", "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24",
+    "224.0.0.0/4", "240.0.0.0/4", "255.255.255.255/32",
+    "::/128", "::1/128", "::ffff:0:0/96", "64:ff9b::/96", "64:ff9b:1::/48", "100::/64", "100:0:0:1::/64",
+    "2001::/23", "2001:db8::/32", "2002::/16", "2620:4f:8000::/48", "3fff::/20", "5f00::/16", "fc00::/7",
+    "fe80::/10", "ff00::/8",
+))
+
+
 def _is_public(address: str) -> bool:
-    ip = ipaddress.ip_address(address)
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
+    if any(ip.version == network.version and ip in network for network in SPECIAL_PURPOSE_NETWORKS):
+        return False
     return ip.is_global and not (ip.is_loopback or ip.is_private or ip.is_link_local or ip.is_multicast)
 
 

@@ -138,6 +138,9 @@ class Stack:
     redis: Process | None = None
     api: Process | None = None
     workers: list[Process] = field(default_factory=list)
+    # "uvicorn": uvicorn's own command line; "headforge": `python -m headforge.service.server`, the
+    # server `headforge serve` runs (uvicorn with the read timeouts of docs/service.md).
+    server: str = "uvicorn"
     _names: int = 0
 
     @property
@@ -187,10 +190,13 @@ class Stack:
             self.workers.remove(worker)
 
     def start_api(self) -> None:
-        self.api = Process("api", [
-            sys.executable, "-m", "uvicorn", "--factory", "headforge.service.app:app_from_env",
-            "--host", "127.0.0.1", "--port", str(self.api_port), "--log-level", "warning",
-        ], self.env, self.root)
+        if self.server == "headforge":
+            argv = [sys.executable, "-m", "headforge.service.server", "--host", "127.0.0.1",
+                    "--port", str(self.api_port)]
+        else:
+            argv = [sys.executable, "-m", "uvicorn", "--factory", "headforge.service.app:app_from_env",
+                    "--host", "127.0.0.1", "--port", str(self.api_port), "--log-level", "warning"]
+        self.api = Process("api", argv, self.env, self.root)
         wait_until(self._healthy, 60, "the API to answer /healthz")
 
     def _healthy(self) -> bool:
@@ -274,7 +280,7 @@ def base_env(root: Path, **overrides: str) -> dict[str, str]:
     return env
 
 
-def make_stack(root: Path, *, redis: bool, auth: bool = True, **env: str) -> Stack:
+def make_stack(root: Path, *, redis: bool, auth: bool = True, server: str = "uvicorn", **env: str) -> Stack:
     root.mkdir(parents=True, exist_ok=True)
     overrides = dict(env)
     redis_port = free_port() if redis else None
@@ -282,7 +288,8 @@ def make_stack(root: Path, *, redis: bool, auth: bool = True, **env: str) -> Sta
         overrides["HEADFORGE_REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
     if auth:
         overrides["HEADFORGE_API_KEYS_FILE"] = str(write_keys_file(root / "keys.json"))
-    return Stack(root=root, env=base_env(root, **overrides), redis_port=redis_port, api_port=free_port())
+    return Stack(root=root, env=base_env(root, **overrides), redis_port=redis_port, api_port=free_port(),
+                 server=server)
 
 
 def require_redis() -> None:
@@ -353,13 +360,15 @@ class WebhookReceiver:
 
 
 @contextlib.contextmanager
-def running_stack(root: Path, *, redis: bool, worker_concurrency: int = 0, **env: str) -> Iterator[Stack]:
+def running_stack(
+    root: Path, *, redis: bool, worker_concurrency: int = 0, server: str = "uvicorn", **env: str
+) -> Iterator[Stack]:
     """A stack with Redis (if asked), a worker (if `worker_concurrency`) and the API; the logs are
     printed when starting it fails, and every process is stopped at the end."""
     if redis:
         require_redis()
     require_models()
-    stack = make_stack(root, redis=redis, **env)
+    stack = make_stack(root, redis=redis, server=server, **env)
     try:
         if redis:
             stack.start_redis()

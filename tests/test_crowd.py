@@ -1,0 +1,102 @@
+"""Crowd photos: faces that are small relative to a large photo are still found (multi-scale window
+planning under a work bound), and the head cap keeps the most confident heads and says so.
+
+The photos are the labelled VOC group photos of ../shared/data/voc-faces (skipped when absent),
+pasted at their own resolution into one collage, so every labelled face keeps its pixel size while
+the photo around it grows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from headforge.benchmarks.landmarks import match_labelled_boxes, read_rgb, read_voc_boxes
+from headforge.pipeline.detect import MAX_WINDOWS, detect_faces, plan_windows
+
+CELL = 500
+
+
+def collage(folder: Path, columns: int = 3) -> tuple[NDArray[np.uint8], NDArray[np.float32], int]:
+    """The labelled photos on a grid of 500×500 cells (gray between them), their boxes moved along,
+    and how many photos it holds."""
+    labels = read_voc_boxes(folder)
+    names = sorted(labels)
+    rows = -(-len(names) // columns)
+    canvas = np.full((rows * CELL, columns * CELL, 3), 128, np.uint8)
+    boxes = []
+    for index, name in enumerate(names):
+        rgb = read_rgb(folder / name)[:CELL, :CELL]
+        x0, y0 = (index % columns) * CELL, (index // columns) * CELL
+        canvas[y0 : y0 + rgb.shape[0], x0 : x0 + rgb.shape[1]] = rgb
+        boxes.append(labels[name] + np.array([x0, y0, x0, y0], np.float32))
+    return canvas, np.concatenate(boxes), len(names)
+
+
+def _recall(rgb: NDArray[np.uint8], truth: NDArray[np.float32], networks: Any) -> tuple[int, int]:
+    found = np.array([d.box for d in detect_faces(rgb, networks)], np.float32).reshape(-1, 4)
+    return match_labelled_boxes(truth, found)
+
+
+def test_collage_recall_equals_recall_one_by_one(networks: Any, voc_faces_dir: Path) -> None:
+    labels = read_voc_boxes(voc_faces_dir)
+    one_by_one = sum(_recall(read_rgb(voc_faces_dir / name), boxes, networks)[0] for name, boxes in labels.items())
+    canvas, truth, _count = collage(voc_faces_dir)
+    hits, extra = _recall(canvas, truth, networks)
+    print(f"collage {canvas.shape[1]}x{canvas.shape[0]}: {hits} of {len(truth)} (one by one {one_by_one}), "
+          f"{extra} unmatched boxes")
+    assert hits >= one_by_one
+    assert extra <= 3
+
+
+def test_small_photos_keep_the_single_tile_scale() -> None:
+    """A 500×375 photo gets what it always got: the whole image and a 3×2 grid of 256 px tiles."""
+    windows = plan_windows(500, 375, min_face_size=32.0)
+    assert windows[0].side == 500
+    assert sorted({w.side for w in windows[1:]}) == [256]
+    assert len(windows) == 7
+
+
+def test_large_photo_plan_is_multi_scale_and_bounded() -> None:
+    windows = plan_windows(6000, 4500, min_face_size=32.0)
+    sides = sorted({w.side for w in windows})
+    assert len(windows) <= MAX_WINDOWS
+    assert len(sides) >= 3
+    assert sides[0] <= 6000 / 8  # faces of about 1/64 of the photo's width are in reach
+    assert plan_windows(6000, 4500, min_face_size=32.0, max_windows=40)[-1].side > sides[0]
+
+
+def test_head_cap_keeps_the_most_confident_and_says_how_many(networks: Any, voc_faces_dir: Path) -> None:
+    from headforge.pipeline.landmarks import find_heads
+
+    canvas, truth, _count = collage(voc_faces_dir)
+    notes: list[str] = []
+    heads = find_heads(canvas, networks, max_heads=10, notes=notes)
+    assert len(heads) == 10
+    scores = [h.detection.score for h in heads]
+    assert scores == sorted(scores, reverse=True)
+    assert len(notes) == 1 and "max_heads=10" in notes[0], notes
+    found = int(notes[0].split(" of ")[1].split()[0])
+    assert found >= len(truth) - 2
+    uncapped: list[str] = []
+    find_heads(read_rgb(voc_faces_dir / "2008_004176.jpg"), networks, max_heads=50, notes=uncapped)
+    assert uncapped == []
+
+
+def test_upscaled_crowd_finds_its_faces(networks: Any, voc_faces_dir: Path) -> None:
+    """The collage on a 4×3 grid of copies (6000×4500 px, over 100 labelled faces at their VOC sizes)."""
+    canvas, truth, _count = collage(voc_faces_dir)
+    height, width = canvas.shape[:2]
+    big = np.tile(canvas, (3, 4, 1))[:4500, :6000]
+    boxes = np.concatenate([
+        truth + np.array([x * width, y * height, x * width, y * height], np.float32)
+        for y in range(3) for x in range(4)
+    ])
+    boxes = boxes[(boxes[:, 2] <= 6000) & (boxes[:, 3] <= 4500)]
+    assert len(boxes) > 100
+    hits, _extra = _recall(big, boxes, networks)
+    print(f"6000x4500 crowd: {hits} of {len(boxes)}")
+    assert hits >= 0.9 * len(boxes)
+
