@@ -79,6 +79,12 @@ class TooManyFilesError(InputError):
     http_status = 413
 
 
+class TooManySubjectPhotosError(TooManyFilesError):
+    """A subject job (`subject=true`) with more photos than one identity fit takes (8)."""
+
+    code = "too_many_subject_photos"
+
+
 class InvalidImageError(InputError):
     """An in-memory image that is not an (H, W, 3) uint8 RGB array, or too small to use."""
 

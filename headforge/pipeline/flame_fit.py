@@ -218,11 +218,8 @@ def _jacobian(
     return np.concatenate([blocks.reshape(batch, count * 3, -1), prior], axis=1)
 
 
-def fit_flame(
-    model: FlameLandmarkModel, landmarks_3d: F64, settings: FitSettings | None = None
-) -> list[FlameFit]:
-    """Fit every head at once. `landmarks_3d` is (B, 468 or 478, 3) in image pixels."""
-    settings = settings or FitSettings(num_shape=model.num_shape, num_expression=model.num_expression)
+def _targets(model: FlameLandmarkModel, landmarks_3d: F64) -> F64:
+    """The embedded landmarks (B, K, 3) of MediaPipe landmarks (B, 468 or 478, 3), checked."""
     landmarks_3d = np.asarray(landmarks_3d, dtype=np.float64)
     if (
         landmarks_3d.ndim != 3
@@ -234,13 +231,13 @@ def fit_flame(
         )
     if not np.all(np.isfinite(landmarks_3d)):
         raise InvalidLandmarksError("landmarks contain NaN or infinite values")
-    targets = landmarks_3d[:, model.landmark_indices]
-    batch, nz = len(targets), model.num_linear
-    if batch == 0:
-        return []
-    z = np.zeros((batch, nz))
-    jaw = np.zeros((batch, 3))
-    neutral = model.landmarks(z[:1], jaw[:1])[0]
+    return landmarks_3d[:, model.landmark_indices]
+
+
+def _start(model: FlameLandmarkModel, targets: F64) -> tuple[F64, F64, F64]:
+    """Each head's Umeyama similarity from the neutral head: rotations, translations, scales."""
+    batch = len(targets)
+    neutral = model.landmarks(np.zeros((1, model.num_linear)), np.zeros((1, 3)))[0]
     rotation = np.empty((batch, 3, 3))
     translation = np.empty((batch, 3))
     scale0 = np.empty(batch)
@@ -248,6 +245,29 @@ def fit_flame(
         scale0[head], rotation[head], translation[head] = umeyama(neutral, targets[head])
     if np.any(scale0 <= 0):
         raise InvalidLandmarksError("the landmarks are degenerate (they collapse to a point)")
+    return rotation, translation, scale0
+
+
+def _residual_px(rotation: F64, translation: F64, log_scale: F64, points: F64, targets: F64) -> F64:
+    """Mean 2D distance (B,) between the fitted and the target landmarks, pixels."""
+    scale = np.exp(log_scale)
+    fitted = scale[:, None, None] * np.einsum("bij,bkj->bki", rotation, points) + translation[:, None]
+    residual: F64 = np.linalg.norm(fitted[..., :2] - targets[..., :2], axis=-1).mean(axis=1)
+    return residual
+
+
+def fit_flame(
+    model: FlameLandmarkModel, landmarks_3d: F64, settings: FitSettings | None = None
+) -> list[FlameFit]:
+    """Fit every head at once. `landmarks_3d` is (B, 468 or 478, 3) in image pixels."""
+    settings = settings or FitSettings(num_shape=model.num_shape, num_expression=model.num_expression)
+    targets = _targets(model, landmarks_3d)
+    batch, nz = len(targets), model.num_linear
+    if batch == 0:
+        return []
+    z = np.zeros((batch, nz))
+    jaw = np.zeros((batch, 3))
+    rotation, translation, scale0 = _start(model, targets)
     log_scale = np.log(scale0)
     damping = np.full(batch, 1e-3)
     residuals, points = _residuals(model, targets, scale0, settings, rotation, translation, log_scale, z, jaw)
@@ -292,9 +312,8 @@ def fit_flame(
         damping = np.where(better, damping / 3.0, damping * 4.0)
         active &= ~converged & (damping < 1e8)
 
+    residual_px = _residual_px(rotation, translation, log_scale, points, targets)
     scale = np.exp(log_scale)
-    fitted = scale[:, None, None] * np.einsum("bij,bkj->bki", rotation, points) + translation[:, None]
-    residual_px = np.linalg.norm(fitted[..., :2] - targets[..., :2], axis=-1).mean(axis=1)
     return [
         FlameFit(
             shape=z[head, : model.num_shape].copy(),
@@ -308,3 +327,113 @@ def fit_flame(
         )
         for head in range(batch)
     ]
+
+
+@dataclass
+class SubjectFlameFit:
+    """One person's fit over several photos: the identity β they share, and each photo's fit (its
+    `shape` is that β; expression, jaw and similarity are the photo's own)."""
+
+    shape: F64  # (num_shape,)
+    views: list[FlameFit]
+    residual_px: float  # mean 2D landmark distance over every photo's landmarks
+    iterations: int
+
+
+def fit_flame_subject(
+    model: FlameLandmarkModel, landmarks_3d: F64, settings: FitSettings | None = None
+) -> SubjectFlameFit:
+    """Fit one identity to V photos of one person in one batched Levenberg–Marquardt solve.
+
+    Unknowns: β (shared) and, per photo, (δR, t, log s, ψ, jaw). The cost is every photo's data term
+    plus ‖β‖² once and each photo's ‖ψ‖² + ‖a‖²/σ_jaw², so one photo gives exactly `fit_flame`'s
+    fit. The normal equations have an arrow shape (per-photo blocks coupled through β only); each
+    step eliminates the per-photo blocks (batched solves) and solves the β block's Schur complement.
+    """
+    settings = settings or FitSettings(num_shape=model.num_shape, num_expression=model.num_expression)
+    targets = _targets(model, landmarks_3d)
+    views, ns, nz = len(targets), model.num_shape, model.num_linear
+    if views == 0:
+        raise InvalidLandmarksError("a subject fit needs at least one photo's landmarks")
+    rows = 3 * targets.shape[1]
+    beta_prior = slice(rows, rows + ns)  # each photo's β prior rows: replaced by one shared prior
+    shared = np.arange(7, 7 + ns)  # β columns of the per-photo Jacobian
+    local = np.r_[0:7, 7 + ns : 10 + nz]  # rigid, ψ, jaw columns
+
+    beta = np.zeros(ns)
+    expression = np.zeros((views, nz - ns))
+    jaw = np.zeros((views, 3))
+    rotation, translation, scale0 = _start(model, targets)
+    log_scale = np.log(scale0)
+
+    def evaluate(
+        rotation: F64, translation: F64, log_scale: F64, beta: F64, expression: F64, jaw: F64
+    ) -> tuple[F64, F64, float]:
+        z = np.concatenate([np.broadcast_to(beta, (views, ns)), expression], axis=1)
+        residuals, points = _residuals(model, targets, scale0, settings, rotation, translation, log_scale, z, jaw)
+        residuals = np.delete(residuals, beta_prior, axis=1)
+        return residuals, points, float((residuals**2).sum() + beta @ beta)
+
+    residuals, points, cost = evaluate(rotation, translation, log_scale, beta, expression, jaw)
+    damping = 1e-3
+    iterations = 0
+    for _ in range(settings.max_iterations):
+        z = np.concatenate([np.broadcast_to(beta, (views, ns)), expression], axis=1)
+        jacobian = np.delete(
+            _jacobian(model, scale0, settings, rotation, log_scale, z, jaw, points), beta_prior, axis=1
+        )
+        j_local, j_shared = jacobian[..., local], jacobian[..., shared]
+        h_local = j_local.transpose(0, 2, 1) @ j_local  # (V, L, L)
+        h_cross = j_local.transpose(0, 2, 1) @ j_shared  # (V, L, ns)
+        h_shared = np.einsum("vri,vrj->ij", j_shared, j_shared) + np.eye(ns)  # + the β prior
+        g_local = np.einsum("vri,vr->vi", j_local, residuals)
+        g_shared = np.einsum("vri,vr->i", j_shared, residuals) + beta
+        diagonal = np.einsum("vii->vi", h_local)
+        a_local = h_local + (damping * (diagonal + 1e-9))[:, :, None] * np.eye(len(local))
+        a_shared = h_shared + damping * np.diag(np.diag(h_shared) + 1e-9)
+        solved = np.linalg.solve(a_local, np.concatenate([h_cross, g_local[..., None]], axis=2))
+        inv_cross, inv_gradient = solved[..., :ns], solved[..., ns]
+        schur = a_shared - np.einsum("vli,vlj->ij", h_cross, inv_cross)
+        rhs = g_shared - np.einsum("vli,vl->i", h_cross, inv_gradient)
+        beta_step = -np.linalg.solve(schur, rhs)
+        local_step = -(inv_gradient + inv_cross @ beta_step)
+        candidate = (
+            rodrigues(local_step[:, 0:3]) @ rotation,
+            translation + local_step[:, 3:6],
+            log_scale + local_step[:, 6],
+            beta + beta_step,
+            expression + local_step[:, 7 : 7 + nz - ns],
+            jaw + local_step[:, 7 + nz - ns :],
+        )
+        new_residuals, new_points, new_cost = evaluate(*candidate)
+        iterations += 1
+        if new_cost < cost:
+            converged = (cost - new_cost) < settings.tolerance * cost
+            rotation, translation, log_scale, beta, expression, jaw = candidate
+            residuals, points, cost = new_residuals, new_points, new_cost
+            damping /= 3.0
+            if converged:
+                break
+        else:
+            damping *= 4.0
+            if damping >= 1e8:
+                break
+
+    residual_px = _residual_px(rotation, translation, log_scale, points, targets)
+    scale = np.exp(log_scale)
+    fits = [
+        FlameFit(
+            shape=beta.copy(),
+            expression=expression[view].copy(),
+            jaw_pose=jaw[view].copy(),
+            rotation=rotation[view].copy(),
+            translation=translation[view].copy(),
+            scale=float(scale[view]),
+            residual_px=float(residual_px[view]),
+            iterations=iterations,
+        )
+        for view in range(views)
+    ]
+    return SubjectFlameFit(
+        shape=beta.copy(), views=fits, residual_px=float(residual_px.mean()), iterations=iterations
+    )

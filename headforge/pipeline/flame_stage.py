@@ -8,6 +8,9 @@ pipeline's stages, which take any topology.
 
 The registry's `flame` row runs `fit_flame_stage` once per capture, so all of its heads are fitted
 in one batch; the runner retries each head alone when the batch refuses some head's landmarks.
+In a subject capture (`subject=true`, one head per view) the heads share one identity:
+`fit_subject_heads` fits β once for all views, with each view's own pose, expression and jaw
+(docs/subjects.md).
 """
 
 from __future__ import annotations
@@ -30,14 +33,21 @@ from headforge.models.flame_import import (
     flame_unavailable_reason,
     load_flame_asset,
 )
-from headforge.pipeline.flame_fit import FitSettings, FlameFit, FlameLandmarkModel, fit_flame
+from headforge.pipeline.flame_fit import (
+    FitSettings,
+    FlameFit,
+    FlameLandmarkModel,
+    fit_flame,
+    fit_flame_subject,
+)
 from headforge.pipeline.rig import DEFAULT_EXPRESSIONS
-from headforge.pipeline.types import Head, Mesh, Pose, StageContext
+from headforge.pipeline.types import Head, Mesh, Pose, StageContext, SubjectIdentity
 
 __all__ = [
     "describe_flame_asset",
     "fit_flame_heads",
     "fit_flame_stage",
+    "fit_subject_heads",
     "flame_available",
     "flame_unavailable_reason",
     "load_model",
@@ -63,6 +73,21 @@ def load_model(path: Path | None = None) -> FlameLandmarkModel:
     return _cached_model(str(path), stat.st_mtime_ns, stat.st_size)
 
 
+def _model(asset: FlameAsset | FlameLandmarkModel | None) -> FlameLandmarkModel:
+    """The model to fit: the imported asset by default; it must have UVs."""
+    if asset is None:
+        model = load_model()
+    elif isinstance(asset, FlameLandmarkModel):
+        model = asset
+    else:
+        model = FlameLandmarkModel(asset)
+    if model.asset.uvs is None or model.asset.uv_faces is None:
+        raise PipelineUnavailableError(
+            "the FLAME asset has no UVs; re-import it with --uv (see docs/flame.md)"
+        )
+    return model
+
+
 def fit_flame_heads(
     heads: list[Head],
     rgb_shape: tuple[int, ...],
@@ -74,16 +99,7 @@ def fit_flame_heads(
     each head mesh carries its first `expressions` expression components and jaw as morph targets."""
     if not heads:
         return
-    if asset is None:
-        model = load_model()
-    elif isinstance(asset, FlameLandmarkModel):
-        model = asset
-    else:
-        model = FlameLandmarkModel(asset)
-    if model.asset.uvs is None or model.asset.uv_faces is None:
-        raise PipelineUnavailableError(
-            "the FLAME asset has no UVs; re-import it with --uv (see docs/flame.md)"
-        )
+    model = _model(asset)
     for head in heads:
         if head.landmarks_3d is None:
             raise InvalidLandmarksError(f"head {head.index} has no 3D landmarks to fit FLAME to")
@@ -96,8 +112,12 @@ def fit_flame_heads(
 
 
 def fit_flame_stage(ctx: StageContext, heads: list[Head]) -> None:
-    """The `flame` pipeline's fit stage: every head of the capture in one batch."""
+    """The `flame` pipeline's fit stage: every head of the capture in one batch; in a subject
+    capture, one identity shared by the views (`fit_subject_heads`)."""
     if not heads:
+        return
+    if ctx.capture.subject:
+        fit_subject_heads(ctx, heads)
         return
     shapes = {ctx.image(head).shape for head in heads}
     if len(shapes) == 1:
@@ -106,6 +126,39 @@ def fit_flame_stage(ctx: StageContext, heads: list[Head]) -> None:
     # Views of different sizes: one batch per size (the params record each head's image size).
     for shape in sorted(shapes):
         fit_flame_heads([head for head in heads if ctx.image(head).shape == shape], shape)
+
+
+def fit_subject_heads(
+    ctx: StageContext,
+    heads: list[Head],
+    asset: FlameAsset | FlameLandmarkModel | None = None,
+    settings: FitSettings | None = None,
+    expressions: int = DEFAULT_EXPRESSIONS,
+) -> None:
+    """One person's heads (one per view, `subject.pick_subject_heads`): FLAME fitted with one β
+    shared by all of them and each view's own pose, expression and jaw, in one batched fit. Fills
+    every head as `fit_flame_heads` does (its params carry the shared β) and records the identity
+    in `ctx.subject`."""
+    ctx.subject = None
+    model = _model(asset)
+    for head in heads:
+        if head.landmarks_3d is None:
+            raise InvalidLandmarksError(f"view {head.view} has no 3D landmarks to fit FLAME to")
+    subject = fit_flame_subject(
+        model, np.stack([np.asarray(head.landmarks_3d, np.float64) for head in heads]), settings
+    )
+    coefficients = np.stack([np.concatenate([fit.shape, fit.expression]) for fit in subject.views])
+    vertices = model.vertices(coefficients, np.stack([fit.jaw_pose for fit in subject.views]))
+    for head, fit, head_vertices in zip(heads, subject.views, vertices, strict=True):
+        _fill_head(head, fit, head_vertices, model.asset, ctx.image(head).shape)
+        _add_morph_targets(head, model, fit, expressions)
+    ctx.subject = SubjectIdentity(
+        model="flame",
+        shape=subject.shape,
+        views=sorted(head.view for head in heads),
+        residual_px=subject.residual_px,
+        iterations=subject.iterations,
+    )
 
 
 def describe_flame_asset(path: Path | None = None) -> list[dict[str, Any]]:

@@ -5,6 +5,10 @@ over every head of the capture) ► texture ► splats (each skipped for a head 
 package ► preview ► result. The CLI, the Celery worker and the benchmarks all call
 `reconstruct_image` (one photo) or `reconstruct_capture` (one subject's photos).
 
+A subject capture (`subject=true`, 1..8 photos) keeps one head per view, picked in
+`subject.pick_subject_heads`; its stages see those heads together (the FLAME fit shares one
+identity between them) and `result.json` gets a `subject` section (docs/subjects.md).
+
 File names: a one-photo capture writes `h0.glb`, `h0_splats.ply`, ..., `preview.png` as always; a
 capture of several views names the view first (`v1_h0.glb`, `v1_preview.png`), and `result.json`
 lists the views.
@@ -31,6 +35,12 @@ from headforge.pipeline.package import WrittenFile, encode_png, json_bytes, writ
 from headforge.pipeline.process import keep_freed_memory
 from headforge.pipeline.registry import Pipeline, Stage, get_pipeline, require_available
 from headforge.pipeline.result import Written, build_document, remove_stale_artifacts
+from headforge.pipeline.subject import (
+    SubjectPick,
+    check_subject_photo_count,
+    pick_subject_heads,
+    subject_document,
+)
 from headforge.pipeline.types import Capture, Head, Splats, StageContext, View
 
 Progress = Callable[[str, float], None]
@@ -86,6 +96,8 @@ def reconstruct_capture(
         raise InvalidOptionError("a capture needs at least one photo")
     if len(photos) > 1 and not options.subject:
         raise InvalidOptionError("several photos form one capture only with subject=true")
+    if options.subject:
+        check_subject_photo_count(len(photos))
     keep_freed_memory()
     report = progress or (lambda _stage, _fraction: None)
     timer = _Timer()
@@ -117,6 +129,9 @@ def reconstruct_capture(
     with timer.stage(pipeline.heads.name):
         for view in views:
             heads += pipeline.heads.find(ctx, view)
+    picks: list[SubjectPick] | None = None
+    if capture.subject:  # one head per view: the subject's
+        heads, picks = pick_subject_heads(ctx, heads)
     if not heads and not ctx.notes:
         ctx.notes.append("no face found in the image; nothing to reconstruct")
     for position, stage in enumerate(stages):
@@ -134,6 +149,8 @@ def reconstruct_capture(
         timings["total"] = round((time.perf_counter() - started) * 1000.0, 3)
         records = pipeline.models() if pipeline.models else []
         document = build_document(pipeline, ctx, kept, coverages, written, timings, records)
+        if picks is not None:
+            document["subject"] = subject_document(ctx, picks, kept)
         write_atomic(out_dir / "result.json", json_bytes(document))
     report("done", 1.0)
     return document
@@ -233,6 +250,14 @@ def _run_stage(stage: Stage, ctx: StageContext, heads: list[Head], multiview: bo
             ctx.notes.append(f"{_head_name(head, multiview)} skipped: [{error.code}] {error.message}")
         else:
             kept.append(head)
+    if ctx.capture.subject and kept:  # the views left are one person's: run them together again
+        try:
+            stage.run(ctx, kept)
+        except HeadforgeError as error:
+            if _fails_the_capture(error):
+                raise
+            ctx.subject = None  # each head keeps its own run; no identity is shared
+            ctx.notes.append(f"{stage.name}: the views could not be fused: [{error.code}] {error.message}")
     return kept
 
 

@@ -167,15 +167,29 @@ class Capture:
 
 
 @dataclass
+class SubjectIdentity:
+    """The identity a stage fitted across a subject's views (`subject=true`): one shape vector
+    shared by the heads of `views`, and the fused fit's residual (pipeline/subject.py)."""
+
+    model: str  # "flame"
+    shape: NDArray[np.float64]  # β, shared by every fused view's head
+    views: list[int]  # the views whose heads were fused, ascending
+    residual_px: float | None = None  # mean 2D landmark distance over the fused views
+    iterations: int | None = None
+
+
+@dataclass
 class StageContext:
     """What a head source or a stage may use besides the heads: the job's options, the model set
-    (networks by name, opened on first use; the ones taken are listed in result.json), the capture
-    and a list of notes that end up in result.json."""
+    (networks by name, opened on first use; the ones taken are listed in result.json), the capture,
+    a list of notes that end up in result.json, and the subject's fused identity once a stage fits
+    one."""
 
     options: ReconstructOptions
     models: ModelSet
     capture: Capture
     notes: list[str] = field(default_factory=list)
+    subject: SubjectIdentity | None = None  # set by a stage that fuses a subject's identity
 
     def image(self, head: Head) -> NDArray[np.uint8]:
         """The RGB photo `head` was found in."""

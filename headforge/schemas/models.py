@@ -345,6 +345,61 @@ class ModelRecord(_Strict):
     ] = None
 
 
+class SubjectPose(_Strict):
+    yaw: Annotated[float, Field(ge=-180, le=180, description="Degrees, AFLW2000 convention.")]
+    pitch: Annotated[float, Field(ge=-180, le=180, description="Degrees, AFLW2000 convention.")]
+    roll: Annotated[float, Field(ge=-180, le=180, description="Degrees, AFLW2000 convention.")]
+
+
+class SubjectView(_Strict):
+    """One photo's part in a subject: whether its face was used, its pose and its fit residual."""
+
+    view: Annotated[int, Field(ge=0)]
+    filename: str
+    faces_found: Annotated[
+        int, Field(ge=0, description="Faces the head source found in the photo; the largest is the subject's.")
+    ]
+    status: Annotated[
+        Literal["used", "no_face", "dropped"],
+        Field(
+            description="used: the photo's head is part of the subject; no_face: none was found; dropped: a "
+            "stage refused the head (the notes say why)."
+        ),
+    ]
+    head: Annotated[int | None, Field(ge=0, description="Index of the photo's head in `heads` (with `view`).")]
+    pose: SubjectPose | None
+    fit_residual_px: Annotated[
+        float | None,
+        Field(ge=0, description="The view's mean 2D landmark distance in the fused fit, pixels (FLAME pipelines)."),
+    ]
+
+
+class SubjectIdentityRecord(_Strict):
+    """The identity fitted once for the whole subject: every used view's head carries this β."""
+
+    model: Literal["flame"]
+    shape: Annotated[
+        list[float],
+        Field(min_length=100, max_length=100, description="β: FLAME's first 100 shape components, shared."),
+    ]
+    views: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, description="The views fitted.")]
+    fit_residual_px: Annotated[
+        float | None, Field(ge=0, description="Mean 2D landmark distance over every fitted view, pixels.")
+    ]
+    fit_iterations: Annotated[int | None, Field(ge=0, description="Levenberg-Marquardt iterations run.")]
+
+
+class SubjectRecord(_Strict):
+    """A subject job (subject=true): one person seen in 1..8 photos (docs/subjects.md)."""
+
+    views: Annotated[list[SubjectView], Field(description="Every photo of the job, in upload order.")]
+    used_views: Annotated[list[Annotated[int, Field(ge=0)]], Field(description="The views whose head was used.")]
+    identity: Annotated[
+        SubjectIdentityRecord | None,
+        Field(description="The fused identity; null for a pipeline that fits none (facemesh) or no usable view."),
+    ]
+
+
 class ResultDocument(_Strict):
     """What `headforge reconstruct` and the worker write for one capture: every head found, the
     artifacts written, timings and model versions. Coordinates are original-image pixels after EXIF
@@ -373,6 +428,10 @@ class ResultDocument(_Strict):
     views: Annotated[
         list[ViewRecord] | None,
         Field(description="Every photo of a capture of several views (subject=true); absent for one photo."),
+    ] = None
+    subject: Annotated[
+        SubjectRecord | None,
+        Field(description="The subject of a subject=true job: the photos used and the identity fused from them."),
     ] = None
 
 

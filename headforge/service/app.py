@@ -43,6 +43,7 @@ from headforge.errors import (
     ServiceUnavailableError,
     TooManyFilesError,
 )
+from headforge.pipeline.subject import check_subject_photo_count
 from headforge.service import webhooks
 from headforge.service.auth import Authenticator, Principal
 from headforge.service.forms import option_fields
@@ -499,6 +500,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ) -> Response:
         principal = principal_of(authorization)
         await run_in_threadpool(check_rate, jobs.backend, principal)
+        if options.get("subject") is True:  # 413 too_many_subject_photos over 8
+            check_subject_photo_count(len(images))
         if len(images) > settings.max_files_per_job:
             raise TooManyFilesError(
                 f"{len(images)} files in one job; the limit is {settings.max_files_per_job} (use /v1/batches)",
