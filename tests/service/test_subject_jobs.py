@@ -50,3 +50,11 @@ def test_batch_refuses_subject(redis_stack: Stack) -> None:
     with redis_stack.client() as client, pytest.raises(ApiError) as refused:
         client.submit_batch(_obama(), subject=True)
     assert refused.value.http_status == 422 and refused.value.code == "invalid_option"
+
+
+def test_subject_job_over_eight_photos_is_413(redis_stack: Stack) -> None:
+    photos = _obama() * 5  # 10 photos of one person
+    with redis_stack.client() as client, pytest.raises(ApiError) as refused:
+        client.submit(photos, subject=True)
+    assert refused.value.http_status == 413 and refused.value.code == "too_many_subject_photos"
+    assert refused.value.details == {"files": 10, "max_files": 8}
