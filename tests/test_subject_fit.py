@@ -125,7 +125,7 @@ def test_stage_fills_heads_and_the_subject_section(model: FlameLandmarkModel) ->
         _head(3, [5, 5, 30, 30], views.landmarks[2]),
     ]
     kept, picks = pick_subject_heads(ctx, heads)
-    assert small not in kept and [head.view for head in kept] == [0, 1, 3]
+    assert all(head is not small for head in kept) and [head.view for head in kept] == [0, 1, 3]
     assert [pick.faces_found for pick in picks] == [2, 1, 0, 1]
     assert any("view 2 (photo2.png): no face found" in note for note in ctx.notes)
     assert any("view 0 (photo0.png): 2 faces found; the largest" in note for note in ctx.notes)
