@@ -121,7 +121,7 @@ def test_photo_without_a_face_is_named_and_the_rest_fused(
 
 def test_photo_with_several_faces_uses_the_largest(networks: ModelSet, tmp_path: Path) -> None:
     """A photo holding the subject twice, at full and at half size: the full-size face is the subject."""
-    (name, data), second = _photos("obama.jpg", "obama1.jpg")
+    (_, data), second = _photos("obama.jpg", "obama1.jpg")
     with Image.open(io.BytesIO(data)) as opened:
         photo = opened.convert("RGB")
     width, height = photo.size
