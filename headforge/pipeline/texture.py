@@ -52,9 +52,16 @@ INPAINT_MAX_TEXELS = (
 )
 INPAINT_RADIUS = 3
 # Seen texels cross-fade into the fill over this many texels from the rim of the seen region, and the
-# seam offset is measured on a rim this wide (both at 1024², scaled with the texture size).
+# seam offset is measured on a rim band this wide (wider than the cross-fade, so that where the fill
+# changes source the photo shows alone; both at 1024², scaled with the texture size).
 SEAM_FEATHER = 6.0
-SEAM_RIM = 4
+SEAM_RIM = 8
+OFFSET_LIMIT = 40.0  # levels (of 255)
+OFFSET_SWEEPS = 24
+OFFSET_GRID = 32  # the offset is solved on at most this many blocks across: shading varies slowly
+# Texels (own or mirror) under this weight (grazing, at the mask's edge) are blended with the fill,
+# never its source.
+TRUSTED_WEIGHT = 0.5
 _CROSS = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
 
 
@@ -435,10 +442,11 @@ def unwrap_view(
 
 
 def _feather(seen: NDArray[np.bool_]) -> NDArray[np.float32]:
-    """0..1 ramp over the first SEAM_FEATHER texels (at 1024², scaled with the size) inside `seen`."""
+    """A ramp inside `seen`: 0 on its rim texels, 1 from SEAM_FEATHER texels further in (at 1024²,
+    scaled with the size)."""
     width = max(1.0, SEAM_FEATHER * len(seen) / 1024)
-    distance = cv2.distanceTransform(seen.view(np.uint8), cv2.DIST_L2, 3)
-    return np.minimum(np.asarray(distance, np.float32) * np.float32(1.0 / width), 1.0)
+    distance = np.asarray(cv2.distanceTransform(seen.view(np.uint8), cv2.DIST_L2, 3), np.float32)
+    return np.clip((distance - 1.0) * np.float32(1.0 / width), 0.0, 1.0)
 
 
 def fuse_views(views: Sequence[ViewTexels]) -> ViewTexels:
@@ -487,35 +495,37 @@ def fuse_views(views: Sequence[ViewTexels]) -> ViewTexels:
 
 
 def _seam_offset(
-    seen_colors: NDArray[np.uint8], filled: NDArray[np.uint8], seen: NDArray[np.bool_], islands: NDArray[np.uint8]
+    seen_colors: NDArray[np.uint8], filled: NDArray[np.uint8], rim: NDArray[np.float32]
 ) -> NDArray[np.float32]:
-    """Gradient-domain blend of the filled texels into the seen ones: a smooth offset field that equals
-    (seen − filled) along the rim of the seen region and continues it smoothly over the unseen part
-    (a membrane interpolation, solved with a push-pull pyramid on ≤ PUSH_PULL_SIZE² blocks). Added to
-    the filled colors, it keeps their gradients (the mirrored detail) and removes the step at the rim,
-    which is what Poisson cloning does."""
-    size = len(seen)
-    unseen = cv2.subtract(islands, seen.view(np.uint8))
-    width = max(1, round(SEAM_RIM * size / 1024))
-    near = cv2.dilate(unseen, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * width + 1, 2 * width + 1)))
-    rim = cv2.bitwise_and(near, seen.view(np.uint8)).astype(np.float32)
-    if not rim.any():
-        return np.zeros(filled.shape, np.float32)
-    block = max(1, size // PUSH_PULL_SIZE)
+    """Gradient-domain blend of the fill into the seen texels: a smooth offset field that equals
+    (seen − fill) on the rim band of the seen region (texels weighted by `rim`) and continues it
+    smoothly everywhere else (a membrane interpolation, solved on ≤ OFFSET_GRID² blocks by a
+    push-pull pyramid and Jacobi sweeps). Added to the fill, it keeps the fill's gradients (the mirrored detail)
+    and removes the step at the rim, which is what Poisson cloning does. A difference larger than
+    OFFSET_LIMIT is not shading (a pixel off the head, a specular spot) and is clipped."""
+    size = len(rim)
+    block = max(1, size // OFFSET_GRID)
     small = (size // block, size // block)
-    difference = cv2.subtract(seen_colors, filled, dtype=cv2.CV_32F) * rim[..., None]
+    difference = np.clip(cv2.subtract(seen_colors, filled, dtype=cv2.CV_32F), -OFFSET_LIMIT, OFFSET_LIMIT)
+    difference *= rim[..., None]
     summed = np.asarray(cv2.resize(difference, small, interpolation=cv2.INTER_AREA), np.float32)
     weight = np.asarray(cv2.resize(rim, small, interpolation=cv2.INTER_AREA), np.float32)
     mean = np.divide(summed, weight[..., None], out=np.zeros_like(summed), where=weight[..., None] > 0)
-    offset = push_pull_fill(mean, np.minimum(weight * 4.0, 1.0).astype(np.float32))
+    trusted = np.minimum(weight * 4.0, 1.0).astype(np.float32)[..., None]
+    offset = push_pull_fill(mean, trusted[..., 0])
+    # Push-pull steps where trust ends; Jacobi sweeps of the membrane equation (each block the mean
+    # of its neighbours, trusted blocks held) make the field continuous there.
+    held = trusted * mean
+    for _ in range(OFFSET_SWEEPS):
+        offset = held + (1.0 - trusted) * np.asarray(cv2.blur(offset, (3, 3)), np.float32)
     return np.asarray(cv2.resize(offset, (size, size), interpolation=cv2.INTER_LINEAR), np.float32)
 
 
 def finish_texture(texels: ViewTexels) -> TextureResult:
     """The texture from unwrapped texels: seen texels keep the photo's colors; the rest of each island
-    is filled from the mirror point where the photo sees it, else inpainted, and the filled part is
-    blended into the seen part in the gradient domain (`_seam_offset`) and cross-faded over a few
-    texels at the rim, so there is no seam; outside the islands, push-pull fill."""
+    is filled from the mirror point where the photo sees it, else inpainted, and the fill is blended
+    into the seen part in the gradient domain (`_seam_offset`) and cross-faded over a few texels at
+    the rim and where the photo sees poorly, so there is no seam; outside the islands, push-pull."""
     islands = texels.islands
     size = texels.size
     seen = texels.seen()
@@ -526,25 +536,32 @@ def finish_texture(texels: ViewTexels) -> TextureResult:
     if not coverage.any():
         empty = np.full((size, size, 3), 128, dtype=np.uint8)
         return TextureResult(empty, coverage, seen, islands.view(bool))
-    # The filled layer on what a photo colors: the mirror where the photo sees the mirror point (on
-    # seen texels too, for the offset), the photo itself on seen texels without a mirror.
+    # The fill under every island texel: the mirror where the photo sees the mirror point well, else
+    # the photo itself where it sees the texel well (both weight ≥ TRUSTED_WEIGHT) away from the rim
+    # band of the seen region, inpainted in between; outside the islands, push-pull (so that texture
+    # filtering never pulls black). Under the rim band the fill is what the fill alone gives, so
+    # (photo − fill) there measures the seam, which the offset removes.
+    width = max(1, round(SEAM_RIM * size / 1024))
+    unseen = cv2.subtract(islands, seen.view(np.uint8))
+    near = cv2.dilate(unseen, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * width + 1, 2 * width + 1)))
+    band = seen & near.view(bool)
     filled = np.zeros((size, size, 3), dtype=np.uint8)
-    cv2.copyTo(texels.colors, seen.view(np.uint8), filled)
+    known = seen & ~band & (texels.weights >= TRUSTED_WEIGHT)
+    cv2.copyTo(texels.colors, known.view(np.uint8), filled)
     if texels.mirror_colors is not None and texels.mirror_weights is not None:
-        from_mirror = mirrored | (seen & (texels.mirror_weights >= MIN_WEIGHT))
+        from_mirror = _opened(texels.mirror_weights >= TRUSTED_WEIGHT, islands)
         cv2.copyTo(texels.mirror_colors, from_mirror.view(np.uint8), filled)
-        offset = _seam_offset(texels.colors, filled, seen, islands)
+        known |= from_mirror
+    filled = _fill_outside(filled, known.view(np.uint8))
+    filled = _inpaint(filled, np.asarray(cv2.subtract(islands, known.view(np.uint8)), np.uint8))
+    if band.any():
+        rim = band.astype(np.float32) * np.minimum(texels.weights, 1.0)
+        offset = _seam_offset(texels.colors, filled, rim)
         filled = np.asarray(cv2.add(filled, offset, dtype=cv2.CV_8U), np.uint8)
     # Seen texels cross-fade into the fill where the photo sees them poorly and over the first few
     # texels from the rim of the seen region.
     alpha = np.minimum(texels.weights, 1.0) * _feather(seen)
     texture = np.asarray(cv2.blendLinear(texels.colors, filled, alpha, 1.0 - alpha), np.uint8)
-    texture[~coverage] = 0
-    # What no photo colors: push-pull outside the islands, inpainting inside them (both continue the
-    # colored texels, so they leave no step either).
-    texture = _fill_outside(texture, coverage.view(np.uint8))
-    holes = cv2.subtract(islands, coverage.view(np.uint8))
-    texture = _inpaint(texture, np.asarray(holes, np.uint8))
     inside = islands.view(bool)
     return TextureResult(texture, coverage, seen, inside)
 

@@ -4,7 +4,8 @@ must not color texels where the mesh's outline passes beyond the head in the pho
 MediaPipe's selfie-segmentation network (`selfie_segmentation`, 256 × 256, exported by `models pull`)
 runs on an axis-aligned square around the head's projected mesh (CONTEXT × its extent, so that the
 network sees head and shoulders as in its training crops). Its person probability becomes a weight
-ramping from 0 at PERSON_LOW to 1 at PERSON_HIGH. The outline's own feather (pixels just inside the
+ramping from 0 at PERSON_LOW to 1 at PERSON_HIGH, shrunk by ERODE_PIXELS photo pixels (a pixel on the
+person's edge mixes in the background). The outline's own feather (pixels just inside the
 mesh's projected outline, which mix in what lies beyond it) is the texture module's.
 """
 
@@ -22,7 +23,8 @@ from headforge.pipeline.types import Mesh
 SEGMENTATION = "selfie_segmentation"
 SEGMENTATION_SIZE = 256
 CONTEXT = 1.6
-PERSON_LOW, PERSON_HIGH = 0.25, 0.6
+PERSON_LOW, PERSON_HIGH = 0.4, 0.8
+ERODE_PIXELS = 1.5  # the mask shrinks by this many photo pixels: edge pixels mix in the background
 
 
 def head_square(mesh_image: Mesh) -> tuple[tuple[float, float], float]:
@@ -55,7 +57,9 @@ def person_masks(rgb: NDArray[np.uint8], meshes: list[Mesh], models: ModelSet) -
         crops.append(crop.astype(np.float32) * np.float32(1.0 / 255.0))
     probabilities = network.run(np.stack(crops))[0][..., 0]
     weights = np.clip((probabilities - PERSON_LOW) / (PERSON_HIGH - PERSON_LOW), 0.0, 1.0).astype(np.float32)
-    return [
-        PhotoMask(np.ascontiguousarray(weight), origin, side)
-        for weight, (origin, side) in zip(weights, squares, strict=True)
-    ]
+    masks: list[PhotoMask | None] = []
+    for weight, (origin, side) in zip(weights, squares, strict=True):
+        radius = max(1, round(ERODE_PIXELS * SEGMENTATION_SIZE / side))
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+        masks.append(PhotoMask(np.asarray(cv2.erode(weight, kernel), np.float32), origin, side))
+    return masks
