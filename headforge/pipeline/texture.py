@@ -17,7 +17,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -152,8 +152,8 @@ class _ZBuffer:
         """Per point: 0 in the cells the mesh's projected outline passes through, ramping to 1 over
         OUTLINE_FEATHER_CELLS cells inside it. A photo pixel just inside the outline mixes in what lies
         beyond it (background, hair), most where the outline passes beyond the face in the photo."""
-        footprint = np.isfinite(self.depth).astype(np.uint8)
-        footprint = cv2.morphologyEx(footprint, cv2.MORPH_CLOSE, _CROSS)  # cells no sample fell into
+        # Closed: cells no sample fell into.
+        footprint = cv2.morphologyEx(np.isfinite(self.depth).astype(np.uint8), cv2.MORPH_CLOSE, _CROSS)
         distance = np.asarray(cv2.distanceTransform(footprint, cv2.DIST_L2, 3), np.float32)
         ramp = np.clip((distance - 0.5) * np.float32(1.0 / OUTLINE_FEATHER_CELLS), 0.0, 1.0)
         cells = cv2.transform(sampling_map, self._to_cells)
@@ -325,6 +325,18 @@ class ViewTexels:
         """Texels seen directly (weight ≥ MIN_WEIGHT), without isolated specks."""
         return _opened(self.weights >= MIN_WEIGHT, self.islands)
 
+    def covered(self, seen: NDArray[np.bool_] | None = None) -> NDArray[np.bool_]:
+        """Texels seen directly or through the mirror (`seen`: `self.seen()`, when already known)."""
+        seen = self.seen() if seen is None else seen
+        if self.mirror_weights is None:
+            return seen
+        return seen | _opened((self.mirror_weights >= MIN_WEIGHT) | seen, self.islands)
+
+    def share(self, mask: NDArray[np.bool_]) -> float:
+        """The share of island texels in `mask`."""
+        total = cv2.countNonZero(self.islands)
+        return float(np.count_nonzero(mask & self.islands.view(bool)) / total) if total else 0.0
+
 
 @dataclass
 class TextureResult:
@@ -407,7 +419,9 @@ def unwrap_view(
     )
     rgba = np.asarray(cv2.cvtColor(rgb, cv2.COLOR_RGB2RGBA), np.uint8)
 
-    def layer(points: NDArray[np.float32], layer_faces: NDArray[np.int64]) -> tuple[NDArray[np.uint8], ...]:
+    def layer(
+        points: NDArray[np.float32], layer_faces: NDArray[np.int64]
+    ) -> tuple[NDArray[np.uint8], NDArray[np.float32], NDArray[np.float32]]:
         """Colors, weights and priorities of one set of per-texel points, as (S, S) images."""
         sampling_map = _sampling_map(points)
         # Per triangle z-buffer slack; NaN (never visible) where a corner lies outside the photo.
@@ -449,49 +463,66 @@ def _feather(seen: NDArray[np.bool_]) -> NDArray[np.float32]:
     return np.clip((distance - 1.0) * np.float32(1.0 / width), 0.0, 1.0)
 
 
-def fuse_views(views: Sequence[ViewTexels]) -> ViewTexels:
-    """Several photos of one head in one UV layout, fused: each texel's color is the average of the
-    views that see it, weighted by their priority (visibility × foreshortening), and each view's
-    priority fades to 0 over a few texels toward the edge of what it sees, so the seams between views
-    blend. The fused weight is the best view's; the mirror layers are fused the same way."""
-    if not views:
-        raise ValueError("fuse_views needs at least one view")
-    if len(views) == 1:
-        return views[0]
-    islands = views[0].islands
+class _LayerFusion:
+    """Running sums for fusing one layer (own or mirror) of several views."""
 
-    def fused(
-        layers: Sequence[tuple[NDArray[np.uint8], NDArray[np.float32], NDArray[np.float32]]],
-    ) -> tuple[NDArray[np.uint8], NDArray[np.float32], NDArray[np.float32]]:
+    def __init__(self, islands: NDArray[np.uint8]):
         size = islands.shape[0]
-        color_sum = np.zeros((size, size, 3), np.float32)
-        priority_sum = np.zeros((size, size), np.float32)
-        best = np.zeros((size, size), np.float32)
-        for colors, weights, priority in layers:
-            faded = priority * _feather(_opened(weights >= MIN_WEIGHT, islands))
-            color_sum += colors * faded[..., None]
-            priority_sum += faded
-            np.maximum(best, weights, out=best)
-        colors = np.divide(
-            color_sum, priority_sum[..., None], out=np.zeros_like(color_sum), where=priority_sum[..., None] > 0
-        )
-        # Texels every view sees only at its feathered edge keep the best view's plain color.
-        edge_only = (priority_sum <= 0) & (best > 0)
-        if edge_only.any():
-            best_view = np.argmax(np.stack([weights for _, weights, _ in layers]), axis=0)
-            for index, (view_colors, _, _) in enumerate(layers):
-                pick = edge_only & (best_view == index)
-                colors[pick] = view_colors[pick]
-        return np.clip(colors + 0.5, 0, 255).astype(np.uint8), best, priority_sum
+        self.islands = islands
+        self.color_sum = np.zeros((size, size, 3), np.float32)
+        self.priority_sum = np.zeros((size, size), np.float32)
+        self.best = np.zeros((size, size), np.float32)
+        self.best_colors = np.zeros((size, size, 3), np.uint8)
 
-    colors, weights, priority = fused([(view.colors, view.weights, view.priority) for view in views])
-    result = ViewTexels(colors, weights, priority, islands)
-    mirrors = [view for view in views if view.mirror_colors is not None]
-    if mirrors:
-        result.mirror_colors, result.mirror_weights, result.mirror_priority = fused(
-            [(v.mirror_colors, v.mirror_weights, v.mirror_priority) for v in mirrors]  # type: ignore[misc]
-        )
-    return result
+    def add(self, colors: NDArray[np.uint8], weights: NDArray[np.float32], priority: NDArray[np.float32]) -> None:
+        faded = priority * _feather(_opened(weights >= MIN_WEIGHT, self.islands))
+        self.color_sum += colors * faded[..., None]
+        self.priority_sum += faded
+        better = weights > self.best
+        self.best_colors[better] = colors[better]
+        np.maximum(self.best, weights, out=self.best)
+
+    def result(self) -> tuple[NDArray[np.uint8], NDArray[np.float32], NDArray[np.float32]]:
+        total = self.priority_sum[..., None]
+        mean = np.divide(self.color_sum, total, out=np.zeros_like(self.color_sum), where=total > 0)
+        colors = np.clip(mean + 0.5, 0, 255).astype(np.uint8)
+        # Texels every view sees only at its faded edge keep the best view's plain color.
+        edge_only = (self.priority_sum <= 0) & (self.best > 0)
+        colors[edge_only] = self.best_colors[edge_only]
+        return colors, self.best, self.priority_sum
+
+
+def fuse_views(views: Iterable[ViewTexels]) -> ViewTexels:
+    """Several photos of one head in one UV layout, fused: each texel's color is the average of the
+    views that see it, weighted by their priority (visibility × foreshortening, cos²), and each view's
+    priority fades to 0 over a few texels toward the edge of what it sees, so the seams between views
+    blend. The fused weight is the best view's; the mirror layers are fused the same way. The views
+    are consumed one at a time (a generator keeps one view's texels in memory)."""
+    own: _LayerFusion | None = None
+    mirror: _LayerFusion | None = None
+    first: ViewTexels | None = None
+    for view in views:
+        if first is None:
+            first = view
+            continue
+        if own is None:
+            own = _LayerFusion(first.islands)
+            own.add(first.colors, first.weights, first.priority)
+            if first.mirror_colors is not None:
+                mirror = _LayerFusion(first.islands)
+                mirror.add(first.mirror_colors, first.mirror_weights, first.mirror_priority)  # type: ignore[arg-type]
+        own.add(view.colors, view.weights, view.priority)
+        if view.mirror_colors is not None:
+            mirror = mirror or _LayerFusion(view.islands)
+            mirror.add(view.mirror_colors, view.mirror_weights, view.mirror_priority)  # type: ignore[arg-type]
+    if first is None:
+        raise ValueError("fuse_views needs at least one view")
+    if own is None:
+        return first
+    fused = ViewTexels(*own.result(), first.islands)
+    if mirror is not None:
+        fused.mirror_colors, fused.mirror_weights, fused.mirror_priority = mirror.result()
+    return fused
 
 
 def _seam_offset(
@@ -506,8 +537,8 @@ def _seam_offset(
     size = len(rim)
     block = max(1, size // OFFSET_GRID)
     small = (size // block, size // block)
-    difference = np.clip(cv2.subtract(seen_colors, filled, dtype=cv2.CV_32F), -OFFSET_LIMIT, OFFSET_LIMIT)
-    difference *= rim[..., None]
+    step = np.asarray(cv2.subtract(seen_colors, filled, dtype=cv2.CV_32F), np.float32)
+    difference = np.clip(step, -OFFSET_LIMIT, OFFSET_LIMIT) * rim[..., None]
     summed = np.asarray(cv2.resize(difference, small, interpolation=cv2.INTER_AREA), np.float32)
     weight = np.asarray(cv2.resize(rim, small, interpolation=cv2.INTER_AREA), np.float32)
     mean = np.divide(summed, weight[..., None], out=np.zeros_like(summed), where=weight[..., None] > 0)
@@ -529,10 +560,7 @@ def finish_texture(texels: ViewTexels) -> TextureResult:
     islands = texels.islands
     size = texels.size
     seen = texels.seen()
-    mirrored = np.zeros_like(seen)
-    if texels.mirror_weights is not None:
-        mirrored = _opened((texels.mirror_weights >= MIN_WEIGHT) | seen, islands) & ~seen
-    coverage = seen | mirrored
+    coverage = texels.covered(seen)
     if not coverage.any():
         empty = np.full((size, size, 3), 128, dtype=np.uint8)
         return TextureResult(empty, coverage, seen, islands.view(bool))
