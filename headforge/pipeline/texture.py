@@ -409,36 +409,37 @@ def unwrap_view(
     # has the same barycentrics on the mirrored corners). Smooth vertex normals, so weights blend.
     cosines = np.clip(-vertex_normals(vertices64, faces)[:, 2], 0.0, 1.0)
     attributes = np.column_stack([vertices, cosines]).astype(np.float32)
-    if symmetry is not None:
-        attributes = np.hstack([attributes, attributes[np.asarray(symmetry, dtype=np.int64)]])
-    interpolated = np.asarray(plan.own @ attributes, dtype=np.float32)
-    stride = max(1, len(interpolated) // (ZBUFFER_CELLS * ZBUFFER_CELLS * ZBUFFER_SAMPLES_PER_CELL))
-    zbuffer = _ZBuffer(np.concatenate([interpolated[::stride, :3], vertices]), vertices)
+    own_points = np.asarray(plan.own @ attributes, dtype=np.float32)
+    stride = max(1, len(own_points) // (ZBUFFER_CELLS * ZBUFFER_CELLS * ZBUFFER_SAMPLES_PER_CELL))
+    zbuffer = _ZBuffer(np.concatenate([own_points[::stride, :3], vertices]), vertices)
     outside = (
         (vertices[:, 0] < 0) | (vertices[:, 0] > width) | (vertices[:, 1] < 0) | (vertices[:, 1] > height)
     )
     rgba = np.asarray(cv2.cvtColor(rgb, cv2.COLOR_RGB2RGBA), np.uint8)
 
     def layer(
-        points: NDArray[np.float32], layer_faces: NDArray[np.int64]
+        points: NDArray[np.float32], layer_faces: NDArray[np.int64], rows: NDArray[np.int64] | None = None
     ) -> tuple[NDArray[np.uint8], NDArray[np.float32], NDArray[np.float32]]:
-        """Colors, weights and priorities of one set of per-texel points, as (S, S) images."""
+        """Colors, weights and priorities of per-texel points (of the texels `rows`, default all), as
+        (S, S) images."""
         sampling_map = _sampling_map(points)
+        triangles = plan.triangles if rows is None else plan.triangles[rows]
+        texel_index = plan.raster.texel_index if rows is None else plan.raster.texel_index[rows]
         # Per triangle z-buffer slack; NaN (never visible) where a corner lies outside the photo.
         slack = zbuffer.tolerance(_depth_slope(vertices64, layer_faces))
         slack[outside[layer_faces].any(1)] = np.nan
         cosine = points[:, 3]
-        weight = _facing_ramp(cosine) * zbuffer.visible(sampling_map, points[:, 2], np.take(slack, plan.triangles))
+        weight = _facing_ramp(cosine) * zbuffer.visible(sampling_map, points[:, 2], np.take(slack, triangles))
         weight *= zbuffer.outline_weight(sampling_map, len(points))
         if mask is not None:
             weight *= mask.sample(sampling_map, len(points))
         colors = _sample(rgba, sampling_map, len(points))
         flat_colors = np.zeros(size * size, dtype=np.uint32)  # packed RGBA
-        flat_colors[plan.raster.texel_index] = colors
+        flat_colors[texel_index] = colors
         flat_weight = np.zeros(size * size, dtype=np.float32)
-        flat_weight[plan.raster.texel_index] = weight
+        flat_weight[texel_index] = weight
         flat_priority = np.zeros(size * size, dtype=np.float32)
-        flat_priority[plan.raster.texel_index] = weight * cosine * cosine
+        flat_priority[texel_index] = weight * cosine * cosine
         rgb_image = cv2.cvtColor(flat_colors.view(np.uint8).reshape(size, size, 4), cv2.COLOR_RGBA2RGB)
         return (
             np.asarray(rgb_image, np.uint8),
@@ -446,21 +447,34 @@ def unwrap_view(
             flat_priority.reshape(size, size),
         )
 
-    colors, weights, priority = layer(np.ascontiguousarray(interpolated[:, :4]), faces)
+    colors, weights, priority = layer(own_points, faces)
     texels = ViewTexels(colors, weights, priority, plan.islands)
     if symmetry is not None:
+        # Only texels the photo does not see squarely look at their mirror point (the same
+        # barycentrics on the mirrored corners).
+        rows = np.flatnonzero(weights.reshape(-1)[plan.raster.texel_index] < 1.0)
+        mirror_attributes = attributes[np.asarray(symmetry, dtype=np.int64)]
+        mirror_points = np.asarray(plan.own[rows] @ mirror_attributes, dtype=np.float32)
         mirror_faces = np.asarray(symmetry, dtype=np.int64)[faces]
-        mirrored = layer(np.ascontiguousarray(interpolated[:, 4:]), mirror_faces)
+        mirrored = layer(mirror_points, mirror_faces, rows)
         texels.mirror_colors, texels.mirror_weights, texels.mirror_priority = mirrored
     return texels
 
 
-def _feather(seen: NDArray[np.bool_]) -> NDArray[np.float32]:
-    """A ramp inside `seen`: 0 on its rim texels, 1 from SEAM_FEATHER texels further in (at 1024²,
-    scaled with the size)."""
+def _distance_to_unseen(seen: NDArray[np.bool_], islands: NDArray[np.uint8]) -> NDArray[np.float32]:
+    """Per texel, the distance in texels to the nearest island texel not in `seen` (the UV layout's
+    own borders are no seam)."""
+    unseen = cv2.subtract(islands, seen.view(np.uint8))
+    return np.asarray(cv2.distanceTransform(1 - unseen, cv2.DIST_L2, 3), np.float32)
+
+
+def _feather(distance: NDArray[np.float32], seen: NDArray[np.bool_]) -> NDArray[np.float32]:
+    """A ramp inside `seen` from `_distance_to_unseen`: 0 on its rim texels, 1 from SEAM_FEATHER
+    texels further in (at 1024², scaled with the size)."""
     width = max(1.0, SEAM_FEATHER * len(seen) / 1024)
-    distance = np.asarray(cv2.distanceTransform(seen.view(np.uint8), cv2.DIST_L2, 3), np.float32)
-    return np.clip((distance - 1.0) * np.float32(1.0 / width), 0.0, 1.0)
+    ramp = np.clip((distance - 1.0) * np.float32(1.0 / width), 0.0, 1.0)
+    ramp[~seen] = 0.0
+    return ramp
 
 
 class _LayerFusion:
@@ -475,7 +489,8 @@ class _LayerFusion:
         self.best_colors = np.zeros((size, size, 3), np.uint8)
 
     def add(self, colors: NDArray[np.uint8], weights: NDArray[np.float32], priority: NDArray[np.float32]) -> None:
-        faded = priority * _feather(_opened(weights >= MIN_WEIGHT, self.islands))
+        seen = _opened(weights >= MIN_WEIGHT, self.islands)
+        faded = priority * _feather(_distance_to_unseen(seen, self.islands), seen)
         self.color_sum += colors * faded[..., None]
         self.priority_sum += faded
         better = weights > self.best
@@ -526,21 +541,33 @@ def fuse_views(views: Iterable[ViewTexels]) -> ViewTexels:
 
 
 def _seam_offset(
-    seen_colors: NDArray[np.uint8], filled: NDArray[np.uint8], rim: NDArray[np.float32]
+    seen_colors: NDArray[np.uint8],
+    filled: NDArray[np.uint8],
+    band: NDArray[np.bool_],
+    rim_weights: NDArray[np.float32],
 ) -> NDArray[np.float32]:
     """Gradient-domain blend of the fill into the seen texels: a smooth offset field that equals
-    (seen − fill) on the rim band of the seen region (texels weighted by `rim`) and continues it
-    smoothly everywhere else (a membrane interpolation, solved on ≤ OFFSET_GRID² blocks by a
-    push-pull pyramid and Jacobi sweeps). Added to the fill, it keeps the fill's gradients (the mirrored detail)
-    and removes the step at the rim, which is what Poisson cloning does. A difference larger than
-    OFFSET_LIMIT is not shading (a pixel off the head, a specular spot) and is clipped."""
-    size = len(rim)
+    (seen − fill) on the rim band of the seen region (texels weighted by `rim_weights`) and continues
+    it smoothly everywhere else (a membrane interpolation, solved on ≤ OFFSET_GRID² blocks by a
+    push-pull pyramid and Jacobi sweeps). Added to the fill, it keeps the fill's gradients (the
+    mirrored detail) and removes the step at the rim, which is what Poisson cloning does. A difference
+    larger than OFFSET_LIMIT is not shading (a pixel off the head, a specular spot) and is clipped."""
+    size = len(band)
     block = max(1, size // OFFSET_GRID)
-    small = (size // block, size // block)
-    step = np.asarray(cv2.subtract(seen_colors, filled, dtype=cv2.CV_32F), np.float32)
-    difference = np.clip(step, -OFFSET_LIMIT, OFFSET_LIMIT) * rim[..., None]
-    summed = np.asarray(cv2.resize(difference, small, interpolation=cv2.INTER_AREA), np.float32)
-    weight = np.asarray(cv2.resize(rim, small, interpolation=cv2.INTER_AREA), np.float32)
+    cells = size // block
+    rows, cols = np.nonzero(band)
+    keep = (rows < cells * block) & (cols < cells * block)
+    rows, cols = rows[keep], cols[keep]
+    cell = (rows // block) * cells + cols // block
+    step = seen_colors[rows, cols].astype(np.float32) - filled[rows, cols]
+    rim = rim_weights[rows, cols]
+    weight = np.bincount(cell, rim, cells * cells).astype(np.float32)
+    summed = np.stack(
+        [np.bincount(cell, np.clip(step[:, c], -OFFSET_LIMIT, OFFSET_LIMIT) * rim, cells * cells) for c in range(3)],
+        axis=-1,
+    ).astype(np.float32)
+    weight = weight.reshape(cells, cells) * np.float32(1.0 / (block * block))  # share of the block
+    summed = summed.reshape(cells, cells, 3) * np.float32(1.0 / (block * block))
     mean = np.divide(summed, weight[..., None], out=np.zeros_like(summed), where=weight[..., None] > 0)
     trusted = np.minimum(weight * 4.0, 1.0).astype(np.float32)[..., None]
     offset = push_pull_fill(mean, trusted[..., 0])
@@ -549,7 +576,11 @@ def _seam_offset(
     held = trusted * mean
     for _ in range(OFFSET_SWEEPS):
         offset = held + (1.0 - trusted) * np.asarray(cv2.blur(offset, (3, 3)), np.float32)
-    return np.asarray(cv2.resize(offset, (size, size), interpolation=cv2.INTER_LINEAR), np.float32)
+    full = cv2.resize(offset, (cells * block, cells * block), interpolation=cv2.INTER_LINEAR)
+    if cells * block < size:
+        pad = size - cells * block
+        full = cv2.copyMakeBorder(full, 0, pad, 0, pad, cv2.BORDER_REPLICATE)
+    return np.asarray(full, np.float32)
 
 
 def finish_texture(texels: ViewTexels) -> TextureResult:
@@ -569,10 +600,8 @@ def finish_texture(texels: ViewTexels) -> TextureResult:
     # band of the seen region, inpainted in between; outside the islands, push-pull (so that texture
     # filtering never pulls black). Under the rim band the fill is what the fill alone gives, so
     # (photo − fill) there measures the seam, which the offset removes.
-    width = max(1, round(SEAM_RIM * size / 1024))
-    unseen = cv2.subtract(islands, seen.view(np.uint8))
-    near = cv2.dilate(unseen, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * width + 1, 2 * width + 1)))
-    band = seen & near.view(bool)
+    distance = _distance_to_unseen(seen, islands)
+    band = seen & (distance <= max(1, round(SEAM_RIM * size / 1024)))
     filled = np.zeros((size, size, 3), dtype=np.uint8)
     known = seen & ~band & (texels.weights >= TRUSTED_WEIGHT)
     cv2.copyTo(texels.colors, known.view(np.uint8), filled)
@@ -583,12 +612,11 @@ def finish_texture(texels: ViewTexels) -> TextureResult:
     filled = _fill_outside(filled, known.view(np.uint8))
     filled = _inpaint(filled, np.asarray(cv2.subtract(islands, known.view(np.uint8)), np.uint8))
     if band.any():
-        rim = band.astype(np.float32) * np.minimum(texels.weights, 1.0)
-        offset = _seam_offset(texels.colors, filled, rim)
+        offset = _seam_offset(texels.colors, filled, band, np.minimum(texels.weights, 1.0))
         filled = np.asarray(cv2.add(filled, offset, dtype=cv2.CV_8U), np.uint8)
     # Seen texels cross-fade into the fill where the photo sees them poorly and over the first few
     # texels from the rim of the seen region.
-    alpha = np.minimum(texels.weights, 1.0) * _feather(seen)
+    alpha = np.minimum(texels.weights, 1.0) * _feather(distance, seen)
     texture = np.asarray(cv2.blendLinear(texels.colors, filled, alpha, 1.0 - alpha), np.uint8)
     inside = islands.view(bool)
     return TextureResult(texture, coverage, seen, inside)
