@@ -186,6 +186,9 @@ def test_subject_capture_reports_fused_texture_seen(tmp_path: Path, networks: ob
         assert 0 < head["texture_seen"] <= head["texture_coverage"] <= 1
     yaws = {head["view"]: abs(head["pose"]["yaw"]) for head in document["heads"]}
     assert fused["frontal_view"] == min(yaws, key=yaws.__getitem__)
-    textures = [cv2.imread(str(tmp_path / f"v{view['view']}_h{view['head']}_texture.png")) for view in fused["views"]]
+    textures = [
+        np.asarray(cv2.imread(str(tmp_path / f"v{view['view']}_h{view['head']}_texture.png")))
+        for view in fused["views"]
+    ]
     assert all(np.array_equal(textures[0], texture) for texture in textures[1:])
     assert json.loads((tmp_path / "result.json").read_text())["subject_texture"] == fused
