@@ -57,7 +57,10 @@ def test_fused_sees_at_least_every_view_and_more_across_yaws(
     """Views at −40°, 0° and +40°: the fused texture sees at least what each view sees, strictly more
     than the best of them; views of one yaw add nothing new."""
     symmetry = load_topology().mirror if mirror else None
-    views = [unwrap_view(astronaut, turned(astronaut_mesh, yaw), SIZE, symmetry) for yaw in (-40.0, 0.0, 40.0)]
+    views = [
+        unwrap_view(astronaut, turned(astronaut_mesh, yaw), SIZE, symmetry, for_fusion=True)
+        for yaw in (-40.0, 0.0, 40.0)
+    ]
     singles = [seen_share(view) for view in views]
     fused = finish_texture(fuse_views(views))
     assert fused.seen_share >= max(singles)
@@ -72,8 +75,8 @@ def test_fused_sees_at_least_every_view_and_more_across_yaws(
 def test_fusion_prefers_the_view_that_faces_the_texel(astronaut_mesh: Mesh) -> None:
     """A red photo at yaw −35° and a blue one at +35°: texels only one view sees take its colour, and
     where both see a texel the colour leans to the view that faces it more squarely (cos²)."""
-    left = unwrap_view(flat((230, 20, 20)), turned(astronaut_mesh, -35.0), SIZE)
-    right = unwrap_view(flat((20, 20, 230)), turned(astronaut_mesh, 35.0), SIZE)
+    left = unwrap_view(flat((230, 20, 20)), turned(astronaut_mesh, -35.0), SIZE, for_fusion=True)
+    right = unwrap_view(flat((20, 20, 230)), turned(astronaut_mesh, 35.0), SIZE, for_fusion=True)
     fused = fuse_views([left, right])
     result = finish_texture(fused)
     only_left = left.seen() & ~right.seen()

@@ -391,11 +391,13 @@ def unwrap_view(
     size: int = 1024,
     symmetry: NDArray[np.integer] | None = None,
     mask: PhotoMask | None = None,
+    for_fusion: bool = False,
 ) -> ViewTexels:
     """The photo sampled at every texel's surface point (and at its mirror point, given `symmetry`),
     with weights; nothing filled yet. `mesh_image` is in image pixels (x right, y down, z away from the
     camera); any topology works, with per-vertex UVs or `uv_faces` seams. `mask` keeps photo pixels
-    that are not the head (background, other people) out."""
+    that are not the head (background, other people) out. `for_fusion` computes the priorities
+    `fuse_views` ranks views by (otherwise `priority` is the weight itself, saving the work)."""
     size = check_texture_size(size)
     rgb = np.asarray(rgb)
     vertices = np.asarray(mesh_image.vertices, dtype=np.float32)
@@ -438,14 +440,12 @@ def unwrap_view(
         flat_colors[texel_index] = colors
         flat_weight = np.zeros(size * size, dtype=np.float32)
         flat_weight[texel_index] = weight
-        flat_priority = np.zeros(size * size, dtype=np.float32)
-        flat_priority[texel_index] = weight * cosine * cosine
+        priority = flat_weight
+        if for_fusion:
+            priority = np.zeros(size * size, dtype=np.float32)
+            priority[texel_index] = weight * cosine * cosine
         rgb_image = cv2.cvtColor(flat_colors.view(np.uint8).reshape(size, size, 4), cv2.COLOR_RGBA2RGB)
-        return (
-            np.asarray(rgb_image, np.uint8),
-            flat_weight.reshape(size, size),
-            flat_priority.reshape(size, size),
-        )
+        return np.asarray(rgb_image, np.uint8), flat_weight.reshape(size, size), priority.reshape(size, size)
 
     colors, weights, priority = layer(own_points, faces)
     texels = ViewTexels(colors, weights, priority, plan.islands)

@@ -123,7 +123,7 @@ def fuse_subject(
             assert head.mesh_image is not None
             rgb = ctx.image(head)
             mask = person_masks(rgb, [head.mesh_image], ctx.models)[0]
-            texels = unwrap_view(rgb, head.mesh_image, size, _symmetry_for(head, symmetry), mask)
+            texels = unwrap_view(rgb, head.mesh_image, size, _symmetry_for(head, symmetry), mask, for_fusion=True)
             seen = texels.seen()
             shares.append(TextureStats(texels.share(texels.covered(seen)), texels.share(seen)))
             yield texels
