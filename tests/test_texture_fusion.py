@@ -195,3 +195,36 @@ def test_subject_capture_reports_fused_texture_seen(tmp_path: Path, networks: ob
     ]
     assert all(np.array_equal(textures[0], texture) for texture in textures[1:])
     assert json.loads((tmp_path / "result.json").read_text())["subject_texture"] == fused
+
+
+def test_flame_subject_fuses_in_flame_layout(
+    astronaut: NDArray[np.uint8],
+    networks: object,
+    tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The `flame` pipeline (synthetic FLAME: FLAME's topology with UV seams and no symmetry map) on
+    the astronaut and its mirror image, a second view turned the other way: the fused texture lives
+    in FLAME's layout and sees more than either photo alone."""
+    from flame_synthetic import imported_synthetic_flame
+    from test_reconstruct import jpeg_bytes
+
+    from headforge.pipeline.run import ReconstructOptions, reconstruct_capture
+    from headforge.schemas import validate_result
+
+    _, asset = imported_synthetic_flame(tmp_path_factory.getbasetemp())
+    monkeypatch.setenv("HEADFORGE_FLAME_ASSET", str(asset))
+    photos = [("a.jpg", jpeg_bytes(astronaut)), ("b.jpg", jpeg_bytes(np.ascontiguousarray(astronaut[:, ::-1])))]
+    options = ReconstructOptions(
+        pipeline="flame", subject=True, texture_size=512, splats=0, outputs=frozenset({"obj"})
+    )
+    document = reconstruct_capture(photos, options, tmp_path, networks=networks)  # type: ignore[arg-type]
+    validate_result(document)
+    assert all(head["mesh"]["topology"] == "flame5023" for head in document["heads"])
+    fused = document["subject_texture"]
+    singles = [view["texture_seen"] for view in fused["views"]]
+    assert len(singles) == 2
+    assert fused["texture_seen"] > max(singles), (fused, singles)
+    # FLAME has no mirror map: coverage is what is seen.
+    assert fused["texture_coverage"] == pytest.approx(fused["texture_seen"], abs=1e-3)
