@@ -304,9 +304,11 @@ class ViewTexels:
     """One photo unwrapped into the UV layout, before anything is filled.
 
     Per texel: the photo's color at the texel's own surface point, and a weight in [0, 1] for how well
-    the photo sees it there (facing ramp × visibility × photo mask); `priority` ranks views against each
-    other (weight × cos², cos between the surface normal and the view ray: foreshortening). The same
-    three at the mirror point when the mesh has a symmetry map. Row 0 is v = 1.
+    the photo sees it there (facing ramp × visibility × outline feather × photo mask); `priority` ranks
+    views against each other (weight × cos², cos between the surface normal and the view ray:
+    foreshortening; the weight itself unless unwrapped `for_fusion`). The same three at the mirror
+    point when the mesh has a symmetry map, for the texels the photo does not see squarely (weight
+    < 1; the others hold 0 there). Row 0 is v = 1.
     """
 
     colors: NDArray[np.uint8]  # (S, S, 3)
