@@ -2,9 +2,8 @@
 """Colour step across the boundary between seen and filled texels, on real photos.
 
 For every head the default (`facemesh`) pipeline finds in the photos of DATA_DIR (AFLW2000 sample,
-VOC group photos), the texture is unwrapped as the pipeline does it (mirror fill, inpainting), and
-once more without the mirror map, whose coverage mask is then exactly the texels seen directly in
-the photo. Inside the UV islands, every pair of 4-neighbour texels is one of:
+VOC group photos), the texture is built as the pipeline builds it (person mask, mirror fill,
+inpainting, seam blending), with its mask of the texels seen directly in the photo. Inside the UV islands, every pair of 4-neighbour texels is one of:
 - seen/seen: both seen directly;
 - boundary: one seen directly, the other filled (mirrored or inpainted).
 The colour difference of a pair is ΔE*ab (CIE 1976: Euclidean distance in CIELAB, D65, sRGB input).
@@ -12,7 +11,8 @@ Per head: ratio = median ΔE over boundary pairs / median ΔE over seen/seen pai
 Printed: one JSON line per head, then a summary (median of the per-head ratios, overall and for
 turned heads, |yaw| ≥ 30°) as JSON.
 
-Usage: python bench/texture_seams.py DATA_DIR [DATA_DIR ...] [--size 1024] [--label NAME]
+Usage: python bench/texture_seams.py DATA_DIR [DATA_DIR ...] [--size 1024] [--label NAME] [--no-mask]
+(`--no-mask`: without the person mask, to see what the mask alone changes).
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from headforge.pipeline.decode import decode_image  # noqa: E402
 from headforge.pipeline.geometry import cached_uv_raster  # noqa: E402
 from headforge.pipeline.landmarks import find_heads  # noqa: E402
 from headforge.pipeline.run import facemesh_symmetry, fit_facemesh  # noqa: E402
-from headforge.pipeline.texture import unwrap_texture  # noqa: E402
+from headforge.pipeline.texture import build_texture  # noqa: E402
+from headforge.pipeline.texture_mask import person_masks  # noqa: E402
 
 TURNED_YAW = 30.0
 
@@ -62,17 +63,22 @@ def seam_steps(
     return np.concatenate(boundary), np.concatenate(interior)
 
 
-def measure(path: Path, size: int, symmetry: NDArray[np.int32], networks: object) -> list[dict[str, object]]:
+def measure(
+    path: Path, size: int, symmetry: NDArray[np.int32], networks: object, masked: bool = True
+) -> list[dict[str, object]]:
     """One record per head of the photo."""
     rgb = decode_image(path.read_bytes()).rgb
     rows: list[dict[str, object]] = []
-    for head in find_heads(rgb, networks):  # type: ignore[arg-type]
+    heads = find_heads(rgb, networks)  # type: ignore[arg-type]
+    for head in heads:
         fit_facemesh(head, rgb)
+    meshes = [head.mesh_image for head in heads if head.mesh_image is not None]
+    masks = person_masks(rgb, meshes, networks) if masked else [None] * len(meshes)  # type: ignore[arg-type]
+    for head, mask in zip(heads, masks, strict=True):
         assert head.mesh_image is not None and head.pose is not None
-        texture, _ = unwrap_texture(rgb, head.mesh_image, size, symmetry=symmetry)
-        _, seen = unwrap_texture(rgb, head.mesh_image, size, symmetry=None)
+        result = build_texture(rgb, head.mesh_image, size, symmetry=symmetry, mask=mask)
         islands = cached_uv_raster(head.mesh_image.uvs, head.mesh_image.faces, size).island_mask
-        boundary, interior = seam_steps(texture, seen & islands, islands)
+        boundary, interior = seam_steps(result.texture, result.seen & islands, islands)
         if len(boundary) == 0 or len(interior) == 0:
             continue
         step, reference = float(np.median(boundary)), float(np.median(interior))
@@ -81,7 +87,7 @@ def measure(path: Path, size: int, symmetry: NDArray[np.int32], networks: object
                 "photo": path.name,
                 "head": head.index,
                 "yaw": round(float(head.pose.yaw), 1),
-                "seen": round(float(np.count_nonzero(seen & islands) / np.count_nonzero(islands)), 4),
+                "seen": round(result.seen_share, 4),
                 "boundary_dE": round(step, 3),
                 "seen_dE": round(reference, 3),
                 "ratio": round(step / max(reference, 1e-6), 3),
@@ -119,6 +125,7 @@ def main() -> None:
     parser.add_argument("data", nargs="+", type=Path)
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--label", default="")
+    parser.add_argument("--no-mask", action="store_true", help="leave the person mask out")
     args = parser.parse_args()
     from headforge.models.runtime import load_default_networks
 
@@ -127,7 +134,7 @@ def main() -> None:
     for folder in args.data:
         rows: list[dict[str, object]] = []
         for path in sorted(folder.glob("*.jpg")):
-            for row in measure(path, args.size, symmetry, networks):
+            for row in measure(path, args.size, symmetry, networks, masked=not args.no_mask):
                 rows.append(row)
                 print(json.dumps(row))
         print(json.dumps({"label": args.label, "data": folder.name, **summary(rows)}))

@@ -174,9 +174,15 @@ def test_flame_pipeline_on_astronaut(
     validate_result(written)
     _check_flame_params_schema(written)
 
-    # `models`: the landmark stage's networks (no Iris), then the FLAME asset the fit used.
+    # `models`: the landmark stage's networks (no Iris), the texture's person mask, then the FLAME
+    # asset the fit used.
     names = [model["name"] for model in written["models"]]
-    assert names == [networks["face_detection_full_range"].name, networks["face_landmark"].name, "flame"]
+    assert names == [
+        networks["face_detection_full_range"].name,
+        networks["face_landmark"].name,
+        networks["selfie_segmentation"].name,
+        "flame",
+    ]
     flame = written["models"][-1]
     assert flame["sha256"] == sha256_file(asset_path)
     assert flame["version"] == "generic_model.pkl" and flame["format"] == "npz"

@@ -22,6 +22,7 @@ from headforge.pipeline.types import DecodedImage, Head, StageContext, View
 
 if TYPE_CHECKING:
     from headforge.pipeline.registry import Pipeline
+    from headforge.pipeline.texturing import SubjectTexture, TextureStats
 
 RESULT_SCHEMA_VERSION = 1
 
@@ -38,13 +39,14 @@ def build_document(
     pipeline: Pipeline,
     ctx: StageContext,
     heads: Sequence[Head],
-    coverages: Sequence[float | None],
+    textures: Sequence[TextureStats | None],
     written: Sequence[Written],
     timings: dict[str, float],
     records: list[dict[str, Any]],
+    subject_texture: SubjectTexture | None = None,
 ) -> dict[str, Any]:
     """The `result.json` document. A capture of several views also lists them (`views`), and its
-    `source` and `image` describe the first view."""
+    `source` and `image` describe the first view; a subject's fused texture is `subject_texture`."""
     views = ctx.capture.views
     multiview = len(views) > 1
     document: dict[str, Any] = {
@@ -54,7 +56,7 @@ def build_document(
         "options": ctx.options.to_dict(),
         "source": _source_document(views[0]),
         "image": _image_document(views[0].image),
-        "heads": [_head_document(head, coverage) for head, coverage in zip(heads, coverages, strict=True)],
+        "heads": [_head_document(head, shares) for head, shares in zip(heads, textures, strict=True)],
         "artifacts": [_artifact_document(file, head, view, multiview) for file, head, view in written],
         "notes": ctx.notes,
         "timings_ms": timings,
@@ -65,6 +67,8 @@ def build_document(
             {"index": view.index, "source": _source_document(view), "image": _image_document(view.image)}
             for view in views
         ]
+    if subject_texture is not None:
+        document["subject_texture"] = subject_texture.document()
     return document
 
 
@@ -111,7 +115,7 @@ def _image_document(decoded: DecodedImage) -> dict[str, Any]:
     }
 
 
-def _head_document(head: Head, texture_coverage: float | None) -> dict[str, Any]:
+def _head_document(head: Head, texture: TextureStats | None) -> dict[str, Any]:
     pose = head.pose
     mesh = head.mesh
     splats = head.splats
@@ -139,7 +143,8 @@ def _head_document(head: Head, texture_coverage: float | None) -> dict[str, Any]
         if mesh is None
         else {"topology": mesh.topology, "vertices": len(mesh.vertices), "faces": len(mesh.faces)},
         "texture_size": None if head.texture is None else int(head.texture.shape[0]),
-        "texture_coverage": None if texture_coverage is None else round(texture_coverage, 4),
+        "texture_coverage": None if texture is None else round(texture.coverage, 4),
+        "texture_seen": None if texture is None else round(texture.seen, 4),
         "splats": 0 if splats is None else len(splats.means),
         "splat_source": None if splats is None else splats.source,
         "sh_degree": None if splats is None else splats.sh_degree,

@@ -23,7 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -42,6 +42,9 @@ from headforge.pipeline.subject import (
     subject_document,
 )
 from headforge.pipeline.types import Capture, Head, Splats, StageContext, View
+
+if TYPE_CHECKING:
+    from headforge.pipeline.texturing import SubjectTexture, TextureStats
 
 Progress = Callable[[str, float], None]
 
@@ -140,7 +143,16 @@ def reconstruct_capture(
             with timer.stage(stage.name):
                 heads = _run_stage(stage, ctx, heads, len(views) > 1)
     out_dir.mkdir(parents=True, exist_ok=True)
-    kept, coverages, written = _finish_heads(ctx, pipeline, heads, symmetry, out_dir, timer, report)
+    subject_texture = None
+    if capture.subject and len(views) > 1 and heads:  # one texture fused across the subject's photos
+        report("texture", 0.15)
+        from headforge.pipeline.texturing import fuse_subject
+
+        with timer.stage("texture"):
+            subject_texture = fuse_subject(ctx, heads, options.texture_size, symmetry)
+    kept, textures, written = _finish_heads(
+        ctx, pipeline, heads, symmetry, out_dir, timer, report, subject_texture
+    )
 
     report("result", 0.97)
     with timer.stage("result"):
@@ -148,7 +160,7 @@ def reconstruct_capture(
         timings = {name: round(value, 3) for name, value in timer.timings_ms.items()}
         timings["total"] = round((time.perf_counter() - started) * 1000.0, 3)
         records = pipeline.models() if pipeline.models else []
-        document = build_document(pipeline, ctx, kept, coverages, written, timings, records)
+        document = build_document(pipeline, ctx, kept, textures, written, timings, records, subject_texture)
         if picks is not None:
             document["subject"] = subject_document(ctx, picks, kept)
         write_atomic(out_dir / "result.json", json_bytes(document))
@@ -164,13 +176,15 @@ def _finish_heads(
     out_dir: Path,
     timer: _Timer,
     report: Progress,
-) -> tuple[list[Head], list[float | None], list[Written]]:
+    subject_texture: SubjectTexture | None = None,
+) -> tuple[list[Head], list[TextureStats | None], list[Written]]:
     """The shared steps per head (texture, splats, package) and the previews; returns the heads
-    kept (re-indexed per view), their texture coverage and the files written."""
+    kept (re-indexed per view), their texture shares (a fused subject head: its own photo's) and
+    the files written."""
     options, views = ctx.options, ctx.capture.views
     multiview = len(views) > 1
     kept: list[Head] = []
-    coverages: list[float | None] = []
+    textures: list[TextureStats | None] = []
     per_head = 0.75 / max(len(heads), 1)
     # Encoding PNGs and writing files runs on worker threads (zlib and OpenCV release the GIL) while
     # the next head or the preview is computed; the stage timings are each job's own wall time.
@@ -178,19 +192,19 @@ def _finish_heads(
         jobs: list[Future[list[Written]]] = []
         for position, head in enumerate(heads):
             base = 0.15 + position * per_head
-            coverage: float | None = None
+            shares = None if subject_texture is None else subject_texture.stats_of(head)
             if head.mesh_image is None:  # a head source without meshes (vggheads without FLAME): no files
                 head.index = sum(other.view == head.view for other in kept)
                 kept.append(head)
-                coverages.append(None)
+                textures.append(None)
                 continue
             try:
                 if head.texture is None:
                     report("texture", base + 0.25 * per_head)
                     with timer.stage("texture"):
-                        head.texture, coverage = _build_texture(
-                            ctx.image(head), head, options.texture_size, symmetry
-                        )
+                        from headforge.pipeline.texturing import texture_head
+
+                        shares = texture_head(ctx, head, options.texture_size, symmetry)
                 # Start the PNG now: it encodes while splats and the preview are computed.
                 texture_png = pool.submit(_encode_texture, head.texture, options.outputs, timer)
                 if options.splats > 0 and head.splats is None:
@@ -205,7 +219,7 @@ def _finish_heads(
             report("package", base + 0.7 * per_head)
             head.index = sum(other.view == head.view for other in kept)
             kept.append(head)
-            coverages.append(coverage)
+            textures.append(shares)
             stem = f"v{head.view}_h{head.index}" if multiview else f"h{head.index}"
             jobs.append(pool.submit(_package_head, head, stem, texture_png, out_dir, options.outputs, timer))
 
@@ -225,7 +239,7 @@ def _finish_heads(
                 name = f"v{view.index}_preview.png" if multiview else "preview.png"
                 jobs.append(pool.submit(_write_preview, preview, out_dir / name, view.index, timer))
         written = [item for job in jobs for item in job.result()]
-    return kept, coverages, written
+    return kept, textures, written
 
 
 def _run_stage(stage: Stage, ctx: StageContext, heads: list[Head], multiview: bool) -> list[Head]:
@@ -307,26 +321,6 @@ def _head_seed(seed: int, head: Head) -> int:
     """A per-head seed derived from the job seed, stable across runs (view 0 keeps the one-photo seeds)."""
     entropy = [seed, head.index] if head.view == 0 else [seed, head.index, head.view]
     return int(np.random.SeedSequence(entropy).generate_state(1)[0])
-
-
-def _build_texture(
-    rgb: NDArray[np.uint8], head: Head, size: int, symmetry: NDArray[np.int32] | None
-) -> tuple[NDArray[np.uint8], float]:
-    """The head's texture and the share of its UV-island texels seen in the photo (directly or mirrored)."""
-    from headforge.pipeline.geometry import cached_uv_raster
-    from headforge.pipeline.texture import unwrap_texture
-
-    mesh = head.mesh_image
-    if mesh is None:
-        raise ValueError("texture needs head.mesh_image")
-    if symmetry is not None and len(symmetry) != len(mesh.vertices):
-        symmetry = None
-    texture, coverage = unwrap_texture(rgb, mesh, size, symmetry=symmetry)
-    uv_faces = mesh.faces if mesh.uv_faces is None else mesh.uv_faces
-    islands = cached_uv_raster(mesh.uvs, uv_faces, size).island_mask
-    island_texels = np.count_nonzero(islands)
-    seen = np.count_nonzero(coverage & islands) / island_texels if island_texels else 0.0
-    return texture, float(seen)
 
 
 def _build_splats(head: Head, count: int, seed: int) -> Splats:

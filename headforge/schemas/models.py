@@ -299,10 +299,19 @@ class HeadRecord(_Strict):
         Field(
             ge=0,
             le=1,
-            description="Share of the texture's UV-island texels colored from the photo (directly or through the "
-            "mirror); the rest is inpainted. Null when a stage made the texture.",
+            description="Share of the UV-island texels of this head's own photo's texture colored from the photo "
+            "(directly or through the mirror); the rest is inpainted. Null when a stage made the texture.",
         ),
     ]
+    texture_seen: Annotated[
+        float | None,
+        Field(
+            ge=0,
+            le=1,
+            description="Share of the UV-island texels seen directly in this head's photo: not filled by mirroring "
+            "or inpainting. Null when a stage made the texture.",
+        ),
+    ] = None
     splats: Annotated[int, Field(ge=0)]
     splat_source: Annotated[
         Literal["sampled", "learned"] | None,
@@ -398,6 +407,25 @@ class SubjectRecord(_Strict):
         SubjectIdentityRecord | None,
         Field(description="The fused identity; null for a pipeline that fits none (facemesh) or no usable view."),
     ]
+class SubjectTextureView(_Strict):
+    view: Annotated[int, Field(ge=0)]
+    head: Annotated[int, Field(ge=0, description="The fused head of that view (its largest).")]
+    texture_seen: Annotated[float, Field(ge=0, le=1, description="What that photo alone sees directly.")]
+
+
+class SubjectTextureRecord(_Strict):
+    """The texture fused across the photos of a subject capture; every fused head's files carry it."""
+
+    texture_seen: Annotated[
+        float,
+        Field(ge=0, le=1, description="Share of the UV-island texels seen directly in some photo."),
+    ]
+    texture_coverage: Annotated[
+        float,
+        Field(ge=0, le=1, description="Share seen directly or through the mirror in some photo."),
+    ]
+    frontal_view: Annotated[int, Field(ge=0, description="The view whose head is turned least (|yaw|).")]
+    views: Annotated[list[SubjectTextureView], Field(min_length=2)]
 
 
 class ResultDocument(_Strict):
@@ -432,6 +460,10 @@ class ResultDocument(_Strict):
     subject: Annotated[
         SubjectRecord | None,
         Field(description="The subject of a subject=true job: the photos used and the identity fused from them."),
+    ] = None
+    subject_texture: Annotated[
+        SubjectTextureRecord | None,
+        Field(description="The subject's texture fused across its photos; absent unless two or more photos show it."),
     ] = None
 
 
