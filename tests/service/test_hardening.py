@@ -400,6 +400,8 @@ def test_body_trickled_slowly_gets_408(stack: Stack) -> None:
 @pytest.mark.parametrize("address", [
     "192.0.0.8", "192.0.0.170", "192.0.0.9", "198.18.0.1", "100.64.0.1", "192.88.99.1", "240.0.0.1",
     "[2001:db8::1]", "[64:ff9b:1::1]", "[2002:c000:0208::1]", "[2001:10::1]", "[100::1]", "[::ffff:192.0.0.8]",
+    "[3fff::1]", "[5f00::1]", "[2620:4f:8000::1]", "192.31.196.1", "192.52.193.1", "192.175.48.1", "[::808:808]",
+    "[fec0::1]",
 ])
 def test_webhook_targets_in_special_purpose_ranges_are_refused(address: str) -> None:
     with pytest.raises(WebhookRefusedError):
