@@ -38,7 +38,7 @@ import httpx
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "service"))
+sys.path[:0] = [str(REPO / "tests" / "service"), str(REPO / "tests")]
 
 from stacklib import KEYS, Stack, astronaut_jpeg, running_stack  # noqa: E402
 
@@ -171,12 +171,82 @@ def big_pngs(stack: Stack, pid: int, count: int = 3) -> dict[str, Any]:
     }
 
 
-def crowd() -> dict[str, Any]:
-    """Crowd recall: the collage of the labelled group photos against the photos one by one."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from test_crowd import crowd_figures
+def _capped_grid_plan(width: int, height: int) -> list[Any]:
+    """The window plan before issue 14, as the reference: the whole image plus one grid of tiles
+    at most 4 per side (tile side max(256, long side / 2.5), half overlap)."""
+    import math
 
-    return crowd_figures()
+    import numpy as np
+
+    from headforge.pipeline.detect import Window
+
+    long_side = max(width, height)
+    windows = [Window(round((width - long_side) / 2), round((height - long_side) / 2), long_side)]
+    tile = max(256.0, long_side / 2.5)
+    if tile >= 0.75 * long_side:
+        return windows
+    step = tile / 2
+    counts = [max(1, math.ceil((extent - tile) / step - 1e-6) + 1) for extent in (width, height)]
+    starts = [[(extent - tile) / 2] if extent <= tile else list(np.linspace(0.0, extent - tile, count))
+              for extent, count in zip((width, height), counts, strict=True)]
+    for y0 in starts[1]:
+        for x0 in starts[0]:
+            inner = (x0 > 0.5, y0 > 0.5, x0 + tile < width - 0.5, y0 + tile < height - 0.5)
+            windows.append(Window(round(x0), round(y0), round(tile), inner))
+    return windows
+
+
+def crowd() -> dict[str, Any]:
+    """Crowd recall on tests/test_crowd.py's collage of the labelled VOC group photos (and the
+    6000×4500 crowd made from it), with the multi-scale plan and with the capped grid it replaced, against
+    the photos one by one; and the head cap on the collage."""
+    import numpy as np
+    from needs import SHARED_DATA
+    from test_crowd import collage, crowd_photo
+
+    from headforge.benchmarks.landmarks import match_labelled_boxes, read_rgb, read_voc_boxes
+    from headforge.models.runtime import load_default_networks
+    from headforge.pipeline.detect import FULL_RANGE, detect_faces, merge_windows, plan_windows, run_detector
+    from headforge.pipeline.landmarks import find_heads
+
+    folder = SHARED_DATA / "voc-faces"
+    networks = load_default_networks()
+    labels = read_voc_boxes(folder)
+    detect_faces(read_rgb(folder / sorted(labels)[0]), networks)  # warm-up
+    started = time.perf_counter()
+    one_by_one = sum(
+        match_labelled_boxes(boxes, np.array([d.box for d in detect_faces(read_rgb(folder / name), networks)],
+                                             np.float32).reshape(-1, 4))[0]
+        for name, boxes in labels.items())
+    one_by_one_s = time.perf_counter() - started
+    canvas, truth, photos = collage(folder)
+    crowd_rgb, crowd_truth = crowd_photo(folder)
+    report: dict[str, Any] = {"labelled_faces": len(truth), "photos": photos,
+                              "one_by_one": {"found": one_by_one, "seconds": round(one_by_one_s, 2)}}
+    for label, rgb, boxes, expected in (("collage", canvas, truth, one_by_one),
+                                        ("crowd_6000x4500", crowd_rgb, crowd_truth, 2 * one_by_one)):
+        height, width = rgb.shape[:2]
+        started = time.perf_counter()
+        found = np.array([d.box for d in detect_faces(rgb, networks)], np.float32).reshape(-1, 4)
+        seconds = time.perf_counter() - started
+        hits, extra = match_labelled_boxes(boxes, found)
+        reference = _capped_grid_plan(width, height)
+        started = time.perf_counter()
+        raw, _ran = run_detector(rgb, networks[FULL_RANGE.network], FULL_RANGE, reference, FULL_RANGE.default_min_score)
+        ref_seconds = time.perf_counter() - started
+        ref_hits, ref_extra = match_labelled_boxes(boxes, merge_windows(raw).boxes)
+        report[label] = {
+            "size": f"{width}x{height}", "labelled_faces": len(boxes), "windows": len(plan_windows(width, height, min_face_size=32.0)),
+            "found": hits, "unmatched_boxes": extra, "seconds": round(seconds, 2),
+            "reference_capped_grid": {"windows": len(reference), "found": ref_hits, "unmatched_boxes": ref_extra,
+                                      "seconds": round(ref_seconds, 2)},
+            "found_vs_one_by_one": round(hits / max(1, expected), 3),
+            "seconds_vs_capped_grid": round(seconds / max(ref_seconds, 1e-9), 2),
+        }
+    notes: list[str] = []
+    heads = find_heads(canvas, networks, max_heads=10, notes=notes)
+    report["head_cap"] = {"max_heads": 10, "heads": len(heads), "notes": notes}
+    return report
 
 
 def main() -> None:
