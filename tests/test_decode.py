@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import io
 import struct
+import subprocess
+import sys
 import zlib
 from collections.abc import Callable
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -449,3 +452,31 @@ def test_check_decode_accepts_what_decode_accepts(small_photo: np.ndarray, fmt: 
     payload = encode(Image.fromarray(small_photo[:, :200]).convert(mode), fmt)
     decoded = decode_image(payload)
     assert verify_image(payload) == (decoded.source_format, decoded.width, decoded.height)
+
+
+def test_png_orientation_is_read_from_its_exif_chunk(small_photo: np.ndarray) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    payload = encode(Image.fromarray(small_photo[:, :100]), "PNG", exif=exif.tobytes())
+    assert verify_image(payload) == ("PNG", 256, 100)  # upright: rotated a quarter turn
+    assert probe_image(payload) == ("PNG", 256, 100)
+    assert decode_image(payload).rgb.shape == (100, 256, 3)
+
+
+def test_check_decode_of_a_40_megapixel_png_holds_no_pixels(tmp_path: Path) -> None:
+    """An 8000×5000 RGBA PNG (160 MB of pixels): the check decode raises the process's peak RSS
+    by a few MB, where a decode holds the whole image (measured in a fresh process)."""
+    path = tmp_path / "big.png"
+    Image.new("RGBA", (8000, 5000), (0, 0, 0, 0)).save(path, "PNG", compress_level=1)
+    script = (
+        "import resource, sys; from pathlib import Path\n"
+        "from headforge.pipeline.decode import verify_image\n"
+        "data = Path(sys.argv[1]).read_bytes()\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "verify_image(data)\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    growth_mb = int(done.stdout.strip())
+    assert growth_mb < 32, growth_mb

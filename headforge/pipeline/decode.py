@@ -90,7 +90,7 @@ def probe_image(data: bytes, max_pixels: int | None = None) -> ImageProbe:
     """Validate format and size from the header only (no pixel decoding); raise like `decode_image`."""
     image, _caught = _open(data, max_pixels)
     with image:
-        orientation = _orientation(image)
+        orientation = _orientation(image, data)
         width, height = image.size
     if orientation in _SWAPS_AXES:
         width, height = height, width
@@ -111,7 +111,7 @@ def verify_image(data: bytes, max_pixels: int | None = None) -> ImageProbe:
     image, caught = _open(data, max_pixels)
     with image:
         source_format = SUPPORTED_FORMATS[str(image.format)]
-        orientation = _orientation(image)
+        orientation = _orientation(image, data)
         width, height = image.size
         try:
             with warnings.catch_warnings(record=True) as load_warnings:
@@ -316,7 +316,7 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> DecodedImage:
     with image:
         source_format = SUPPORTED_FORMATS[str(image.format)]
         source_mode = image.mode
-        orientation = _orientation(image)
+        orientation = _orientation(image, data)
         try:
             with warnings.catch_warnings(record=True) as load_warnings:
                 warnings.simplefilter("always")
@@ -475,13 +475,35 @@ def _tiff_first_directory_missing(data: bytes) -> bool:
     return offset + 2 + 12 * entries + 4 > len(data)
 
 
-def _orientation(image: Image.Image) -> int:
-    """The EXIF orientation tag (1..8), 1 when absent or invalid."""
+def _orientation(image: Image.Image, data: bytes) -> int:
+    """The EXIF orientation tag (1..8), 1 when absent or invalid. For a PNG the eXIf chunk is found
+    by walking the chunks: Pillow's `getexif` decodes every pixel to look past IDAT."""
     try:
-        value = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
+        if image.format == "PNG":
+            exif = Image.Exif()
+            chunk = _png_chunk(data, b"eXIf")
+            if chunk is None:
+                return 1
+            exif.load(chunk)
+            value = exif.get(EXIF_ORIENTATION_TAG, 1)
+        else:
+            value = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
     except Exception:  # malformed EXIF must not fail the upload; treat as upright
         return 1
     return int(value) if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _png_chunk(data: bytes, kind: bytes) -> bytes | None:
+    """The body of a PNG's first chunk of `kind`, found from the chunk lengths alone."""
+    position = len(PNG_SIGNATURE)
+    while position + 8 <= len(data):
+        length, found = struct.unpack(">I4s", data[position : position + 8])
+        if found == kind:
+            return data[position + 8 : position + 8 + length]
+        if found == b"IEND":
+            return None
+        position += 12 + length
+    return None
 
 
 def _apply_orientation(image: Image.Image, orientation: int) -> Image.Image:
