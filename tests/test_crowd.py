@@ -15,7 +15,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from headforge.benchmarks.landmarks import match_labelled_boxes, read_rgb, read_voc_boxes
-from headforge.pipeline.detect import MAX_WINDOWS, detect_faces, plan_windows
+from headforge.pipeline.detect import MAX_WINDOWS, WINDOW_BATCH, detect_faces, plan_windows
 
 CELL = 500
 
@@ -112,3 +112,16 @@ def test_faces_small_relative_to_a_large_photo_are_found(networks: Any, voc_face
     hits, extra = _recall(photo, truth, networks)
     print(f"{photo.shape[1]}x{photo.shape[0]} crowd: {hits} of {len(truth)}, {extra} unmatched boxes")
     assert hits == len(truth)
+
+
+def test_detection_stops_at_its_time_budget_and_says_so(networks: Any, voc_faces_dir: Path) -> None:
+    """With no time to spare, only the first call's windows (the coarse ones) run, and `notes` says
+    how many of the planned windows ran."""
+    canvas, _truth, _count = collage(voc_faces_dir)
+    planned = len(plan_windows(canvas.shape[1], canvas.shape[0], min_face_size=32.0))
+    notes: list[str] = []
+    detect_faces(canvas, networks, time_budget=0.0, notes=notes)
+    assert len(notes) == 1 and f"after {WINDOW_BATCH} of {planned} windows" in notes[0], notes
+    complete: list[str] = []
+    detect_faces(canvas, networks, notes=complete)
+    assert complete == []
