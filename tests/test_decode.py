@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import io
 import struct
+import subprocess
+import sys
 import zlib
 from collections.abc import Callable
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -21,10 +24,18 @@ from headforge.errors import (
     TooManyPixelsError,
     TruncatedImageError,
 )
-from headforge.pipeline.decode import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV, decode_image, probe_image
+from headforge.pipeline.decode import (
+    DEFAULT_MAX_PIXELS,
+    MAX_PIXELS_ENV,
+    decode_image,
+    probe_image,
+    verify_image,
+)
 
 FORMATS = ["JPEG", "PNG", "WEBP", "BMP", "TIFF"]
 LOSSLESS = {"PNG", "BMP", "TIFF"}
+# The worker's decode and the gateway's check decode refuse the same files with the same codes.
+CHECKS = pytest.mark.parametrize("check", [decode_image, verify_image], ids=["decode", "verify"])
 
 
 @pytest.fixture(scope="module")
@@ -152,25 +163,27 @@ def test_jpeg_exif_orientation(small_photo: np.ndarray) -> None:
     assert decoded.exif_orientation == 6 and decoded.rgb.shape == (100, 256, 3)
 
 
-def test_empty_file() -> None:
+@CHECKS
+def test_empty_file(check: Callable[[bytes], object]) -> None:
     with pytest.raises(EmptyFileError) as caught:
-        decode_image(b"")
+        check(b"")
     assert caught.value.code == "empty_file"
     with pytest.raises(EmptyFileError):
         probe_image(b"")
 
 
 @pytest.mark.parametrize("payload", [b"hello, this is text", b"\x00" * 4096, b"%PDF-1.7\n" + b"x" * 100])
-def test_not_an_image(payload: bytes) -> None:
+@CHECKS
+def test_not_an_image(payload: bytes, check: Callable[[bytes], object]) -> None:
     with pytest.raises(NotAnImageError) as caught:
-        decode_image(payload)
+        check(payload)
     assert caught.value.code == "not_an_image" and caught.value.http_status == 415
 
 
 @pytest.mark.parametrize(("fmt", "named"), [("GIF", True), ("ICO", True), ("TGA", False), ("PCX", False)])
 def test_unsupported_formats_are_refused(small_photo: np.ndarray, fmt: str, named: bool) -> None:
     payload = encode(Image.fromarray(small_photo), fmt)
-    for call in (probe_image, decode_image):
+    for call in (probe_image, decode_image, verify_image):
         with pytest.raises(NotAnImageError) as caught:
             call(payload)
         assert (fmt in caught.value.message) == named
@@ -178,18 +191,20 @@ def test_unsupported_formats_are_refused(small_photo: np.ndarray, fmt: str, name
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("keep", [0.5, 0.1])
-def test_truncated_files(small_photo: np.ndarray, fmt: str, keep: float) -> None:
+@CHECKS
+def test_truncated_files(small_photo: np.ndarray, fmt: str, keep: float, check: Callable[[bytes], object]) -> None:
     payload = encode(Image.fromarray(small_photo), fmt)
     with pytest.raises(TruncatedImageError) as caught:
-        decode_image(payload[: int(len(payload) * keep)])
+        check(payload[: int(len(payload) * keep)])
     assert caught.value.code == "truncated_image"
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "TIFF"])
-def test_header_only_fragment_is_truncated(small_photo: np.ndarray, fmt: str) -> None:
+@CHECKS
+def test_header_only_fragment_is_truncated(small_photo: np.ndarray, fmt: str, check: Callable[[bytes], object]) -> None:
     payload = encode(Image.fromarray(small_photo), fmt)
     with pytest.raises(TruncatedImageError):
-        decode_image(payload[:40])
+        check(payload[:40])
 
 
 def _jpeg_segment(payload: bytes | bytearray, marker: int) -> int:
@@ -204,9 +219,9 @@ def _jpeg_segment(payload: bytes | bytearray, marker: int) -> int:
     raise AssertionError(f"no marker {marker:#x}")
 
 
-def _assert_corrupt(payload: bytes, fmt: str) -> CorruptImageError:
+def _assert_corrupt(payload: bytes, fmt: str, check: Callable[[bytes], object] = decode_image) -> CorruptImageError:
     with pytest.raises(CorruptImageError) as caught:
-        decode_image(payload)
+        check(payload)
     error = caught.value
     assert error.code == "corrupt_image" and error.http_status == 400
     assert error.details["format"] == fmt and fmt in error.message
@@ -214,13 +229,14 @@ def _assert_corrupt(payload: bytes, fmt: str) -> CorruptImageError:
     return error
 
 
-def test_corrupt_png_data_is_refused(small_photo: np.ndarray) -> None:
+@CHECKS
+def test_corrupt_png_data_is_refused(small_photo: np.ndarray, check: Callable[[bytes], object]) -> None:
     """The file is whole (IEND present) and its signature is PNG, but IDAT's CRC fails: corrupt,
     neither truncated nor "not an image"."""
     payload = bytearray(encode(Image.fromarray(small_photo), "PNG"))
     middle = len(payload) // 2
     payload[middle : middle + 64] = bytes(64)  # damage IDAT; its CRC no longer matches
-    error = _assert_corrupt(bytes(payload), "PNG")
+    error = _assert_corrupt(bytes(payload), "PNG", check)
     assert "checksum" in error.message
 
 
@@ -230,7 +246,7 @@ def test_corrupt_header_is_refused(small_photo: np.ndarray) -> None:
     see test_pixel_limit_checked_from_header.)"""
     payload = bytearray(encode(Image.fromarray(small_photo), "PNG"))
     payload[16:24] = b"\xff" * 8
-    for call in (decode_image, probe_image):
+    for call in (decode_image, probe_image, verify_image):
         with pytest.raises(CorruptImageError) as caught:
             call(bytes(payload))
         assert caught.value.code == "corrupt_image" and caught.value.details["format"] == "PNG"
@@ -266,8 +282,9 @@ def _tiff_bad_directory(payload: bytearray) -> None:
     ],
     ids=["jpeg-huffman-table", "jpeg-scan-noise", "bmp-depth", "tiff-directory"],
 )
+@CHECKS
 def test_corrupt_files_of_each_format(
-    small_photo: np.ndarray, fmt: str, damage: Callable[[bytearray], None]
+    small_photo: np.ndarray, fmt: str, damage: Callable[[bytearray], None], check: Callable[[bytes], object]
 ) -> None:
     """Whole files of an accepted format with damaged headers or data: `corrupt_image` (400), kept
     apart from `not_an_image` (415, another format) and `truncated_image` (400, bytes missing)."""
@@ -275,14 +292,15 @@ def test_corrupt_files_of_each_format(
     intact = bytes(payload)
     damage(payload)
     assert len(payload) == len(intact) and bytes(payload) != intact
-    _assert_corrupt(bytes(payload), fmt)
-    decode_image(intact)  # the same file undamaged decodes
+    _assert_corrupt(bytes(payload), fmt, check)
+    check(intact)  # the same file undamaged decodes
 
 
-def test_lzw_tiff_with_garbage_strips_is_corrupt(small_photo: np.ndarray) -> None:
+@CHECKS
+def test_lzw_tiff_with_garbage_strips_is_corrupt(small_photo: np.ndarray, check: Callable[[bytes], object]) -> None:
     payload = bytearray(encode(Image.fromarray(small_photo), "TIFF", compression="tiff_lzw"))
     payload[200:2000] = b"\xff" * 1800  # inside the compressed strips; the directory is intact
-    _assert_corrupt(bytes(payload), "TIFF")
+    _assert_corrupt(bytes(payload), "TIFF", check)
 
 
 def _png_header_only(width: int, height: int) -> bytes:
@@ -304,7 +322,7 @@ def _png_header_only(width: int, height: int) -> bytes:
 def test_pixel_limit_checked_from_header() -> None:
     bomb = _png_header_only(20_000, 20_000)  # 400 MP claimed, a few dozen bytes on disk
     assert len(bomb) < 200
-    for call in (decode_image, probe_image):
+    for call in (decode_image, probe_image, verify_image):
         with pytest.raises(TooManyPixelsError) as caught:
             call(bomb)
         assert caught.value.code == "too_many_pixels" and caught.value.http_status == 413
@@ -340,3 +358,125 @@ def test_mpo_from_phone_cameras_reads_as_jpeg(small_photo: np.ndarray) -> None:
     decoded = decode_image(buffer.getvalue())
     assert decoded.source_format == "JPEG"
     assert np.abs(decoded.rgb.astype(int) - small_photo.astype(int)).mean() < 8  # the first frame
+
+
+# --------------------------------------------------------------------------- the gateway's check decode
+
+
+def _png(width: int, height: int, rows: list[bytes], *, color: int = 0, interlace: int = 0) -> bytes:
+    """A PNG from already filtered rows (each starting with its filter byte), 8-bit samples."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, color, 0, 0, interlace)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"".join(rows)))
+            + chunk(b"IEND", b""))
+
+
+def _adam7_rows(gray: np.ndarray) -> list[bytes]:
+    """The seven Adam7 passes of a grayscale image, each row unfiltered (filter byte 0)."""
+    rows = []
+    for x0, y0, dx, dy in ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2),
+                           (0, 1, 1, 2)):
+        part = gray[y0::dy, x0::dx]
+        if part.size:
+            rows += [b"\0" + row.tobytes() for row in part]
+    return rows
+
+
+def test_check_decode_reads_interlaced_png_as_pillow_does() -> None:
+    gray = np.random.default_rng(1).integers(0, 256, (13, 11), dtype=np.uint8)
+    payload = _png(11, 13, _adam7_rows(gray), interlace=1)
+    assert np.array_equal(decode_image(payload).rgb[..., 0], gray)  # Pillow agrees it is a valid file
+    assert verify_image(payload) == ("PNG", 11, 13)
+    # One row short of what the seven passes need: the image data ends early.
+    with pytest.raises(TruncatedImageError):
+        verify_image(_png(11, 13, _adam7_rows(gray)[:-1], interlace=1))
+
+
+def test_png_with_an_unknown_row_filter_is_corrupt() -> None:
+    """Checksums intact, but one row's filter byte is 7 (0..4 exist). libpng refuses such a file;
+    Pillow decodes it to whatever the row holds, so only the gateway's check sees it."""
+    rows = [b"\0" + bytes(range(16)) for _ in range(8)]
+    rows[5] = b"\x07" + rows[5][1:]
+    with pytest.raises(CorruptImageError):
+        verify_image(_png(16, 8, rows))
+    verify_image(_png(16, 8, [b"\0" + bytes(range(16)) for _ in range(8)]))
+
+
+def test_png_whose_stream_holds_more_rows_than_its_header_is_corrupt() -> None:
+    rows = [b"\0" + bytes(16) for _ in range(9)]
+    with pytest.raises(CorruptImageError):
+        verify_image(_png(16, 8, rows))
+
+
+def _lying_jpeg(width: int, height: int) -> bytes:
+    """A real 16×16 JPEG whose frame header claims `width`×`height` (its scan data stays 16×16's)."""
+    data = bytearray(encode(Image.new("RGB", (16, 16), (120, 80, 60)), "JPEG", quality=90))
+    sof = data.find(b"\xff\xc0")
+    data[sof + 5 : sof + 7] = height.to_bytes(2, "big")
+    data[sof + 7 : sof + 9] = width.to_bytes(2, "big")
+    return bytes(data)
+
+
+@CHECKS
+def test_jpeg_whose_data_ends_far_before_its_frame_size_is_truncated(check: Callable[[bytes], object]) -> None:
+    """A 6000×6000 frame header over a 16×16 image's scan: libjpeg would pad it with gray silently."""
+    payload = _lying_jpeg(6000, 6000)
+    assert len(payload) < 1000
+    with pytest.raises(TruncatedImageError) as caught:
+        check(payload)
+    assert caught.value.details["width"] == 6000
+
+
+@pytest.mark.parametrize("options", [{"quality": 95}, {"quality": 30, "optimize": True},
+                                     {"progressive": True, "optimize": True}, {"subsampling": 0}],
+                         ids=["q95", "q30-optimized", "progressive", "444"])
+@pytest.mark.parametrize("mode", ["L", "RGB", "CMYK"])
+def test_flat_jpegs_pass_the_scan_length_bound(options: dict[str, object], mode: str) -> None:
+    """A flat image is the fewest bits a real JPEG spends per block: still over the bound."""
+    color = {"L": 128, "RGB": (128, 128, 128), "CMYK": (0, 0, 0, 0)}[mode]
+    payload = encode(Image.new(mode, (2400, 1600), color), "JPEG", **options)  # type: ignore[arg-type]
+    assert verify_image(payload) == ("JPEG", 2400, 1600)
+    assert decode_image(payload).rgb.shape == (1600, 2400, 3)
+
+
+# Pixel modes Pillow cannot write in a format are left out.
+_UNWRITABLE = {("JPEG", "RGBA"), ("JPEG", "LA"), ("JPEG", "P"), ("JPEG", "I;16"), ("BMP", "LA"), ("BMP", "I;16")}
+
+
+@pytest.mark.parametrize(("fmt", "mode"), [(f, m) for f in FORMATS for m in ("RGB", "RGBA", "L", "LA", "P", "1", "I;16")
+                                           if (f, m) not in _UNWRITABLE])
+def test_check_decode_accepts_what_decode_accepts(small_photo: np.ndarray, fmt: str, mode: str) -> None:
+    payload = encode(Image.fromarray(small_photo[:, :200]).convert(mode), fmt)
+    decoded = decode_image(payload)
+    assert verify_image(payload) == (decoded.source_format, decoded.width, decoded.height)
+
+
+def test_png_orientation_is_read_from_its_exif_chunk(small_photo: np.ndarray) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    payload = encode(Image.fromarray(small_photo[:, :100]), "PNG", exif=exif.tobytes())
+    assert verify_image(payload) == ("PNG", 256, 100)  # upright: rotated a quarter turn
+    assert probe_image(payload) == ("PNG", 256, 100)
+    assert decode_image(payload).rgb.shape == (100, 256, 3)
+
+
+def test_check_decode_of_a_40_megapixel_png_holds_no_pixels(tmp_path: Path) -> None:
+    """An 8000×5000 RGBA PNG (160 MB of pixels): the check decode raises the process's peak RSS
+    by a few MB, where a decode holds the whole image (measured in a fresh process)."""
+    path = tmp_path / "big.png"
+    Image.new("RGBA", (8000, 5000), (0, 0, 0, 0)).save(path, "PNG", compress_level=1)
+    script = (
+        "import resource, sys; from pathlib import Path\n"
+        "from headforge.pipeline.decode import verify_image\n"
+        "data = Path(sys.argv[1]).read_bytes()\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "verify_image(data)\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    growth_mb = int(done.stdout.strip())
+    assert growth_mb < 32, growth_mb

@@ -21,6 +21,7 @@ import os
 import re
 import struct
 import warnings
+import zlib
 from typing import NamedTuple
 
 import numpy as np
@@ -89,7 +90,7 @@ def probe_image(data: bytes, max_pixels: int | None = None) -> ImageProbe:
     """Validate format and size from the header only (no pixel decoding); raise like `decode_image`."""
     image, _caught = _open(data, max_pixels)
     with image:
-        orientation = _orientation(image)
+        orientation = _orientation(image, data)
         width, height = image.size
     if orientation in _SWAPS_AXES:
         width, height = height, width
@@ -99,30 +100,135 @@ def probe_image(data: bytes, max_pixels: int | None = None) -> ImageProbe:
 def verify_image(data: bytes, max_pixels: int | None = None) -> ImageProbe:
     """The gateway's check: refuse like `decode_image` would, without a full-resolution RGB8 decode.
 
-    Every byte of image data is still decoded (so truncated and corrupt files are refused), but into
-    the file's own pixel mode, never the float copies `decode_image` composites alpha with; JPEGs
-    decode at 1/8 scale (libjpeg's DCT scaling reads all the entropy-coded data at a fraction of the
-    memory). A JPEG whose entropy-coded data is too short to hold as many 8×8 blocks as its frame
-    header claims is refused as truncated: libjpeg pads such a file with gray without an error."""
+    Every byte of image data is still decoded, so truncated and corrupt files are refused, but never
+    into the RGB8 and float copies `decode_image` makes. PNGs are inflated as a stream and thrown
+    away as they go (chunk CRCs, the exact number of filtered bytes the header implies, and a valid
+    filter type at each row start), so memory stays a few MB however many pixels the header claims;
+    JPEGs decode at 1/8 scale (libjpeg's DCT scaling reads all the entropy-coded data at a fraction
+    of the memory); WebP, BMP and TIFF decode in their own pixel mode. A JPEG whose entropy-coded
+    data is too short to hold as many 8×8 blocks as its frame header claims is refused as
+    truncated: libjpeg pads such a file with gray without an error."""
     image, caught = _open(data, max_pixels)
     with image:
         source_format = SUPPORTED_FORMATS[str(image.format)]
-        orientation = _orientation(image)
+        orientation = _orientation(image, data)
         width, height = image.size
         try:
             with warnings.catch_warnings(record=True) as load_warnings:
                 warnings.simplefilter("always")
                 if source_format == "PNG":
-                    _verify_png_checksums(data)
-                if source_format == "JPEG":
-                    _check_jpeg_scan_length(data)
-                    image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
-                image.load()
-        except (OSError, SyntaxError, ValueError, EOFError, struct.error) as error:
+                    _verify_png_stream(data)
+                else:
+                    if source_format == "JPEG":
+                        _check_jpeg_scan_length(data)
+                        image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
+                    image.load()
+        except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as error:
             _raise_decode_error(data, error, caught + list(load_warnings))
     if orientation in _SWAPS_AXES:
         width, height = height, width
     return ImageProbe(source_format, width, height)
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+# Adam7 passes: x0, y0, dx, dy.
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+_INFLATE_BLOCK = 1 << 20
+
+
+def _png_row_runs(width: int, height: int, bits_per_pixel: int, interlaced: bool) -> list[tuple[int, int, int]]:
+    """The filtered image data as runs (start offset, row count, row stride incl. its filter byte)."""
+    passes = _ADAM7 if interlaced else ((0, 0, 1, 1),)
+    runs = []
+    offset = 0
+    for x0, y0, dx, dy in passes:
+        columns = -(-(width - x0) // dx) if width > x0 else 0
+        rows = -(-(height - y0) // dy) if height > y0 else 0
+        if columns == 0 or rows == 0:
+            continue
+        stride = 1 + -(-(columns * bits_per_pixel) // 8)
+        runs.append((offset, rows, stride))
+        offset += rows * stride
+    return runs
+
+
+def _verify_png_stream(data: bytes) -> None:
+    """Check a PNG without holding its pixels: every chunk's CRC, the IDAT stream inflating to
+    exactly the filtered size the header implies, and a filter type (0..4) at every row start.
+    Raises `TruncatedImageError` when the chunks or the stream end early, `ValueError` (reported
+    as corrupt) for anything broken."""
+    if not data.startswith(PNG_SIGNATURE):
+        raise ValueError("not a PNG signature")
+    position = len(PNG_SIGNATURE)
+    header: tuple[int, int, int, int, int] | None = None
+    runs: list[tuple[int, int, int]] = []
+    expected = 0
+    inflater = zlib.decompressobj()
+    produced = 0
+    seen_idat = False
+    ended = False
+    while not ended:
+        if position + 8 > len(data):
+            raise TruncatedImageError("the PNG file ends early (truncated upload?)",
+                                      details={"format": "PNG", "bytes": len(data)})
+        length, kind = struct.unpack(">I4s", data[position : position + 8])
+        body_end = position + 8 + length
+        if body_end + 4 > len(data):
+            raise TruncatedImageError("the PNG file ends early (truncated upload?)",
+                                      details={"format": "PNG", "bytes": len(data)})
+        body = data[position + 8 : body_end]
+        (crc,) = struct.unpack(">I", data[body_end : body_end + 4])
+        if zlib.crc32(body, zlib.crc32(kind)) != crc:
+            raise ValueError(f"broken PNG file: bad checksum in its {kind.decode('latin-1')} chunk")
+        position = body_end + 4
+        if kind == b"IHDR":
+            if len(body) != 13:
+                raise ValueError("broken PNG file: bad IHDR chunk")
+            width, height, depth, color, _compression, _filter, interlace = struct.unpack(">IIBBBBB", body)
+            if color not in _PNG_CHANNELS or depth not in (1, 2, 4, 8, 16):
+                raise ValueError(f"broken PNG file: colour type {color} at bit depth {depth}")
+            header = (width, height, depth, color, interlace)
+            runs = _png_row_runs(width, height, _PNG_CHANNELS[color] * depth, interlace == 1)
+            expected = sum(rows * stride for _start, rows, stride in runs)
+        elif kind == b"IDAT":
+            if header is None:
+                raise ValueError("broken PNG file: IDAT before IHDR")
+            if inflater.eof:
+                raise ValueError("broken PNG file: data after the end of the image stream")
+            seen_idat = True
+            pending = body
+            while pending:
+                block = inflater.decompress(pending, _INFLATE_BLOCK)
+                _check_png_filters(block, produced, runs)
+                produced += len(block)
+                if produced > expected:
+                    raise ValueError("broken PNG file: more image data than the header's size holds")
+                pending = inflater.unconsumed_tail
+                if inflater.eof:
+                    break
+        elif kind == b"IEND":
+            ended = True
+    if not seen_idat or not inflater.eof or produced < expected:
+        raise TruncatedImageError("the PNG image data ends early (truncated upload?)",
+                                  details={"format": "PNG", "bytes": len(data)})
+
+
+def _check_png_filters(block: bytes, offset: int, runs: list[tuple[int, int, int]]) -> None:
+    """Raise ValueError when a row of `block` (at `offset` in the filtered stream) starts with a
+    filter type other than 0..4."""
+    if not block:
+        return
+    view = np.frombuffer(block, np.uint8)
+    end = offset + len(block)
+    for start, rows, stride in runs:
+        run_end = start + rows * stride
+        if run_end <= offset or start >= end:
+            continue
+        first = start + max(0, -(-(offset - start) // stride)) * stride
+        starts = np.arange(first, min(run_end, end), stride) - offset
+        if starts.size and int(view[starts].max()) > 4:
+            raise ValueError("broken PNG file: unknown filter type")
 
 
 def _check_jpeg_scan_length(data: bytes) -> None:
@@ -210,7 +316,7 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> DecodedImage:
     with image:
         source_format = SUPPORTED_FORMATS[str(image.format)]
         source_mode = image.mode
-        orientation = _orientation(image)
+        orientation = _orientation(image, data)
         try:
             with warnings.catch_warnings(record=True) as load_warnings:
                 warnings.simplefilter("always")
@@ -282,7 +388,7 @@ def _verify_png_checksums(data: bytes) -> None:
 def _raise_decode_error(data: bytes, error: BaseException, caught: list[warnings.WarningMessage]) -> None:
     """Turn a Pillow failure into `NotAnImageError` (no accepted signature), `TruncatedImageError`
     (an accepted format that ends early) or `CorruptImageError` (an accepted format, broken)."""
-    signature = _signature_format(data)
+    signature = sniff_format(data)
     if signature is None:
         other = _other_format(data)
         if other is not None:
@@ -322,7 +428,7 @@ def _other_format(data: bytes) -> str | None:
     return None
 
 
-def _signature_format(data: bytes) -> str | None:
+def sniff_format(data: bytes) -> str | None:
     """The format named by the file's magic bytes, if it is one we accept."""
     if data.startswith(b"\xff\xd8\xff"):
         return "JPEG"
@@ -369,13 +475,35 @@ def _tiff_first_directory_missing(data: bytes) -> bool:
     return offset + 2 + 12 * entries + 4 > len(data)
 
 
-def _orientation(image: Image.Image) -> int:
-    """The EXIF orientation tag (1..8), 1 when absent or invalid."""
+def _orientation(image: Image.Image, data: bytes) -> int:
+    """The EXIF orientation tag (1..8), 1 when absent or invalid. For a PNG the eXIf chunk is found
+    by walking the chunks: Pillow's `getexif` decodes every pixel to look past IDAT."""
     try:
-        value = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
+        if image.format == "PNG":
+            exif = Image.Exif()
+            chunk = _png_chunk(data, b"eXIf")
+            if chunk is None:
+                return 1
+            exif.load(chunk)
+            value = exif.get(EXIF_ORIENTATION_TAG, 1)
+        else:
+            value = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
     except Exception:  # malformed EXIF must not fail the upload; treat as upright
         return 1
     return int(value) if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _png_chunk(data: bytes, kind: bytes) -> bytes | None:
+    """The body of a PNG's first chunk of `kind`, found from the chunk lengths alone."""
+    position = len(PNG_SIGNATURE)
+    while position + 8 <= len(data):
+        length, found = struct.unpack(">I4s", data[position : position + 8])
+        if found == kind:
+            return data[position + 8 : position + 8 + length]
+        if found == b"IEND":
+            return None
+        position += 12 + length
+    return None
 
 
 def _apply_orientation(image: Image.Image, orientation: int) -> Image.Image:

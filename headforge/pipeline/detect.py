@@ -11,6 +11,7 @@ edge, and merges detections across tiles and the whole-image pass.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,6 +34,14 @@ from headforge.pipeline.types import Detection
 NUM_KEYPOINTS = 6
 SCORE_CLIPPING = 100.0  # MediaPipe's score_clipping_thresh for both face detectors
 NMS_IOU = 0.3  # MediaPipe's min_suppression_threshold for both face detectors
+# The bound on detector work per photo: windows planned (each one 192² detector input), windows per
+# `Network.run` call, and seconds before the finer windows left are skipped (docs/detection.md).
+MAX_WINDOWS = 256
+WINDOW_BATCH = 64
+DETECT_TIME_BUDGET = 20.0
+# Tiled detections smaller than this fraction of `min_face_size` are dropped: the fine tiles that
+# bring faces of that size into reach also bring the detector's own tiny false positives.
+MIN_FACE_FRACTION = 0.75
 
 
 @dataclass(frozen=True)
@@ -257,26 +266,47 @@ def plan_windows(
     min_face_size: float,
     comfortable_face_fraction: float = 1 / 8,
     overlap: float = 0.5,
-    max_tiles_per_side: int = 4,
+    max_windows: int = MAX_WINDOWS,
 ) -> list[Window]:
-    """The whole-image window, plus overlapping square tiles sized so a face of `min_face_size`
-    pixels covers `comfortable_face_fraction` of the detector input."""
+    """The whole-image window, then levels of overlapping square tiles, coarse to fine.
+
+    The finest tiles are sized so a face of `min_face_size` pixels covers
+    `comfortable_face_fraction` of the detector input; each coarser level doubles the side, up to
+    3/4 of the photo's long side (the whole-image window covers the rest). With half-tile overlap a
+    face up to half a tile's side lies whole inside some tile of its level, and the next level's
+    tiles take the faces too big for it, so every face size from `min_face_size` up is in reach.
+    When that takes more than `max_windows` windows, the finest side grows (in steps of 2^¼) until
+    the plan fits: the work is bounded, and the smallest faces in reach grow with the photo."""
+    if max_windows < 1:
+        raise InvalidOptionError("max_windows must be at least 1", details={"max_windows": max_windows})
     long_side = max(width, height)
-    windows = [Window(round((width - long_side) / 2), round((height - long_side) / 2), long_side)]
-    # Small enough for the target face size, large enough that the grid stays within the cap.
-    tile = max(
-        min_face_size / comfortable_face_fraction,
-        long_side / (1 + (max_tiles_per_side - 1) * (1 - overlap)),
-    )
-    # Tiles nearly as large as the image add nothing to the whole-image pass.
-    if tile >= 0.75 * long_side:
-        return windows
+    whole = Window(round((width - long_side) / 2), round((height - long_side) / 2), long_side)
+    finest = min_face_size / comfortable_face_fraction
+    while True:
+        levels = [_tile_level(width, height, side, overlap) for side in _level_sides(finest, long_side)]
+        if 1 + sum(len(level) for level in levels) <= max_windows:
+            break
+        finest *= 2**0.25
+    return [whole] + [window for level in reversed(levels) for window in level]
+
+
+def _level_sides(finest: float, long_side: int) -> list[float]:
+    """Tile sides from `finest`, doubling, while tiles stay under 3/4 of the long side (tiles nearly
+    as large as the photo add nothing to the whole-image pass)."""
+    sides = []
+    side = finest
+    while side < 0.75 * long_side:
+        sides.append(side)
+        side *= 2
+    return sides
+
+
+def _tile_level(width: int, height: int, tile: float, overlap: float) -> list[Window]:
     step = tile * (1 - overlap)
     counts = [max(1, math.ceil((extent - tile) / step - 1e-6) + 1) for extent in (width, height)]
-    xs = _tile_starts(width, tile, counts[0])
-    ys = _tile_starts(height, tile, counts[1])
-    for y0 in ys:
-        for x0 in xs:
+    windows = []
+    for y0 in _tile_starts(height, tile, counts[1]):
+        for x0 in _tile_starts(width, tile, counts[0]):
             inner = (x0 > 0.5, y0 > 0.5, x0 + tile < width - 0.5, y0 + tile < height - 0.5)
             windows.append(Window(round(x0), round(y0), round(tile), inner))
     return windows
@@ -295,32 +325,46 @@ def run_detector(
     windows: Sequence[Window],
     min_score: float,
     edge_margin: float = 0.01,
-) -> RawDetections:
-    """Run one detector on all windows in one `Network.run` call; weighted NMS per window; pixels out."""
-    batch = np.stack([window_tensor(rgb, w, model.input_size) for w in windows])
-    raw_boxes, raw_scores = network.run(batch)[:2]
+    deadline: float | None = None,
+) -> tuple[RawDetections, int]:
+    """Run one detector on the windows, `WINDOW_BATCH` per `Network.run` call, in order; weighted
+    NMS per window; pixels out. Stops between calls once `time.monotonic()` passes `deadline`;
+    returns the detections and how many windows ran."""
     parts: list[RawDetections] = []
-    for index, window in enumerate(windows):
-        boxes, keypoints, scores = decode_detections(raw_boxes[index], raw_scores[index], model, min_score)
-        left, top, right, bottom = window.inner_edges
-        cut = (
-            (left & (boxes[:, 0] < edge_margin))
-            | (top & (boxes[:, 1] < edge_margin))
-            | (right & (boxes[:, 2] > 1 - edge_margin))
-            | (bottom & (boxes[:, 3] > 1 - edge_margin))
-        )
-        merged = weighted_nms(RawDetections(boxes, keypoints, scores, cut))
-        origin = np.array([window.x0, window.y0], np.float32)
-        side = np.float32(window.side)
-        parts.append(
-            RawDetections(
-                (merged.boxes * side + np.tile(origin, 2)).astype(np.float32),
-                (merged.keypoints * side + origin).astype(np.float32),
-                merged.scores,
-                merged.cut,
-            )
-        )
-    return RawDetections.concatenate(parts)
+    done = 0
+    for first in range(0, len(windows), WINDOW_BATCH):
+        if deadline is not None and first > 0 and time.monotonic() > deadline:
+            break
+        chunk = windows[first : first + WINDOW_BATCH]
+        batch = np.stack([window_tensor(rgb, w, model.input_size) for w in chunk])
+        raw_boxes, raw_scores = network.run(batch)[:2]
+        for index, window in enumerate(chunk):
+            parts.append(_window_detections(raw_boxes[index], raw_scores[index], window, model, min_score, edge_margin))
+        done += len(chunk)
+    return RawDetections.concatenate(parts), done
+
+
+def _window_detections(
+    raw_boxes: NDArray[np.float32], raw_scores: NDArray[np.float32], window: Window, model: DetectorModel,
+    min_score: float, edge_margin: float,
+) -> RawDetections:
+    boxes, keypoints, scores = decode_detections(raw_boxes, raw_scores, model, min_score)
+    left, top, right, bottom = window.inner_edges
+    cut = (
+        (left & (boxes[:, 0] < edge_margin))
+        | (top & (boxes[:, 1] < edge_margin))
+        | (right & (boxes[:, 2] > 1 - edge_margin))
+        | (bottom & (boxes[:, 3] > 1 - edge_margin))
+    )
+    merged = weighted_nms(RawDetections(boxes, keypoints, scores, cut))
+    origin = np.array([window.x0, window.y0], np.float32)
+    side = np.float32(window.side)
+    return RawDetections(
+        (merged.boxes * side + np.tile(origin, 2)).astype(np.float32),
+        (merged.keypoints * side + origin).astype(np.float32),
+        merged.scores,
+        merged.cut,
+    )
 
 
 def detect_faces(
@@ -332,12 +376,17 @@ def detect_faces(
     model: str = "full_range",
     tiled: bool = True,
     min_face_size: float = 32.0,
+    max_windows: int = MAX_WINDOWS,
+    time_budget: float | None = DETECT_TIME_BUDGET,
+    notes: list[str] | None = None,
 ) -> list[Detection]:
     """Detect faces in an RGB photo; boxes and keypoints in original-image pixels, best first.
 
     `model` picks the BlazeFace variant ("full_range" or "short_range"); `min_score` defaults to
-    0.5 for both. With `tiled`, the full-range model also runs on overlapping tiles
-    sized for faces of `min_face_size` pixels, for group photos.
+    0.5 for both. With `tiled`, the full-range model also runs on `plan_windows`'s levels of
+    overlapping tiles (at most `max_windows` windows), for faces down to `min_face_size` pixels in
+    group and crowd photos. Windows run coarse to fine; after `time_budget` seconds the finer ones
+    left are skipped, and a line in `notes` says so.
     """
     rgb = check_rgb(rgb)
     if model not in MODELS:
@@ -352,12 +401,23 @@ def detect_faces(
         raise InvalidOptionError("min_face_size must be positive", details={"min_face_size": min_face_size})
     height, width = rgb.shape[:2]
     if tiled and detector is FULL_RANGE:
-        windows = plan_windows(width, height, min_face_size=min_face_size)
+        windows = plan_windows(width, height, min_face_size=min_face_size, max_windows=max_windows)
     else:
         windows = plan_windows(width, height, min_face_size=float(max(width, height)))
     network: Network = networks[detector.network]
-    raw = run_detector(rgb, network, detector, windows, threshold)
+    started = time.monotonic()
+    deadline = None if time_budget is None else started + time_budget
+    raw, ran = run_detector(rgb, network, detector, windows, threshold, deadline=deadline)
+    if ran < len(windows) and notes is not None:
+        smallest = min(w.side for w in windows[:ran]) * 0.125
+        notes.append(
+            f"face detection stopped at its {time_budget:g} s budget after {ran} of {len(windows)} windows; "
+            f"faces under about {smallest:.0f} px may be missing"
+        )
     merged = merge_windows(raw) if len(windows) > 1 else raw
+    if len(windows) > 1:
+        sides = np.maximum(merged.boxes[:, 2] - merged.boxes[:, 0], merged.boxes[:, 3] - merged.boxes[:, 1])
+        merged = merged.take(sides >= MIN_FACE_FRACTION * min_face_size)
     order = np.argsort(-merged.scores, kind="stable")
     if max_faces is not None:
         order = order[:max_faces]

@@ -20,7 +20,7 @@ def mediapipe_heads(ctx: StageContext, view: View) -> list[Head]:
     from headforge.pipeline.landmarks import find_heads
 
     try:
-        heads = find_heads(view.rgb, ctx.models, max_heads=ctx.options.max_heads)
+        heads = find_heads(view.rgb, ctx.models, max_heads=ctx.options.max_heads, notes=ctx.notes)
     except InvalidImageError as error:  # decodable, but too small to hold a face
         ctx.notes.append(f"{error.message}; nothing to reconstruct")
         return []

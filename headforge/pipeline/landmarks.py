@@ -231,12 +231,16 @@ def find_heads(
     min_presence: float = DEFAULT_MIN_PRESENCE,
     tiled: bool = True,
     min_face_size: float = 32.0,
+    notes: list[str] | None = None,
 ) -> list[Head]:
     """Detect faces, mesh them, and keep those FaceMesh confirms, as `Head` records indexed 0…n-1,
-    best detection first. Detection options are `detect_faces`'s."""
+    best detection first. Detection options are `detect_faces`'s. With `max_heads`, the most
+    confident detections are meshed until that many are confirmed; when faces are left over, a
+    line in `notes` says how many were detected."""
     if max_heads is not None and max_heads < 1:
         raise InvalidOptionError("max_heads must be at least 1", details={"max_heads": max_heads})
-    detections = detect_faces(rgb, networks, min_score=min_score, tiled=tiled, min_face_size=min_face_size)
+    detections = detect_faces(rgb, networks, min_score=min_score, tiled=tiled, min_face_size=min_face_size,
+                              notes=notes)
     heads: list[Head] = []
     # With a cap, mesh only as many detections as still needed (best first), until it is met.
     start = 0
@@ -256,4 +260,7 @@ def find_heads(
                     )
                 )
         start = stop
+    if max_heads is not None and len(heads) == max_heads and start < len(detections) and notes is not None:
+        notes.append(f"kept the {max_heads} most confident of {len(detections)} faces detected "
+                     f"(max_heads={max_heads})")
     return heads

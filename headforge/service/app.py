@@ -18,6 +18,7 @@ import tempfile
 import threading
 import time
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -46,8 +47,8 @@ from headforge.errors import (
 from headforge.pipeline.subject import check_subject_photo_count
 from headforge.service import webhooks
 from headforge.service.auth import Authenticator, Principal
-from headforge.service.forms import option_fields
 from headforge.service.celery_app import dispatch, make_celery, publish_webhook
+from headforge.service.forms import option_fields
 from headforge.service.guard import BodyGuard
 from headforge.service.jobs import (
     CANCELED,
@@ -76,6 +77,11 @@ _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 # it is extracted: photos are compressed already, so only a bomb (or a huge flat bitmap) gets there.
 MAX_ZIP_RATIO = 100
 ZIP_RATIO_MIN_BYTES = 1024 * 1024
+# An archive may hold this many times `max_files_per_batch` entries of any kind (folders, skipped
+# files); the count its end record declares is checked before its central directory is parsed.
+ZIP_MAX_ENTRIES_FACTOR = 10
+ZIP_EOCD_SEARCH = 65535  # the longest archive comment: the end record lies within this of the end
+ZIP_READ_BLOCK = 1024 * 1024
 # How long a request whose Idempotency-Key another request has reserved waits for that request's
 # batch record before it is told to retry (409 `idempotency_in_progress`).
 IDEMPOTENCY_WAIT_SECONDS = 10.0
@@ -192,17 +198,60 @@ def _read_uploads(files: list[UploadFile], settings: Settings) -> list[Upload]:
     return uploads
 
 
+def _zip_entry_count(handle: IO[bytes]) -> int | None:
+    """The entry count an archive's end-of-central-directory record declares (ZIP64 included), read
+    from its last 64 KiB before `zipfile` parses (and holds) the whole central directory; None when
+    no such record is found (then `zipfile` refuses the file)."""
+    handle.seek(0, io.SEEK_END)
+    size = handle.tell()
+    tail_start = max(0, size - (ZIP_EOCD_SEARCH + 22))
+    handle.seek(tail_start)
+    tail = handle.read()
+    end = tail.rfind(b"PK\x05\x06")
+    if end < 0 or end + 22 > len(tail):
+        return None
+    count = int.from_bytes(tail[end + 10 : end + 12], "little")
+    locator = end - 20
+    if count == 0xFFFF and locator >= 0 and tail[locator : locator + 4] == b"PK\x06\x07":
+        record = int.from_bytes(tail[locator + 8 : locator + 16], "little")
+        if record + 40 <= size:
+            handle.seek(record)
+            zip64 = handle.read(40)
+            if zip64[:4] == b"PK\x06\x06":
+                count = int.from_bytes(zip64[32:40], "little")
+    return count
+
+
 def _unzip(source: bytes | IO[bytes], settings: Settings) -> list[Upload]:
     """Image entries of a zip, with limits on count and expanded size (zip bombs).
 
-    The declared sizes are checked before anything is extracted: each entry against the per-file
-    limit and `MAX_ZIP_RATIO`, their sum against the request limit (what the images could have
-    weighed sent one by one). Each entry is then read in chunks under a running cap, so an entry
-    whose data expands past what its header says stops there."""
+    Before anything is extracted: the entry count the archive declares (before `zipfile` reads its
+    central directory), then each image entry's declared size against the per-file limit and
+    `MAX_ZIP_RATIO`, and their sum against the request limit (what the images could have weighed
+    sent one by one). Each entry is then read in blocks under a running cap, so an entry whose data
+    expands past what its header says stops there, and one whose first block is no image format
+    is refused before the rest of it is inflated."""
+    from headforge.pipeline.decode import sniff_format
+
+    handle = io.BytesIO(source) if isinstance(source, bytes) else source
+    max_entries = ZIP_MAX_ENTRIES_FACTOR * settings.max_files_per_batch
     try:
-        archive = zipfile.ZipFile(io.BytesIO(source) if isinstance(source, bytes) else source)
+        declared_count = _zip_entry_count(handle)
+        handle.seek(0)
+    except (OSError, ValueError) as error:
+        raise NotAnImageError("the archive is not a readable zip file") from error
+    if declared_count is not None and declared_count > max_entries:
+        raise TooManyFilesError(
+            f"the archive holds {declared_count} entries, over the limit of {max_entries}",
+            details={"entries": declared_count, "max_entries": max_entries},
+        )
+    try:
+        archive = zipfile.ZipFile(handle)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError):
         raise NotAnImageError("the archive is not a readable zip file") from None
+    if len(archive.infolist()) > max_entries:
+        raise TooManyFilesError(f"the archive holds over {max_entries} entries",
+                                details={"entries": len(archive.infolist()), "max_entries": max_entries})
     entries = [
         info for info in archive.infolist()
         if not info.is_dir() and not PurePosixPath(info.filename).name.startswith(".")
@@ -220,7 +269,8 @@ def _unzip(source: bytes | IO[bytes], settings: Settings) -> list[Upload]:
         name = _safe_filename(info.filename, index)
         if info.file_size > settings.max_upload_bytes:
             raise FileTooLargeError(f"{name} expands to {info.file_size} bytes, over the limit",
-                                    details={"filename": name, "max_bytes": settings.max_upload_bytes})
+                                    details={"filename": name, "bytes": info.file_size,
+                                             "max_bytes": settings.max_upload_bytes})
         if info.file_size > ZIP_RATIO_MIN_BYTES and info.file_size > MAX_ZIP_RATIO * max(1, info.compress_size):
             raise FileTooLargeError(
                 f"{name} expands {info.file_size / max(1, info.compress_size):.0f} times its stored size "
@@ -242,15 +292,19 @@ def _unzip(source: bytes | IO[bytes], settings: Settings) -> list[Upload]:
         parts: list[bytes] = []
         size = 0
         try:
-            with archive.open(info) as handle:
-                while block := handle.read(min(1024 * 1024, cap + 1 - size)):
+            with archive.open(info) as entry:
+                while block := entry.read(min(ZIP_READ_BLOCK, cap + 1 - size)):
+                    if not parts and sniff_format(block) is None:
+                        raise NotAnImageError(f"{name} in the archive is not a JPEG, PNG, WebP, BMP or TIFF file",
+                                              details={"filename": name})
                     size += len(block)
                     total += len(block)
                     if size > cap or total > settings.max_request_bytes:
                         raise FileTooLargeError(f"{name} expands past its declared size or the limits",
                                                 details={"filename": name, "max_bytes": cap})
                     parts.append(block)
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, RuntimeError) as error:
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, RuntimeError,
+                zlib.error) as error:
             raise NotAnImageError(f"{name} cannot be read from the archive: {type(error).__name__}",
                                   details={"filename": name}) from None
         uploads.append(Upload(name, b"".join(parts)))

@@ -80,7 +80,7 @@ class Settings:
     max_files_per_batch: int = 200
     max_request_bytes: int = 512 * 1024 * 1024
     # Seconds a request body may take in all, and between two of its chunks (docs/service.md).
-    body_timeout: float = 300.0
+    body_timeout: float = 600.0
     body_idle_timeout: float = 30.0
     # Uploads checked (decoded) at once by the gateway; more wait their turn.
     max_concurrent_decodes: int = 2
@@ -124,7 +124,7 @@ class Settings:
             max_files_per_job=_env_int("HEADFORGE_MAX_FILES_PER_JOB", 8),
             max_files_per_batch=_env_int("HEADFORGE_MAX_FILES_PER_BATCH", 200),
             max_request_bytes=_env_int("HEADFORGE_MAX_REQUEST_BYTES", 512 * 1024 * 1024),
-            body_timeout=_env_float("HEADFORGE_BODY_TIMEOUT", 300.0),
+            body_timeout=_env_float("HEADFORGE_BODY_TIMEOUT", 600.0),
             body_idle_timeout=_env_float("HEADFORGE_BODY_IDLE_TIMEOUT", 30.0),
             max_concurrent_decodes=max(1, _env_int("HEADFORGE_MAX_CONCURRENT_DECODES", 2)),
             job_ttl_seconds=_env_int("HEADFORGE_JOB_TTL_SECONDS", 7 * 24 * 3600),

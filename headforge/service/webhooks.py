@@ -55,6 +55,8 @@ SPECIAL_PURPOSE_NETWORKS = tuple(ipaddress.ip_network(block) for block in (
     "::/128", "::1/128", "::ffff:0:0/96", "64:ff9b::/96", "64:ff9b:1::/48", "100::/64", "100:0:0:1::/64",
     "2001::/23", "2001:db8::/32", "2002::/16", "2620:4f:8000::/48", "3fff::/20", "5f00::/16", "fc00::/7",
     "fe80::/10", "ff00::/8",
+    # Deprecated, and still no place for a webhook: IPv4-compatible addresses (RFC 4291) and site-local.
+    "::/96", "fec0::/10",
 ))
 
 

@@ -368,7 +368,7 @@ def running_stack(
     if redis:
         require_redis()
     require_models()
-    stack = make_stack(root, redis=redis, server=server, **env)
+    stack = make_stack(root, redis=redis, auth=True, server=server, **env)
     try:
         if redis:
             stack.start_redis()

@@ -188,6 +188,40 @@ def test_zip_with_a_lying_entry_size_is_refused(stack: Stack) -> None:
     assert response.json()["error"]["code"] in ("file_too_large", "not_an_image")
 
 
+def _zip_of(entries: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def test_zip_entry_count_is_checked_before_the_central_directory_is_parsed() -> None:
+    """The end record's declared count decides, so a huge central directory is never parsed: here
+    the record claims 65,000 entries over a directory that holds one."""
+    from headforge.errors import TooManyFilesError
+    from headforge.service.app import _unzip
+    from headforge.service.settings import Settings
+
+    data = bytearray(_zip_of({"a.jpg": astronaut_jpeg(64)}))
+    end = data.rfind(b"PK\x05\x06")
+    data[end + 8 : end + 12] = (65000).to_bytes(2, "little") * 2  # entries on this disk, in all
+    with pytest.raises(TooManyFilesError) as caught:
+        _unzip(bytes(data), Settings(data_dir=Path("unused")))
+    assert caught.value.details["entries"] == 65000
+
+
+def test_zip_entry_that_is_no_image_is_refused_at_its_first_block() -> None:
+    from headforge.errors import NotAnImageError
+    from headforge.service.app import _unzip
+    from headforge.service.settings import Settings
+
+    with pytest.raises(NotAnImageError) as caught:
+        _unzip(_zip_of({"a.jpg": astronaut_jpeg(64), "b.jpg": b"MZ" + bytes(5000)}), Settings(data_dir=Path("unused")))
+    assert caught.value.details["filename"] == "b.jpg"
+    assert [u.filename for u in _unzip(_zip_of({"a.jpg": astronaut_jpeg(64)}), Settings(data_dir=Path("unused")))] == ["a.jpg"]
+
+
 # --------------------------------------------------------------------------- large and lying images
 
 
@@ -366,6 +400,8 @@ def test_body_trickled_slowly_gets_408(stack: Stack) -> None:
 @pytest.mark.parametrize("address", [
     "192.0.0.8", "192.0.0.170", "192.0.0.9", "198.18.0.1", "100.64.0.1", "192.88.99.1", "240.0.0.1",
     "[2001:db8::1]", "[64:ff9b:1::1]", "[2002:c000:0208::1]", "[2001:10::1]", "[100::1]", "[::ffff:192.0.0.8]",
+    "[3fff::1]", "[5f00::1]", "[2620:4f:8000::1]", "192.31.196.1", "192.52.193.1", "192.175.48.1", "[::808:808]",
+    "[fec0::1]",
 ])
 def test_webhook_targets_in_special_purpose_ranges_are_refused(address: str) -> None:
     with pytest.raises(WebhookRefusedError):
