@@ -265,16 +265,18 @@ def plan_windows(
     *,
     min_face_size: float,
     comfortable_face_fraction: float = 1 / 8,
-    overlap: float = 0.5,
+    overlap: float = 0.25,
     max_windows: int = MAX_WINDOWS,
 ) -> list[Window]:
     """The whole-image window, then levels of overlapping square tiles, coarse to fine.
 
     The finest tiles are sized so a face of `min_face_size` pixels covers
     `comfortable_face_fraction` of the detector input; each coarser level doubles the side, up to
-    3/4 of the photo's long side (the whole-image window covers the rest). With half-tile overlap a
-    face up to half a tile's side lies whole inside some tile of its level, and the next level's
-    tiles take the faces too big for it, so every face size from `min_face_size` up is in reach.
+    3/4 of the photo's long side (the whole-image window covers the rest). A level is there for faces
+    from its smallest size `m` (tile/8) to `2m`, where the next level takes over; with a quarter-tile
+    overlap a face up to tile/4 = 2m lies whole inside some tile of its level, so every face size
+    from `min_face_size` up is in reach (half-tile overlap would only add windows: 232 against 115
+    for a 2 MP photo).
     When that takes more than `max_windows` windows, the finest side grows (in steps of 2^¼) until
     the plan fits: the work is bounded, and the smallest faces in reach grow with the photo."""
     if max_windows < 1:
