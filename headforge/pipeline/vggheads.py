@@ -179,15 +179,22 @@ def select_heads(
     iou: float = IOU_THRESHOLD,
     max_heads: int = MAX_HEADS,
     pre_nms: int = PRE_NMS,
+    notes: list[str] | None = None,
 ) -> list[VGGHead]:
     """One image's network outputs ([N, 4], [N, 1] or [N], [N, 413]; N = 1000 from a top-k graph or
-    8400 from ours) → heads, best first, mapped back to the photo."""
+    8400 from ours) → heads, best first, mapped back to the photo. When more than `max_heads` survive
+    NMS, the most confident are kept and `notes` says how many were found."""
     score = np.asarray(scores, dtype=np.float64).reshape(-1)
     candidates = np.flatnonzero(score >= score_threshold)
     candidates = candidates[np.argsort(-score[candidates], kind="stable")][:pre_nms]
     canvas = float(INPUT_SIZE)
     clipped = np.clip(np.asarray(boxes, dtype=np.float64)[candidates], 0.0, canvas)
-    kept = candidates[nms(clipped, score[candidates], iou)][:max_heads]
+    survivors = candidates[nms(clipped, score[candidates], iou)]
+    kept = survivors[:max_heads]
+    if len(survivors) > max_heads and notes is not None:
+        notes.append(
+            f"kept the {max_heads} most confident of {len(survivors)} heads detected (max_heads={max_heads})"
+        )
     heads = []
     for index in kept:
         vector = np.asarray(flame[index], dtype=np.float64)
@@ -223,6 +230,7 @@ def detect_batch(
     channel_order: str = CHANNEL_ORDER,
     max_heads: int = MAX_HEADS,
     score_threshold: float = SCORE_THRESHOLD,
+    notes: list[str] | None = None,
 ) -> list[list[VGGHead]]:
     """Every photo of a job through `network` (a `Network`: `run(batch) -> [boxes, scores, flame]`)
     in one batched call, then per-photo NMS and mapping back."""
@@ -238,7 +246,8 @@ def detect_batch(
         boxes, scores, flame = network.run(batch)[:3]
     return [
         select_heads(
-            boxes[i], scores[i], flame[i], frame, max_heads=max_heads, score_threshold=score_threshold
+            boxes[i], scores[i], flame[i], frame, max_heads=max_heads, score_threshold=score_threshold,
+            notes=notes,
         )
         for i, (_, frame) in enumerate(prepared)
     ]

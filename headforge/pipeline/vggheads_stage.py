@@ -46,14 +46,16 @@ def _capture_detections(ctx: StageContext, view: View) -> list[VGGHead]:
         pending = _pending.get(key)
         if pending is None or pending[0] is not ctx:
             views = ctx.capture.views
-            found = detect_batch(ctx.models[NETWORK], [v.rgb for v in views], max_heads=_max_heads(ctx))
+            found = detect_batch(
+                ctx.models[NETWORK], [v.rgb for v in views], max_heads=_max_heads(ctx), notes=ctx.notes
+            )
             pending = (ctx, {v.index: heads for v, heads in zip(views, found, strict=True)})
             _pending[key] = pending
         heads = pending[1].pop(view.index, None)
         if not pending[1]:
             _pending.pop(key, None)
     if heads is None:  # asked twice for one view: run it alone
-        heads = detect_batch(ctx.models[NETWORK], [view.rgb], max_heads=_max_heads(ctx))[0]
+        heads = detect_batch(ctx.models[NETWORK], [view.rgb], max_heads=_max_heads(ctx), notes=ctx.notes)[0]
     return heads
 
 
