@@ -204,3 +204,13 @@ def test_a_checkpoint_that_is_not_imported_is_refused(
     monkeypatch.setenv("HEADFORGE_HOME", str(kaolrm_home))
     with pytest.raises(PipelineUnavailableError, match="multiview checkpoint is not imported"):
         _run(models, astronaut, tmp_path / "out", kaolrm_checkpoint="multiview")
+
+
+def test_kaolrm_options_are_checked() -> None:
+    from headforge.errors import InvalidOptionError
+
+    assert ReconstructOptions(pipeline="kaolrm").kaolrm_points == "sampled"
+    with pytest.raises(InvalidOptionError, match="kaolrm_points"):
+        ReconstructOptions(pipeline="kaolrm", kaolrm_points="edges")
+    with pytest.raises(InvalidOptionError, match="kaolrm_checkpoint"):
+        ReconstructOptions(pipeline="kaolrm", kaolrm_checkpoint="stereo")
