@@ -214,3 +214,28 @@ def test_kaolrm_options_are_checked() -> None:
         ReconstructOptions(pipeline="kaolrm", kaolrm_points="edges")
     with pytest.raises(InvalidOptionError, match="kaolrm_checkpoint"):
         ReconstructOptions(pipeline="kaolrm", kaolrm_checkpoint="stereo")
+
+
+def test_checkpoint_flame_is_used_only_with_the_imported_triangles(
+    flame_asset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The imported UVs are per face of the imported FLAME: the checkpoint's FLAME builds the mesh
+    only when its triangle list is the same, else the imported FLAME does."""
+    from kaolrm_synthetic import flame_buffers
+
+    from headforge.models.kaolrm_import import FLAME_FILE, flame_arrays
+    from headforge.pipeline.kaolrm_stage import flame_source
+
+    monkeypatch.setenv("HEADFORGE_FLAME_ASSET", str(flame_asset))
+    arrays = flame_arrays(flame_buffers())
+    same, other = tmp_path / "same", tmp_path / "other"
+    same.mkdir()
+    other.mkdir()
+    np.savez(same / FLAME_FILE, **arrays)  # type: ignore[arg-type]
+    np.savez(other / FLAME_FILE, **{**arrays, "faces": arrays["faces"][:, [0, 2, 1]]})  # type: ignore[arg-type]
+    chosen = flame_source(same)
+    assert chosen is not None and chosen.name == "checkpoint"
+    np.testing.assert_array_equal(chosen.asset.v_template, arrays["v_template"])
+    fallback = flame_source(other)
+    assert fallback is not None and fallback.name == "imported"
+    assert flame_source(tmp_path) is not None and flame_source(tmp_path).name == "imported"  # type: ignore[union-attr]

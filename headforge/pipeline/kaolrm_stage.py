@@ -14,7 +14,9 @@ For every head of the capture (MediaPipe's head source by default):
    at p = s · v + t, with t_z = 0 for the mono checkpoint (its weak-perspective focal). The
    geometry comes from the FLAME tensors the checkpoint carried (`flame_model.npz`, kept by the
    import: the model KaoLRM was trained with) when present, else from the imported FLAME; the UVs
-   always come from the import. `params.flame_model` records which (`checkpoint` or `imported`).
+   always come from the import (so the checkpoint's triangles must be the imported FLAME's, else
+   the imported FLAME builds the mesh). `params.flame_model` records which (`checkpoint` or
+   `imported`).
 4. **Placement in the photo**, with f the checkpoint's focal (KaoLRM's inference configs: mono 20,
    multiview 0.75; normalised by the image side, principal point at the centre): KaoLRM renders
    the placed mesh and Gaussians from a pinhole at p = (0, 0, 2) looking along −z with y up (its
@@ -203,6 +205,10 @@ def flame_source(image_entry: Path) -> FlameSource | None:
         return FlameSource(imported, "imported")
     with np.load(bundled, allow_pickle=False) as npz:
         arrays = {key: npz[key] for key in npz.files}
+    if not np.array_equal(arrays["faces"], imported.faces):
+        # The imported UVs are laid out per face of the imported FLAME: another triangle list
+        # (not FLAME 2020's) cannot borrow them, so the imported model builds the mesh.
+        return FlameSource(imported, "imported")
     asset = FlameAsset(
         v_template=arrays["v_template"].astype(np.float32),
         faces=arrays["faces"].astype(np.int32),
