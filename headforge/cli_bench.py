@@ -14,8 +14,21 @@ def bench(
         "--vggheads",
         help="Run only the vggheads section (S, M, L eager vs ONNX Runtime; several minutes; S only with --quick).",
     ),
+    kaolrm: bool = typer.Option(
+        False,
+        "--kaolrm",
+        help="Run only the kaolrm section (full KaoLRM, eager vs ONNX Runtime per head at batch 1 and 4; "
+        "many minutes; a small config with --quick).",
+    ),
 ) -> None:
     """Measure headforge against references in the same run; print one JSON line."""
     from headforge.benchmarks import OPTIONAL_SECTIONS, run_all
 
-    print(json.dumps(OPTIONAL_SECTIONS["vggheads"](quick) if vggheads else run_all(quick)))
+    chosen = [name for name, wanted in (("vggheads", vggheads), ("kaolrm", kaolrm)) if wanted]
+    if not chosen:
+        print(json.dumps(run_all(quick)))
+        return
+    result: dict[str, object] = {}
+    for name in chosen:
+        result.update(OPTIONAL_SECTIONS[name](quick))
+    print(json.dumps(result))

@@ -282,3 +282,42 @@ def test_python_api_refuses_unknown_variant(tmp_path: Path, release: Path) -> No
     with pytest.raises(InvalidCheckpointError):
         import_kaolrm(release, variant="stereo", root=tmp_path / "repo")
     assert not (tmp_path / "repo").exists()
+
+
+def test_layer_count_that_does_not_match_the_weights(home: Path, tmp_path: Path) -> None:
+    document = {**SMALL.to_dict(), "transformer_layers": 3}
+    release = write_release(tmp_path / "mono", config_document=document)
+    expect_refused(
+        home, "config.json does not match the weights: transformer_layers is 3 in config.json, the weights have 2",
+        str(release),
+    )  # fmt: skip
+
+
+def test_a_failed_second_export_leaves_the_repository_unchanged(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The image graph's entry is written, then the Gaussian graph's export fails: neither entry may
+    appear (they are staged and swapped in together). The first export is stood in by files
+    written into its staging folder, which is what a real export leaves there; the second raises
+    what a failed export raises."""
+    import headforge.export.model as export_model
+    from headforge.errors import ModelExportError
+
+    calls: list[str] = []
+
+    def export_then_fail(module: object, spec: object, name: str, version: str, directory: Path, **_: object) -> dict:  # type: ignore[type-arg]
+        calls.append(name)
+        if len(calls) == 2:
+            raise ModelExportError(f"{name}: ONNX Runtime differs from PyTorch by 1.0 (bound 1e-4)")
+        (directory / "model.onnx").write_bytes(b"onnx")
+        (directory / "manifest.json").write_text("{}")
+        return {"parity": {"max_abs_error": 0.0}}
+
+    monkeypatch.setattr(export_model, "write_entry_files", export_then_fail)
+    release = write_release(tmp_path / "mono", with_flame=False)
+    before = snapshot(home / "models")
+    with pytest.raises(ModelExportError):
+        import_kaolrm(release, variant="mono", root=home / "models")
+    assert calls == [image_entry_name("mono"), gaussian_entry_name("mono")]
+    assert snapshot(home / "models") == before
+    assert latest_entries("mono", home / "models") is None

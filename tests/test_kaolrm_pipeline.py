@@ -19,14 +19,16 @@ from kaolrm_synthetic import write_release
 from needs import missing
 from numpy.typing import NDArray
 from PIL import Image
-from plyfile import PlyData
+from plyfile import PlyData, PlyElement
 
 from headforge.config import model_repository
 from headforge.errors import HeadforgeError, PipelineUnavailableError
 from headforge.models.kaolrm_import import import_kaolrm
 from headforge.models.runtime import ModelSet, OrtNetwork, repository_network_path
 from headforge.pipeline.kaolrm_stage import CAMERA_DISTANCE, project
+from headforge.pipeline.package import SH_C0
 from headforge.pipeline.run import ReconstructOptions, pipeline_missing_reason, reconstruct_image
+from headforge.pipeline.splats import NORMAL_SCALE_RATIO
 from headforge.schemas import validate_result
 
 MONO_FOCAL = 20.0
@@ -39,6 +41,12 @@ def kaolrm_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     release = write_release(base / "release" / "mono")
     import_kaolrm(release, variant="mono", root=base / "home" / "models")
     return base / "home"
+
+
+@pytest.fixture(scope="module")
+def flame_asset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic FLAME's imported `.npz` (with UVs), generated once per process."""
+    return imported_synthetic_flame(tmp_path_factory.getbasetemp())[1]
 
 
 @pytest.fixture(scope="module")
@@ -89,16 +97,33 @@ def _check_params(head: dict, width: int) -> None:  # type: ignore[type-arg]
     assert head["pose"]["scale"] == pytest.approx(expected_scale, rel=1e-5)
 
 
+def _check_learned_ply(ply: PlyElement) -> None:
+    """What tells the learned Gaussians from the sampled ones in the PLY: 2D Gaussians whose normal
+    axis is the epsilon of the larger tangent scale, two tangent scales of their own (sampled splats
+    share one), opacities that vary (sampled ones are constant) and an SH DC colour that varies."""
+    log_scales = np.stack([ply[f"scale_{i}"] for i in range(3)], axis=1).astype(np.float64)
+    np.testing.assert_allclose(
+        log_scales[:, 2] - log_scales[:, :2].max(axis=1), np.log(NORMAL_SCALE_RATIO), atol=1e-4
+    )
+    assert not np.allclose(log_scales[:, 0], log_scales[:, 1])
+    quats = np.stack([ply[f"rot_{i}"] for i in range(4)], axis=1)
+    np.testing.assert_allclose(np.linalg.norm(quats, axis=1), 1.0, atol=1e-5)
+    opacity = np.asarray(ply["opacity"], np.float64)
+    assert np.isfinite(opacity).all() and np.ptp(opacity) > 0
+    dc = np.stack([ply[f"f_dc_{i}"] for i in range(3)], axis=1)
+    assert np.ptp(dc) > 0 and bool((np.abs(dc) <= 0.5 / SH_C0 + 1e-5).all())  # colours in [0, 1]
+
+
 def test_kaolrm_with_synthetic_flame(
     kaolrm_home: Path,
     models: ModelSet,
+    flame_asset: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     astronaut: NDArray[np.uint8],
 ) -> None:
-    _, asset = imported_synthetic_flame(tmp_path)
     monkeypatch.setenv("HEADFORGE_HOME", str(kaolrm_home))
-    monkeypatch.setenv("HEADFORGE_FLAME_ASSET", str(asset))
+    monkeypatch.setenv("HEADFORGE_FLAME_ASSET", str(flame_asset))
     assert pipeline_missing_reason("kaolrm") is None
     out = tmp_path / "out"
     document = _run(models, astronaut, out, seed=3)
@@ -112,11 +137,7 @@ def test_kaolrm_with_synthetic_flame(
     assert head["splats"] == int(8000 / 1.8) == 4444  # mono back-face culling
     ply = PlyData.read(str(out / head["artifacts"]["splats"]))["vertex"]
     assert ply.count == 4444
-    log_scales = np.stack([ply[f"scale_{i}"] for i in range(3)], axis=1)
-    assert bool((log_scales[:, 2] < log_scales[:, :2].min(axis=1)).all())  # the normal axis: an epsilon
-    quats = np.stack([ply[f"rot_{i}"] for i in range(4)], axis=1)
-    np.testing.assert_allclose(np.linalg.norm(quats, axis=1), 1.0, atol=1e-5)
-    assert np.isfinite(np.asarray(ply["opacity"])).all()
+    _check_learned_ply(ply)
     names = [m["name"] for m in document["models"]]
     assert "kaolrm-mono-image" in names and "kaolrm-mono-gaussians" in names and "selfie_segmentation" in names
     assert names[-1] == "flame"  # the imported FLAME supplied the UVs
@@ -135,18 +156,21 @@ def test_kaolrm_with_synthetic_flame(
 def test_kaolrm_at_the_vertices(
     kaolrm_home: Path,
     models: ModelSet,
+    flame_asset: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     astronaut: NDArray[np.uint8],
 ) -> None:
-    _, asset = imported_synthetic_flame(tmp_path)
     monkeypatch.setenv("HEADFORGE_HOME", str(kaolrm_home))
-    monkeypatch.setenv("HEADFORGE_FLAME_ASSET", str(asset))
+    monkeypatch.setenv("HEADFORGE_FLAME_ASSET", str(flame_asset))
     out = tmp_path / "out"
     document = _run(models, astronaut, out, kaolrm_points="vertices")
     validate_result(json.loads((out / "result.json").read_text()))
     head = document["heads"][0]
-    assert head["splat_source"] == "learned" and head["splats"] == int(5023 / 1.8)
+    assert head["splat_source"] == "learned" and head["splats"] == int(5023 / 1.8) == 2790
+    ply = PlyData.read(str(out / head["artifacts"]["splats"]))["vertex"]
+    assert ply.count == 2790
+    _check_learned_ply(ply)
     assert "splats" in head["artifacts"] and "binding" not in head["artifacts"]
 
 
@@ -180,3 +204,38 @@ def test_a_checkpoint_that_is_not_imported_is_refused(
     monkeypatch.setenv("HEADFORGE_HOME", str(kaolrm_home))
     with pytest.raises(PipelineUnavailableError, match="multiview checkpoint is not imported"):
         _run(models, astronaut, tmp_path / "out", kaolrm_checkpoint="multiview")
+
+
+def test_kaolrm_options_are_checked() -> None:
+    from headforge.errors import InvalidOptionError
+
+    assert ReconstructOptions(pipeline="kaolrm").kaolrm_points == "sampled"
+    with pytest.raises(InvalidOptionError, match="kaolrm_points"):
+        ReconstructOptions(pipeline="kaolrm", kaolrm_points="edges")
+    with pytest.raises(InvalidOptionError, match="kaolrm_checkpoint"):
+        ReconstructOptions(pipeline="kaolrm", kaolrm_checkpoint="stereo")
+
+
+def test_checkpoint_flame_is_used_only_with_the_imported_triangles(
+    flame_asset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The imported UVs are per face of the imported FLAME: the checkpoint's FLAME builds the mesh
+    only when its triangle list is the same, else the imported FLAME does."""
+    from kaolrm_synthetic import flame_buffers
+
+    from headforge.models.kaolrm_import import FLAME_FILE, flame_arrays
+    from headforge.pipeline.kaolrm_stage import flame_source
+
+    monkeypatch.setenv("HEADFORGE_FLAME_ASSET", str(flame_asset))
+    arrays = flame_arrays(flame_buffers())
+    same, other = tmp_path / "same", tmp_path / "other"
+    same.mkdir()
+    other.mkdir()
+    np.savez(same / FLAME_FILE, **arrays)  # type: ignore[arg-type]
+    np.savez(other / FLAME_FILE, **{**arrays, "faces": arrays["faces"][:, [0, 2, 1]]})  # type: ignore[arg-type]
+    chosen = flame_source(same)
+    assert chosen is not None and chosen.name == "checkpoint"
+    np.testing.assert_array_equal(chosen.asset.v_template, arrays["v_template"])
+    fallback = flame_source(other)
+    assert fallback is not None and fallback.name == "imported"
+    assert flame_source(tmp_path) is not None and flame_source(tmp_path).name == "imported"  # type: ignore[union-attr]

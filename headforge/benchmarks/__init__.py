@@ -39,8 +39,14 @@ def _vggheads(quick: bool) -> dict[str, Any]:
     return vggheads.run(quick)
 
 
-# Opt-in sections (`headforge bench --vggheads`): minutes long, so not part of the default run.
-OPTIONAL_SECTIONS: dict[str, Callable[[bool], dict[str, Any]]] = {"vggheads": _vggheads}
+def _kaolrm(quick: bool) -> dict[str, Any]:
+    from headforge.benchmarks import kaolrm
+
+    return kaolrm.run(quick)
+
+
+# Opt-in sections (`headforge bench --vggheads`, `--kaolrm`): minutes long, so not part of the default run.
+OPTIONAL_SECTIONS: dict[str, Callable[[bool], dict[str, Any]]] = {"vggheads": _vggheads, "kaolrm": _kaolrm}
 
 
 def run_all(quick: bool) -> dict[str, Any]:

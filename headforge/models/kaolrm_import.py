@@ -49,6 +49,7 @@ from headforge.models.kaolrm import (
 )
 
 if TYPE_CHECKING:
+    from headforge.export.onnx import ExportSpec
     from headforge.models.importers import ImportOptions, ImportReport
 
 FAMILY = "kaolrm"
@@ -204,6 +205,27 @@ def flame_arrays(flame: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     }
 
 
+def export_specs(config: KaoLRMConfig, focal: float) -> tuple[ExportSpec, ExportSpec]:
+    """The two graphs' export specs: image → planes, FLAME; planes, points → Gaussians (points
+    drawn for parity within the triplane's box at `focal`)."""
+    from headforge.export.onnx import ExportSpec, TensorSpec
+
+    reach = PRETRAIN_FOCAL / focal
+    plane_shape = (3, config.triplane_dim, config.triplane_high_res, config.triplane_high_res)
+    image = ExportSpec(
+        inputs=(TensorSpec("image", (3, IMAGE_SIZE, IMAGE_SIZE)),), outputs=("planes", "flame"), max_batch=16
+    )
+    gaussians = ExportSpec(
+        inputs=(
+            TensorSpec("planes", plane_shape, value_range=(-1.0, 1.0)),
+            TensorSpec("points", (GAUSSIAN_POINTS, 3), value_range=(-reach, reach)),
+        ),
+        outputs=("gaussians",),
+        max_batch=16,
+    )
+    return image, gaussians
+
+
 def import_kaolrm(
     path: Path,
     *,
@@ -214,7 +236,6 @@ def import_kaolrm(
 ) -> KaoLRMImport:
     """Check a KaoLRM checkpoint and export its two graphs into the model repository."""
     from headforge.export.model import write_entry_files
-    from headforge.export.onnx import ExportSpec, TensorSpec
     from headforge.export.repository import entry_dir, staged_entry
 
     if variant not in VARIANTS:
@@ -237,12 +258,7 @@ def import_kaolrm(
     }
     image_graph = KaoLRMImageGraph(model).eval()
     gaussian_graph = KaoLRMGaussianGraph(model, focal).eval()
-    plane_shape = (
-        3,
-        model.config.triplane_dim,
-        model.config.triplane_high_res,
-        model.config.triplane_high_res,
-    )
+    image_spec, gaussian_spec = export_specs(model.config, focal)
     rng = np.random.default_rng(0)
     images = rng.uniform(0.0, 1.0, size=(2, 3, IMAGE_SIZE, IMAGE_SIZE)).astype(np.float32)
     with torch.no_grad():
@@ -266,11 +282,6 @@ def import_kaolrm(
         staged_entry(gaussian_name, version, root) as gauss_dir,
     ):
         log(f"exporting {image_name} (image → planes, FLAME parameters)")
-        image_spec = ExportSpec(
-            inputs=(TensorSpec("image", (3, IMAGE_SIZE, IMAGE_SIZE)),),
-            outputs=("planes", "flame"),
-            max_batch=16,
-        )
         manifests.append(
             write_entry_files(
                 image_graph, image_spec, image_name, version, image_dir,
@@ -278,14 +289,6 @@ def import_kaolrm(
             )
         )  # fmt: skip
         log(f"exporting {gaussian_name} (planes, points → Gaussians)")
-        gaussian_spec = ExportSpec(
-            inputs=(
-                TensorSpec("planes", plane_shape, value_range=(-1.0, 1.0)),
-                TensorSpec("points", (GAUSSIAN_POINTS, 3), value_range=(-reach, reach)),
-            ),
-            outputs=("gaussians",),
-            max_batch=16,
-        )
         manifests.append(
             write_entry_files(
                 gaussian_graph, gaussian_spec, gaussian_name, version, gauss_dir,

@@ -14,22 +14,29 @@ For every head of the capture (MediaPipe's head source by default):
    at p = s · v + t, with t_z = 0 for the mono checkpoint (its weak-perspective focal). The
    geometry comes from the FLAME tensors the checkpoint carried (`flame_model.npz`, kept by the
    import: the model KaoLRM was trained with) when present, else from the imported FLAME; the UVs
-   always come from the import. `params.flame_model` records which (`checkpoint` or `imported`).
-4. **Placement in the photo**, with f the checkpoint's focal (mono 20, multiview 0.75): a pinhole
-   camera at p = (0, 0, 2) looking along −z (KaoLRM's source camera at (0, −2, 0) in the triplane
-   frame, whose axes are (x, −z, y) of p), so a point lands in the crop at
-   u = 0.5 + f · p_x / (2 − p_z), v = 0.5 − f · p_y / (2 − p_z) (v down), then in photo pixels at
-   crop origin + (u, v) · crop side; image z = −p_z · side · f / 2 (farther is larger). For mono this
-   reads the triplane box through focal 20 from 2 · 20 / 0.75 units away, which subtends what
-   focal 0.75 does from 2: weak perspective. docs/models.md states the same mapping.
+   always come from the import (so the checkpoint's triangles must be the imported FLAME's, else
+   the imported FLAME builds the mesh). `params.flame_model` records which (`checkpoint` or
+   `imported`).
+4. **Placement in the photo**, with f the checkpoint's focal (KaoLRM's inference configs: mono 20,
+   multiview 0.75; normalised by the image side, principal point at the centre): KaoLRM renders
+   the placed mesh and Gaussians from a pinhole at p = (0, 0, 2) looking along −z with y up (its
+   source camera c2w, at (0, −2, 0) in the triplane frame whose axes are (x, −z, y) of p, after its
+   LLFF → OpenGL change of axes), the view its training compares with the input crop. So a point
+   lands in the crop at u = 0.5 + f · p_x / (2 − p_z), v = 0.5 − f · p_y / (2 − p_z) (v down), then
+   in photo pixels at crop origin + (u, v) · crop side; image z = −p_z · side · f / 2 (farther is
+   larger, on the x scale at the head's depth). docs/models.md states the same mapping.
 5. **Learned splats** (when `splats` > 0): 8000 area-weighted points on the placed mesh drawn with
    the head's seed (from the job seed, as the default splat step derives it), or FLAME's 5023
-   vertices (`kaolrm_points=vertices`); the Gaussian graph gives opacity, three scales, a rotation
-   and RGB per point; the mono checkpoint keeps the int(N / 1.8) points with the largest p_z
-   (back-face culling, 8000 → 4444). They are written in the head frame: positions at the same
-   surface point of the unposed mesh, rotations turned back by the global pose, the two tangent
-   scales divided by the triplane frame's units per metre (s · f / 0.75), the normal-axis scale an
-   epsilon (2D Gaussians), colour clipped to [0, 1]. The PLY writer stores the SH DC term, logit
+   vertices (`kaolrm_points=vertices`); the Gaussian graph reads the triplane at them (it scales
+   the points by f / 0.75 and remaps them to the triplane's axes itself) and gives opacity, three
+   scales, a rotation and RGB per point. The mono checkpoint keeps the int(N / 1.8) points with the
+   largest p_z (back-face culling, 8000 → 4444, 5023 → 2790), as KaoLRM does before rendering.
+   KaoLRM renders the Gaussians at the placed points p, so their scales and rotations are in that
+   frame; they are written in the head frame (FLAME's, metres, global pose removed, as `Head.mesh`):
+   positions at the same surface point of the mesh without the global pose, rotations turned back by
+   R(global)ᵀ, the two tangent scales divided by s, the normal-axis scale an epsilon
+   (`NORMAL_SCALE_RATIO` of the larger tangent scale: 2D Gaussians; KaoLRM's renderer drops the third
+   scale), colour clipped to [0, 1]. The PLY writer stores the SH DC term (c − 0.5) / C0, logit
    opacity and log scales; `source: learned`.
 
 Without an imported FLAME with UVs the heads keep their parameters and pose (no meshes), and a note
@@ -57,8 +64,6 @@ SAMPLED_POINTS = 8000
 GRAPH_BATCH = 16  # the graphs' export batch limit
 CAMERA_DISTANCE = 2.0
 FLAME_TO_IMAGE = np.diag([1.0, -1.0, -1.0])
-# KaoLRM's FLAME frame p → its triplane frame: (x, y, z) → (x, −z, y).
-TO_TRIPLANE = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
 NO_FLAME_NOTE = (
     "kaolrm: no FLAME model with UVs is imported, so heads have KaoLRM's FLAME parameters and poses but "
     "no meshes, textures or splats (see docs/flame.md)"
@@ -200,6 +205,10 @@ def flame_source(image_entry: Path) -> FlameSource | None:
         return FlameSource(imported, "imported")
     with np.load(bundled, allow_pickle=False) as npz:
         arrays = {key: npz[key] for key in npz.files}
+    if not np.array_equal(arrays["faces"], imported.faces):
+        # The imported UVs are laid out per face of the imported FLAME: another triangle list
+        # (not FLAME 2020's) cannot borrow them, so the imported model builds the mesh.
+        return FlameSource(imported, "imported")
     asset = FlameAsset(
         v_template=arrays["v_template"].astype(np.float32),
         faces=arrays["faces"].astype(np.int32),
@@ -266,12 +275,11 @@ def learned_splats(
     points: _Points,
     found: KaoLRMHead,
     variant: str,
-    focal: float,
     unposed: FloatArray,
     faces: NDArray[np.int32],
 ) -> Splats:
     """The Gaussian graph's rows (M, 11) for `points` → head-frame `Splats` (module docstring, step 5)."""
-    from headforge.models.kaolrm import CULL_DIVISOR, PRETRAIN_FOCAL
+    from headforge.models.kaolrm import CULL_DIVISOR
     from headforge.models.rotations import rodrigues
     from headforge.pipeline.rig import bind_splats, matrix_to_quaternion, quaternion_to_matrix
     from headforge.pipeline.splats import NORMAL_SCALE_RATIO
@@ -282,12 +290,12 @@ def learned_splats(
         count = int(len(rows) / CULL_DIVISOR)
         keep = np.sort(np.argsort(-points.placed[:, 2], kind="stable")[:count])
     rows = rows[keep]
+    # KaoLRM's Gaussians live in the placed frame p = s · FLAME(global pose) + t: undo R(global) and s.
     global_rotation = rodrigues(found.global_pose.astype(np.float64))
-    in_triplane = quaternion_to_matrix(rows[:, 4:8])
-    in_head = np.einsum("ij,njk->nik", (TO_TRIPLANE @ global_rotation).T, in_triplane)
+    placed_rotation = quaternion_to_matrix(rows[:, 4:8])
+    in_head = np.einsum("ji,njk->nik", global_rotation, placed_rotation)
     rotations = matrix_to_quaternion(in_head)
-    units_per_metre = found.scale * focal / PRETRAIN_FOCAL
-    tangent = rows[:, 1:3] / units_per_metre
+    tangent = rows[:, 1:3] / found.scale
     normal_scale = np.maximum(NORMAL_SCALE_RATIO * tangent.max(axis=1), 1e-12)
     scales = np.column_stack([tangent, normal_scale])
     means = points.head[keep]
@@ -395,5 +403,5 @@ def kaolrm_stage(ctx: StageContext, heads: list[Head]) -> None:
     )
     for head, one, point_set, rows, unposed_one in zip(heads, found, points, decoded, unposed, strict=True):
         head.splats = learned_splats(
-            rows[: len(point_set.placed)], point_set, one, variant, focal, unposed_one, faces
+            rows[: len(point_set.placed)], point_set, one, variant, unposed_one, faces
         )

@@ -238,8 +238,11 @@ register_pipeline(
         "triplane (needs an imported KaoLRM checkpoint; meshes and splats need FLAME files too)",
         heads=MEDIAPIPE_HEADS,
         stages=(Stage("kaolrm", _kaolrm_stage),),
+        queue="gpu",  # a 288 M-parameter network per head (as DEFAULT_QUEUE_ROUTES routes it)
         requires=(_kaolrm_missing,),
+        # The KaoLRM graphs are opened on first use (`IMPORTED_NETWORKS`): a worker may serve this
+        # row before a checkpoint is imported.
         networks=(FULL_RANGE, FACE_LANDMARK, "selfie_segmentation"),
-        models=_vggheads_flame_records,
+        models=_vggheads_flame_records,  # the imported FLAME gives the UVs (and geometry without the checkpoint's)
     )
 )
