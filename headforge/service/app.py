@@ -60,6 +60,7 @@ from headforge.service.jobs import (
 )
 from headforge.service.metrics import make_registry
 from headforge.service.ratelimit import check_rate
+from headforge.service.animate import router as animate_router
 from headforge.service.retopology import router as retopology_router
 from headforge.service.settings import Settings
 from headforge.service.store import ArtifactStore, make_store, store_os_error
@@ -288,6 +289,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.headforge = state
     app.include_router(retopology_router)  # POST /v1/retopology (service/retopology.py)
+    app.include_router(animate_router)  # POST /v1/jobs/{id}/animate (service/animate.py)
 
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
