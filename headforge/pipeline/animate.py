@@ -6,9 +6,10 @@ A sequence file (JSON) is
 with K the head's number of animated expression components (result.json's
 `params.morph_targets`, default 16): absolute FLAME expression values in standard deviations (the
 components beyond K are zero), and the jaw as an axis-angle in radians (optional, default at rest).
-Each frame writes `f<frame>_h<i>_mesh.ply` (the head's vertices in the OBJ's vertex order, with its
-faces; head frame, meters) and `f<frame>_h<i>_splats.ply` (the head's bound splats posed on that
-mesh, 3DGS layout), for every FLAME head of the result.
+Each frame writes `f<frame>_<stem>_mesh.ply` (the head's vertices in the OBJ's vertex order, with
+its faces; head frame, meters) and `f<frame>_<stem>_splats.ply` (the head's bound splats posed on
+that mesh, 3DGS layout), for every FLAME head of the result; `<stem>` is the stem of the head's own
+files (`h0`, or `v1_h0` in a subject's result).
 """
 
 from __future__ import annotations
@@ -173,6 +174,25 @@ def head_expressions(head: dict[str, Any]) -> int | None:
     return sum(1 for name in names if name != JAW_TARGET)
 
 
+def head_stem(head: dict[str, Any]) -> str:
+    """The stem of a head's files (`h0`, or `v1_h0` in a subject's result), from its artifacts."""
+    names = head.get("artifacts") or {}
+    for kind, suffix in (("glb", ".glb"), ("obj", ".obj"), ("splats", "_splats.ply"), ("binding", "_splats_binding.npz")):
+        name = names.get(kind)
+        if isinstance(name, str) and name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return f"h{int(head['index'])}"
+
+
+def head_splat_files(head: dict[str, Any]) -> tuple[str, str] | None:
+    """The names of a head's splat PLY and binding file, or None when it has no bound splats."""
+    names = head.get("artifacts") or {}
+    splats, binding = names.get("splats"), names.get("binding")
+    if isinstance(splats, str) and isinstance(binding, str):
+        return splats, binding
+    return None
+
+
 def mesh_ply_bytes(vertices: NDArray[np.floating], faces: NDArray[np.integer]) -> bytes:
     """Binary little-endian PLY of a triangle mesh (vertex x, y, z; face vertex_indices)."""
     vertex = np.empty(len(vertices), dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4")])
@@ -226,7 +246,7 @@ def animate_result(
     written: list[str] = []
     frames = len(sequence.expression)
     for position, head in enumerate(heads):
-        index = int(head["index"])
+        stem = head_stem(head)
         params = head["params"]
         shape = np.asarray(params["shape"], np.float64)
         if len(shape) != model.num_shape:
@@ -235,9 +255,9 @@ def animate_result(
         faces = np.asarray(model.asset.faces, np.int64)
         deformer = None
         appearance = None
-        binding_name = f"h{index}_splats_binding.npz"
-        splats_name = f"h{index}_splats.ply"
-        if (result_dir / binding_name).is_file() and (result_dir / splats_name).is_file():
+        splat_files = head_splat_files(head)
+        if splat_files is not None and all((result_dir / name).is_file() for name in splat_files):
+            splats_name, binding_name = splat_files
             try:
                 binding, binding_faces, vertex_count = read_binding((result_dir / binding_name).read_bytes())
             except ValueError as error:
@@ -251,9 +271,9 @@ def animate_result(
                 chunk = slice(frame, frame + FRAME_CHUNK)
                 vertices = driver.vertices(sequence.expression[chunk], sequence.jaw[chunk])
             posed_vertices = vertices[frame % FRAME_CHUNK]
-            stem = f"f{frame:04d}_h{index}"
-            write_atomic(out_dir / f"{stem}_mesh.ply", mesh_ply_bytes(posed_vertices, faces))
-            written.append(f"{stem}_mesh.ply")
+            frame_stem = f"f{frame:04d}_{stem}"
+            write_atomic(out_dir / f"{frame_stem}_mesh.ply", mesh_ply_bytes(posed_vertices, faces))
+            written.append(f"{frame_stem}_mesh.ply")
             if deformer is not None and appearance is not None:
                 posed = deformer.pose(posed_vertices)
                 splats = Splats(
@@ -264,15 +284,15 @@ def animate_result(
                     scales=posed.scales,
                     rotations=posed.rotations,
                 )
-                write_atomic(out_dir / f"{stem}_splats.ply", splats_ply_bytes(splats))
-                written.append(f"{stem}_splats.ply")
+                write_atomic(out_dir / f"{frame_stem}_splats.ply", splats_ply_bytes(splats))
+                written.append(f"{frame_stem}_splats.ply")
             if progress is not None:
                 progress((position * frames + frame + 1) / (len(heads) * frames))
     summary = {
         "frames": frames,
         "fps": sequence.fps,
         "expressions": expressions,
-        "heads": [int(head["index"]) for head in heads],
+        "heads": [head_stem(head) for head in heads],
         "files": written,
     }
     write_atomic(out_dir / "animation.json", (json.dumps(summary, indent=2) + "\n").encode())

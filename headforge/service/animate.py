@@ -114,7 +114,7 @@ async def _read_body(request: Request) -> bytes:
 
 def _plan(state: Any, owner: str, job_id: str, document: object) -> dict[str, Any]:
     """Check the request against the source job; return the new job's options and inputs."""
-    from headforge.pipeline.animate import head_expressions, parse_sequence
+    from headforge.pipeline.animate import head_expressions, head_splat_files, head_stem, parse_sequence
 
     source = state.jobs.get_for(owner, job_id)
     if source["status"] in (QUEUED, RUNNING):
@@ -153,15 +153,14 @@ def _plan(state: Any, owner: str, job_id: str, document: object) -> dict[str, An
         raise NotAnimatableError("the job's heads animate different expression counts")
     count = int(expressions.pop() or 0)
     artifacts = {a["name"]: a for a in source["artifacts"]}
-    wanted = ["result.json"] + [
-        f"h{int(head['index'])}{suffix}" for head in heads for suffix in ("_splats.ply", "_splats_binding.npz")
-    ]
+    splat_files = [head_splat_files(head) for head in heads]
+    wanted = ["result.json"] + [name for pair in splat_files if pair is not None for name in pair]
     files = [artifacts[prefix + name] | {"local": name} for name in wanted if prefix + name in artifacts]
     frames = document.get("frames")
     frame_count = len(frames) if isinstance(frames, list) else 0
     per_frame = sum(
-        MESH_PLY_BYTES + int(artifacts.get(f"{prefix}h{int(head['index'])}_splats.ply", {}).get("size", 0))
-        for head in heads
+        MESH_PLY_BYTES + (0 if pair is None else int(artifacts.get(prefix + pair[0], {}).get("size", 0)))
+        for pair in splat_files
     )
     if frame_count * per_frame > MAX_ANIMATION_BYTES:
         raise TooManyFramesError(
@@ -174,7 +173,7 @@ def _plan(state: Any, owner: str, job_id: str, document: object) -> dict[str, An
         "task": ANIMATE_TASK,
         "source_job": job_id,
         "image": image,
-        "heads": [int(head["index"]) for head in heads],
+        "heads": [head_stem(head) for head in heads],
         "expressions": count,
         "frames": len(parsed.expression),
         "fps": parsed.fps,
