@@ -44,6 +44,7 @@ from headforge.errors import (
     TooManyFilesError,
 )
 from headforge.service import webhooks
+from headforge.service.animate import router as animate_router
 from headforge.service.auth import Authenticator, Principal
 from headforge.service.forms import option_fields
 from headforge.service.celery_app import dispatch, make_celery, publish_webhook
@@ -60,7 +61,6 @@ from headforge.service.jobs import (
 )
 from headforge.service.metrics import make_registry
 from headforge.service.ratelimit import check_rate
-from headforge.service.animate import router as animate_router
 from headforge.service.retopology import router as retopology_router
 from headforge.service.settings import Settings
 from headforge.service.store import ArtifactStore, make_store, store_os_error
