@@ -273,3 +273,13 @@ def test_flame_driver_matches_the_full_model(model: FlameLandmarkModel, fit: Fla
     z[:, model.num_shape : model.num_shape + 16] = expression
     driven = FlameDriver(model, fit.shape, 16).vertices(expression, jaw)
     np.testing.assert_allclose(driven, model.vertices(z, jaw), atol=2e-6)
+
+
+def test_animation_benchmark_runs_and_both_paths_agree() -> None:
+    from headforge.benchmarks.animation import run
+
+    report = run(quick=True, splats=512, batch=4)
+    assert report["animation_fps"] > 0 and report["animation_fps_reference"] > 0
+    assert report["animation_speedup"] == round(report["animation_fps"] / report["animation_fps_reference"], 2)
+    assert report["animation_parity_vertices_m"] < 1e-6 and report["animation_parity_means_m"] < 1e-6
+    assert report["animation_parity_rotation"] < 1e-5 and report["animation_parity_scales"] < 1e-6
