@@ -280,6 +280,7 @@ def test_animation_benchmark_runs_and_both_paths_agree() -> None:
 
     report = run(quick=True, splats=512, batch=4)
     assert report["animation_fps"] > 0 and report["animation_fps_reference"] > 0
-    assert report["animation_speedup"] == round(report["animation_fps"] / report["animation_fps_reference"], 2)
+    ratio = report["animation_fps"] / report["animation_fps_reference"]  # of the rounded fps figures
+    assert report["animation_speedup"] == pytest.approx(ratio, rel=0.01)
     assert report["animation_parity_vertices_m"] < 1e-6 and report["animation_parity_means_m"] < 1e-6
     assert report["animation_parity_rotation"] < 1e-5 and report["animation_parity_scales"] < 1e-6

@@ -40,7 +40,6 @@ from headforge.pipeline.rig import (
 )
 from headforge.pipeline.types import Splats
 
-FRAME_CHUNK = 64
 MAX_FRAMES = 10_000  # `headforge animate`; the API's cap is service/animate.py's MAX_API_FRAMES
 
 
@@ -267,10 +266,10 @@ def animate_result(
             deformer = SplatDeformer(binding, faces)
             appearance = read_splat_appearance((result_dir / splats_name).read_bytes())
         for frame in range(frames):
-            if frame % FRAME_CHUNK == 0:  # vertices for a chunk of frames at once, bounded memory
-                chunk = slice(frame, frame + FRAME_CHUNK)
-                vertices = driver.vertices(sequence.expression[chunk], sequence.jaw[chunk])
-            posed_vertices = vertices[frame % FRAME_CHUNK]
+            # One frame per call: faster per frame than batches (headforge bench --animation), and
+            # memory stays bounded for long sequences.
+            span = slice(frame, frame + 1)
+            posed_vertices = driver.vertices(sequence.expression[span], sequence.jaw[span])[0]
             frame_stem = f"f{frame:04d}_{stem}"
             write_atomic(out_dir / f"{frame_stem}_mesh.ply", mesh_ply_bytes(posed_vertices, faces))
             written.append(f"{frame_stem}_mesh.ply")
