@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from headforge.errors import InvalidOptionError
+from headforge.errors import InvalidSequenceError
 
 
 def animate(
@@ -29,7 +29,7 @@ def animate(
     try:
         document = json.loads(expressions.read_text())
     except (OSError, ValueError) as error:
-        raise InvalidOptionError(f"cannot read the expression sequence {expressions}: {error}") from error
+        raise InvalidSequenceError(f"cannot read the expression sequence {expressions}: {error}") from error
     summary = animate_result(result_dir, document, out)
     typer.echo(
         f"wrote {summary['frames']} frames for head(s) {summary['heads']} "

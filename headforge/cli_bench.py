@@ -20,11 +20,17 @@ def bench(
         help="Run only the kaolrm section (full KaoLRM, eager vs ONNX Runtime per head at batch 1 and 4; "
         "many minutes; a small config with --quick).",
     ),
+    animation: bool = typer.Option(
+        False,
+        "--animation",
+        help="Run only the animation section: FLAME head + 8,192 bound splats driven per second on the CPU, "
+        "against the unoptimised paths (set OMP_NUM_THREADS for the thread count).",
+    ),
 ) -> None:
     """Measure headforge against references in the same run; print one JSON line."""
     from headforge.benchmarks import OPTIONAL_SECTIONS, run_all
 
-    chosen = [name for name, wanted in (("vggheads", vggheads), ("kaolrm", kaolrm)) if wanted]
+    chosen = [name for name, wanted in (("vggheads", vggheads), ("kaolrm", kaolrm), ("animation", animation)) if wanted]
     if not chosen:
         print(json.dumps(run_all(quick)))
         return

@@ -97,6 +97,25 @@ class InvalidOptionError(InputError):
     http_status = 422
 
 
+class InvalidSequenceError(InvalidOptionError):
+    """An animation sequence that is not what `headforge animate` reads: an expression array whose
+    length is not the head's K, a jaw that is not 3 numbers, non-finite or out-of-range values."""
+
+    code = "invalid_sequence"
+
+
+class TooManyFramesError(InputError):
+    code = "too_many_frames"
+    http_status = 413
+
+
+class NotAnimatableError(InputError):
+    """Animation asked of a result without FLAME heads (morph targets and bound splats)."""
+
+    code = "not_animatable"
+    http_status = 422
+
+
 class UnknownPipelineError(InputError):
     code = "unknown_pipeline"
     http_status = 422

@@ -61,7 +61,7 @@ def test_animate_writes_bound_frames(flame_result: tuple[Path, Path, dict[str, s
     )
     assert done.returncode == 0, done.stderr
     summary = json.loads((tmp_path / "f" / "animation.json").read_text())
-    assert summary["frames"] == 3 and summary["heads"] == [0] and len(summary["files"]) == 6
+    assert summary["frames"] == 3 and summary["heads"] == ["h0"] and len(summary["files"]) == 6
 
     model = FlameLandmarkModel(load_flame_asset(asset))
     binding, faces, _ = read_binding((result_dir / "h0_splats_binding.npz").read_bytes())
@@ -111,7 +111,7 @@ def test_animate_refuses_bad_sequences(
     path.write_text(sequence if isinstance(sequence, str) else json.dumps(sequence))
     done = _headforge("animate", str(result_dir), "-e", str(path), "-o", str(tmp_path / "f"), env=env)
     assert done.returncode == 2
-    assert "[invalid_option]" in done.stderr and message in done.stderr, done.stderr
+    assert "[invalid_sequence]" in done.stderr and message in done.stderr, done.stderr
     assert not (tmp_path / "f" / "f0000_h0_mesh.ply").exists()
 
 
@@ -131,6 +131,7 @@ def test_animate_refuses_a_result_without_flame(tmp_path: Path) -> None:
         env=dict(os.environ),
     )
     assert done.returncode == 2 and "no animatable head" in done.stderr, done.stderr
+    assert "[not_animatable]" in done.stderr, done.stderr
     done = _headforge(
         "animate",
         str(tmp_path / "absent"),

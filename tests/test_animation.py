@@ -232,7 +232,8 @@ def test_binding_file_beside_the_ply(model: FlameLandmarkModel, fit: FlameFit, t
         ({"frames": [{"expression": "smile"}]}, "got str"),
         ({"frames": [{"expression": [None] * 16}]}, "finite numbers"),
         ({"frames": [{"expression": [0.0] * 16, "pose": [0, 0, 0]}]}, "unknown keys"),
-        ({"frames": []}, "1 to 10000 frames"),
+        ({"frames": []}, "has no frames"),
+        ({"frames": [{"expression": [0.0] * 16}], "loop": True}, "unknown keys"),
         ([{"expression": [0.0] * 16}], 'object with a "frames" list'),
         ({"fps": 0, "frames": [{"expression": [0.0] * 16}]}, "fps"),
     ],
@@ -240,7 +241,17 @@ def test_binding_file_beside_the_ply(model: FlameLandmarkModel, fit: FlameFit, t
 def test_bad_expression_sequences_are_refused(document: object, message: str) -> None:
     with pytest.raises(InvalidOptionError, match=message) as caught:
         parse_sequence(document, 16)
-    assert caught.value.http_status == 422 and caught.value.code == "invalid_option"
+    assert caught.value.http_status == 422 and caught.value.code == "invalid_sequence"
+
+
+def test_too_many_frames_is_413() -> None:
+    from headforge.errors import TooManyFramesError
+
+    document = {"frames": [{"expression": [0.0] * 16}] * 4}
+    assert len(parse_sequence(document, 16, max_frames=4).expression) == 4
+    with pytest.raises(TooManyFramesError, match="over the limit of 3") as caught:
+        parse_sequence(document, 16, max_frames=3)
+    assert caught.value.http_status == 413 and caught.value.code == "too_many_frames"
 
 
 def test_expression_sequence_parses() -> None:
@@ -262,3 +273,14 @@ def test_flame_driver_matches_the_full_model(model: FlameLandmarkModel, fit: Fla
     z[:, model.num_shape : model.num_shape + 16] = expression
     driven = FlameDriver(model, fit.shape, 16).vertices(expression, jaw)
     np.testing.assert_allclose(driven, model.vertices(z, jaw), atol=2e-6)
+
+
+def test_animation_benchmark_runs_and_both_paths_agree() -> None:
+    from headforge.benchmarks.animation import run
+
+    report = run(quick=True, splats=512, batch=4)
+    assert report["animation_fps"] > 0 and report["animation_fps_reference"] > 0
+    ratio = report["animation_fps"] / report["animation_fps_reference"]  # of the rounded fps figures
+    assert report["animation_speedup"] == pytest.approx(ratio, rel=0.01)
+    assert report["animation_parity_vertices_m"] < 1e-6 and report["animation_parity_means_m"] < 1e-6
+    assert report["animation_parity_rotation"] < 1e-5 and report["animation_parity_scales"] < 1e-6

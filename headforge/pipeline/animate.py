@@ -6,9 +6,10 @@ A sequence file (JSON) is
 with K the head's number of animated expression components (result.json's
 `params.morph_targets`, default 16): absolute FLAME expression values in standard deviations (the
 components beyond K are zero), and the jaw as an axis-angle in radians (optional, default at rest).
-Each frame writes `f<frame>_h<i>_mesh.ply` (the head's vertices in the OBJ's vertex order, with its
-faces; head frame, meters) and `f<frame>_h<i>_splats.ply` (the head's bound splats posed on that
-mesh, 3DGS layout), for every FLAME head of the result.
+Each frame writes `f<frame>_<stem>_mesh.ply` (the head's vertices in the OBJ's vertex order, with
+its faces; head frame, meters) and `f<frame>_<stem>_splats.ply` (the head's bound splats posed on
+that mesh, 3DGS layout), for every FLAME head of the result; `<stem>` is the stem of the head's own
+files (`h0`, or `v1_h0` in a subject's result).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 from numpy.typing import NDArray
 from plyfile import PlyData, PlyElement
 
-from headforge.errors import InvalidOptionError
+from headforge.errors import InvalidOptionError, InvalidSequenceError, NotAnimatableError, TooManyFramesError
 from headforge.pipeline.flame_fit import JAW, JAW_FEATURES, FlameFit, FlameLandmarkModel, rodrigues
 from headforge.pipeline.package import SH_C0, splats_ply_bytes, write_atomic
 from headforge.pipeline.rig import (
@@ -39,7 +40,7 @@ from headforge.pipeline.rig import (
 )
 from headforge.pipeline.types import Splats
 
-MAX_FRAMES = 10_000
+MAX_FRAMES = 10_000  # `headforge animate`; the API's cap is service/animate.py's MAX_API_FRAMES
 
 
 def check_expressions(count: object) -> int:
@@ -113,30 +114,35 @@ class ExpressionSequence:
     fps: float = 30.0
 
 
-def parse_sequence(document: object, expressions: int) -> ExpressionSequence:
-    """Validate a sequence document (see the module docstring); `InvalidOptionError` (422) names the
-    first bad frame and what is wrong with it."""
+def parse_sequence(document: object, expressions: int, max_frames: int = MAX_FRAMES) -> ExpressionSequence:
+    """Validate a sequence document (see the module docstring): `TooManyFramesError` (413) over
+    `max_frames`, else `InvalidSequenceError` (422) naming the first bad frame and what is wrong."""
     if not isinstance(document, dict) or not isinstance(document.get("frames"), list):
-        raise InvalidOptionError('the expression sequence must be an object with a "frames" list')
+        raise InvalidSequenceError('the expression sequence must be an object with a "frames" list')
     frames = document["frames"]
-    if not 1 <= len(frames) <= MAX_FRAMES:
-        raise InvalidOptionError(
-            f"the expression sequence must have 1 to {MAX_FRAMES} frames, got {len(frames)}",
-            details={"frames": len(frames)},
+    if len(frames) > max_frames:
+        raise TooManyFramesError(
+            f"the expression sequence has {len(frames)} frames, over the limit of {max_frames}",
+            details={"frames": len(frames), "max_frames": max_frames},
         )
+    if not frames:
+        raise InvalidSequenceError("the expression sequence has no frames", details={"frames": 0})
+    unknown = sorted(set(document) - {"fps", "frames"})
+    if unknown:
+        raise InvalidSequenceError(f"the expression sequence has unknown keys {unknown}")
     fps = document.get("fps", 30.0)
     if isinstance(fps, bool) or not isinstance(fps, int | float) or not 0 < fps <= 1000:
-        raise InvalidOptionError(f"fps must be a number in (0, 1000], got {fps!r}")
+        raise InvalidSequenceError(f"fps must be a number in (0, 1000], got {fps!r}")
     expression = np.zeros((len(frames), expressions))
     jaw = np.zeros((len(frames), 3))
     for index, frame in enumerate(frames):
         if not isinstance(frame, dict) or "expression" not in frame:
-            raise InvalidOptionError(
+            raise InvalidSequenceError(
                 f'frame {index} must be an object with an "expression" array', details={"frame": index}
             )
         unknown = sorted(set(frame) - {"expression", "jaw"})
         if unknown:
-            raise InvalidOptionError(f"frame {index} has unknown keys {unknown}", details={"frame": index})
+            raise InvalidSequenceError(f"frame {index} has unknown keys {unknown}", details={"frame": index})
         expression[index] = _numbers(frame["expression"], expressions, f"frame {index} expression", index)
         if "jaw" in frame:
             jaw[index] = _numbers(frame["jaw"], 3, f"frame {index} jaw", index)
@@ -146,15 +152,15 @@ def parse_sequence(document: object, expressions: int) -> ExpressionSequence:
 def _numbers(values: object, length: int, what: str, frame: int) -> NDArray[np.float64]:
     if not isinstance(values, list) or len(values) != length:
         got = len(values) if isinstance(values, list) else type(values).__name__
-        raise InvalidOptionError(
+        raise InvalidSequenceError(
             f"{what} must be an array of {length} numbers, got {got}",
             details={"frame": frame, "expected_length": length, "got": got},
         )
     if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in values):
-        raise InvalidOptionError(f"{what} must hold finite numbers", details={"frame": frame})
+        raise InvalidSequenceError(f"{what} must hold finite numbers", details={"frame": frame})
     array = np.asarray(values, np.float64)
     if np.abs(array).max(initial=0.0) > 10.0:
-        raise InvalidOptionError(f"{what} values must lie within ±10", details={"frame": frame})
+        raise InvalidSequenceError(f"{what} values must lie within ±10", details={"frame": frame})
     return array
 
 
@@ -165,6 +171,25 @@ def head_expressions(head: dict[str, Any]) -> int | None:
     if params.get("model") != "flame" or not isinstance(names, list):
         return None
     return sum(1 for name in names if name != JAW_TARGET)
+
+
+def head_stem(head: dict[str, Any]) -> str:
+    """The stem of a head's files (`h0`, or `v1_h0` in a subject's result), from its artifacts."""
+    names = head.get("artifacts") or {}
+    for kind, suffix in (("glb", ".glb"), ("obj", ".obj"), ("splats", "_splats.ply"), ("binding", "_splats_binding.npz")):
+        name = names.get(kind)
+        if isinstance(name, str) and name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return f"h{int(head['index'])}"
+
+
+def head_splat_files(head: dict[str, Any]) -> tuple[str, str] | None:
+    """The names of a head's splat PLY and binding file, or None when it has no bound splats."""
+    names = head.get("artifacts") or {}
+    splats, binding = names.get("splats"), names.get("binding")
+    if isinstance(splats, str) and isinstance(binding, str):
+        return splats, binding
+    return None
 
 
 def mesh_ply_bytes(vertices: NDArray[np.floating], faces: NDArray[np.integer]) -> bytes:
@@ -205,7 +230,7 @@ def animate_result(
         raise InvalidOptionError(f"{result_dir} holds no readable result.json: {error}") from error
     heads = [head for head in result.get("heads", []) if head_expressions(head) is not None]
     if not heads:
-        raise InvalidOptionError(
+        raise NotAnimatableError(
             "the result has no animatable head: animation needs the flame pipeline "
             "(its heads carry FLAME parameters and morph targets)",
             details={"pipeline": result.get("pipeline")},
@@ -220,32 +245,36 @@ def animate_result(
     written: list[str] = []
     frames = len(sequence.expression)
     for position, head in enumerate(heads):
-        index = int(head["index"])
+        stem = head_stem(head)
         params = head["params"]
         shape = np.asarray(params["shape"], np.float64)
         if len(shape) != model.num_shape:
             raise InvalidOptionError("the result's FLAME shape does not match the imported FLAME asset")
-        vertices = FlameDriver(model, shape, expressions).vertices(sequence.expression, sequence.jaw)
+        driver = FlameDriver(model, shape, expressions)
         faces = np.asarray(model.asset.faces, np.int64)
         deformer = None
         appearance = None
-        binding_name = f"h{index}_splats_binding.npz"
-        splats_name = f"h{index}_splats.ply"
-        if (result_dir / binding_name).is_file() and (result_dir / splats_name).is_file():
+        splat_files = head_splat_files(head)
+        if splat_files is not None and all((result_dir / name).is_file() for name in splat_files):
+            splats_name, binding_name = splat_files
             try:
                 binding, binding_faces, vertex_count = read_binding((result_dir / binding_name).read_bytes())
             except ValueError as error:
                 raise InvalidOptionError(f"{binding_name}: {error}") from error
-            if vertex_count != vertices.shape[1] or not np.array_equal(binding_faces, faces):
+            if vertex_count != driver.count or not np.array_equal(binding_faces, faces):
                 raise InvalidOptionError(f"{binding_name} was made for a different mesh")
             deformer = SplatDeformer(binding, faces)
             appearance = read_splat_appearance((result_dir / splats_name).read_bytes())
         for frame in range(frames):
-            stem = f"f{frame:04d}_h{index}"
-            write_atomic(out_dir / f"{stem}_mesh.ply", mesh_ply_bytes(vertices[frame], faces))
-            written.append(f"{stem}_mesh.ply")
+            # One frame per call: faster per frame than batches (headforge bench --animation), and
+            # memory stays bounded for long sequences.
+            span = slice(frame, frame + 1)
+            posed_vertices = driver.vertices(sequence.expression[span], sequence.jaw[span])[0]
+            frame_stem = f"f{frame:04d}_{stem}"
+            write_atomic(out_dir / f"{frame_stem}_mesh.ply", mesh_ply_bytes(posed_vertices, faces))
+            written.append(f"{frame_stem}_mesh.ply")
             if deformer is not None and appearance is not None:
-                posed = deformer.pose(vertices[frame])
+                posed = deformer.pose(posed_vertices)
                 splats = Splats(
                     means=posed.means,
                     normals=posed.normals,
@@ -254,15 +283,15 @@ def animate_result(
                     scales=posed.scales,
                     rotations=posed.rotations,
                 )
-                write_atomic(out_dir / f"{stem}_splats.ply", splats_ply_bytes(splats))
-                written.append(f"{stem}_splats.ply")
+                write_atomic(out_dir / f"{frame_stem}_splats.ply", splats_ply_bytes(splats))
+                written.append(f"{frame_stem}_splats.ply")
             if progress is not None:
                 progress((position * frames + frame + 1) / (len(heads) * frames))
     summary = {
         "frames": frames,
         "fps": sequence.fps,
         "expressions": expressions,
-        "heads": [int(head["index"]) for head in heads],
+        "heads": [head_stem(head) for head in heads],
         "files": written,
     }
     write_atomic(out_dir / "animation.json", (json.dumps(summary, indent=2) + "\n").encode())

@@ -46,6 +46,7 @@ from headforge.errors import (
 )
 from headforge.pipeline.subject import check_subject_photo_count
 from headforge.service import webhooks
+from headforge.service.animate import router as animate_router
 from headforge.service.auth import Authenticator, Principal
 from headforge.service.celery_app import dispatch, make_celery, publish_webhook
 from headforge.service.forms import option_fields
@@ -343,6 +344,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.headforge = state
     app.include_router(retopology_router)  # POST /v1/retopology (service/retopology.py)
+    app.include_router(animate_router)  # POST /v1/jobs/{id}/animate (service/animate.py)
 
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware

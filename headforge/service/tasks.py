@@ -178,6 +178,10 @@ def _execute(ctx: _ProcessContext, claim: Claim, beat: _Heartbeat) -> tuple[list
     job = claim.job
     if job["options"].get("task") == "retopology":  # POST /v1/retopology (service/retopology.py)
         return _execute_retopology(ctx, claim)
+    if job["options"].get("task") == "animate":  # POST /v1/jobs/{id}/animate (service/animate.py)
+        from headforge.service.animate import execute_animation
+
+        return execute_animation(ctx, claim, beat)
     options = ReconstructOptions.from_dict(job["options"])
     if ctx.networks is None:
         ctx.networks = _load_networks(ctx.settings)

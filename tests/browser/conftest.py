@@ -88,8 +88,25 @@ def api_keys() -> dict[str, str]:
 def server(
     browser_tools: None, api_keys: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
-    """Start `headforge serve` with API keys on a free port; yield its base URL ("http://127.0.0.1:PORT/")."""
+    """Start `headforge serve` with API keys on a free port; yield its base URL ("http://127.0.0.1:PORT/").
+    No FLAME asset, whatever HEADFORGE_HOME holds: the page must show `flame` as unavailable."""
     data = tmp_path_factory.mktemp("serve-data")
+    yield from _serve(data, api_keys, data / "no-flame" / "flame.npz", "serve.log")
+
+
+@pytest.fixture(scope="session")
+def flame_server(
+    browser_tools: None, api_keys: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """A second `headforge serve` with the tests' synthetic FLAME asset, for FLAME heads (animation)."""
+    from flame_synthetic import imported_synthetic_flame
+
+    data = tmp_path_factory.mktemp("serve-flame-data")
+    _, asset = imported_synthetic_flame(data)
+    yield from _serve(data, api_keys, asset, "serve-flame.log")
+
+
+def _serve(data: Path, api_keys: dict[str, str], flame_asset: Path, log_name: str) -> Iterator[str]:
     digest = {name: hashlib.sha256(key.encode()).hexdigest() for name, key in api_keys.items()}
     keys = [
         {"id": "browser", "sha256": digest["main"]},
@@ -109,8 +126,7 @@ def server(
     env.update(
         HEADFORGE_DATA_DIR=str(data),
         HEADFORGE_API_KEYS_FILE=str(keys_file),
-        # No FLAME asset, whatever HEADFORGE_HOME holds: the page must show `flame` as unavailable.
-        HEADFORGE_FLAME_ASSET=str(data / "no-flame" / "flame.npz"),
+        HEADFORGE_FLAME_ASSET=str(flame_asset),
         HEADFORGE_JSON_LOGS="0",
         PYTHONUNBUFFERED="1",
     )
@@ -148,7 +164,7 @@ def server(
         _stop_group(proc)
         log.close()
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(log_path, ARTIFACTS / "serve.log")
+        shutil.copyfile(log_path, ARTIFACTS / log_name)
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,9 @@
 //   options      save the API key twice, report the pipeline list as shown, pick config.options
 //                ({textureSize, splats, maxHeads}) in the form, submit, wait for the job and report
 //                what the viewer says about the splats
+//   animate      (a server with a FLAME asset) submit with the flame pipeline, press "Play expressions",
+//                then pause at two times of the built-in sequence in mesh and in splat mode and
+//                measure the canvas and what the viewer posed (headforgeViewer.seek)
 //
 // config: {"url", "photo", "out" (screenshot folder), "name"?, "apiKey"?, "submits"?, "chromium"?,
 //          "timeoutMs"?}. With an apiKey the script types it into the page's API key form first.
@@ -363,8 +366,71 @@ async function uploadError() {
   await context.close();
 }
 
+async function animate() {
+  const context = await browser.newContext({ viewport: { width: 1366, height: 900 } });
+  const page = await context.newPage();
+  watch(page);
+  await page.goto(config.url, { waitUntil: 'load' });
+  await enterApiKey(page);
+  await page.waitForFunction(() => {
+    const flame = document.querySelector('#pipeline option[value="flame"]');
+    return flame && !flame.disabled;
+  });
+  await page.getByLabel('Pipeline', { exact: true }).selectOption('flame');
+  await page.getByLabel('Texture size').selectOption('512');
+  await page.setInputFiles('#images', config.photo);
+  await page.getByRole('button', { name: 'Make 3D heads' }).click();
+  report.status = await waitForJob(page);
+  if (report.status.state !== 'succeeded') return;
+  report.meshViewer = await waitForViewer(page, 'mesh');
+  await page.waitForFunction(() => document.getElementById('viewer-canvas').dataset.animation === 'paused');
+  report.animatedSplats = await page.locator('#viewer-canvas').getAttribute('data-animated-splats');
+  const play = page.getByRole('button', { name: 'Play expressions' });
+  report.playVisible = await play.isVisible();
+  await play.click();
+  const times = [];
+  for (let i = 0; i < 3; i++) {
+    await page.waitForTimeout(700);
+    times.push(Number(await page.locator('#viewer-canvas').getAttribute('data-animation-time')));
+  }
+  report.playing = {
+    state: await page.locator('#viewer-canvas').getAttribute('data-animation'),
+    pressed: await page.locator('#play').getAttribute('aria-pressed'),
+    times,
+  };
+  await page.getByRole('button', { name: 'Pause expressions' }).click();
+  report.frames = {};
+  for (const mode of ['mesh', 'splats']) {
+    await page.locator(`input[name="mode"][value="${mode}"]`).check();
+    await waitForViewer(page, mode);
+    for (const t of config.times ?? [0, 1.6]) {
+      const sample = await page.evaluate((time) => window.headforgeViewer.seek(time), t);
+      await page.evaluate(() => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r))));
+      const canvas = await measureCanvas(page);
+      const key = `${mode}@${t}`;
+      await page.locator('#viewer-canvas').screenshot({ path: join(config.out, `viewer-animate-${mode}-${t}.png`) });
+      const pixels = await page.evaluate(() => {
+        const src = document.getElementById('viewer-canvas');
+        const c = document.createElement('canvas');
+        c.width = src.width;
+        c.height = src.height;
+        const ctx = c.getContext('2d');
+        ctx.drawImage(src, 0, 0);
+        const { data } = ctx.getImageData(0, 0, c.width, c.height);
+        let sum = 0;
+        for (let i = 0; i < data.length; i += 4) sum = (sum * 31 + data[i] + 7 * data[i + 1] + 13 * data[i + 2]) % 1000000007;
+        return sum;
+      });
+      report.frames[key] = { sample, canvas, pixelHash: pixels };
+    }
+  }
+  report.jobId = report.status.jobId;
+  await context.close();
+}
+
 try {
   if (scenario === 'reconstruct') await reconstruct();
+  else if (scenario === 'animate') await animate();
   else if (scenario === 'upload-error') await uploadError();
   else if (scenario === 'multi') await multi();
   else if (scenario === 'options') await options();

@@ -338,3 +338,82 @@ def test_rate_limit_shows_when_to_retry(
     assert report["errors"] == [report["errors"][0], "rate_limited"], report["errors"]
     assert report["errors"][0] != "rate_limited"
     assert "Try again in" in report["errorText"], report["errorText"]
+
+
+def _glb_geometry(data: bytes) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Positions (V, 3), triangles (F, 3) and morph target POSITION deltas of a one-primitive GLB."""
+    import json
+    import struct
+
+    json_length = struct.unpack_from("<I", data, 12)[0]
+    tree = json.loads(data[20 : 20 + json_length])
+    offset = 20 + json_length
+    binary = data[offset + 8 : offset + 8 + struct.unpack_from("<I", data, offset)[0]]
+    types = {5126: "<f4", 5125: "<u4", 5123: "<u2"}
+    widths = {"VEC3": 3, "SCALAR": 1}
+
+    def accessor(index: int) -> np.ndarray:
+        item = tree["accessors"][index]
+        view = tree["bufferViews"][item["bufferView"]]
+        start = view.get("byteOffset", 0) + item.get("byteOffset", 0)
+        width = widths[item["type"]]
+        return np.frombuffer(binary, types[item["componentType"]], item["count"] * width, start).reshape(-1, width)
+
+    (primitive,) = tree["meshes"][0]["primitives"]
+    positions = accessor(primitive["attributes"]["POSITION"]).astype(np.float32)
+    faces = accessor(primitive["indices"]).reshape(-1, 3).astype(np.int64)
+    return positions, faces, [accessor(target["POSITION"]) for target in primitive["targets"]]
+
+
+def test_viewer_plays_expressions_on_mesh_and_splats(
+    flame_server: str, astronaut_png: Path, api_keys: dict[str, str], drive: Drive
+) -> None:
+    from plyfile import PlyData
+
+    from headforge.pipeline.rig import SplatDeformer, read_binding
+
+    report = drive("animate", flame_server, astronaut_png, apiKey=api_keys["main"], times=[0, 1.6])
+    assert report["status"]["state"] == "succeeded", report["status"]
+    assert report["pageErrors"] == [], report["pageErrors"]
+    assert report["playVisible"] and report["animatedSplats"] == "bound", report
+    playing = report["playing"]
+    assert playing["state"] == "playing" and playing["pressed"] == "true", playing
+    assert playing["times"][0] < playing["times"][1] < playing["times"][2], playing  # the clock ran
+    frames = report["frames"]
+    for mode in ("mesh", "splats"):
+        still, moved = frames[f"{mode}@0"], frames[f"{mode}@1.6"]
+        for frame in (still, moved):
+            assert _drawn(frame["canvas"]) > MIN_DRAWN_FRACTION, (mode, frame["canvas"])
+            assert frame["canvas"]["distinctColors"] > 200, (mode, frame["canvas"])
+        assert still["pixelHash"] != moved["pixelHash"], mode  # the picture changed with the expression
+        assert max(abs(w) for w in moved["sample"]["weights"]) > 0.5 and not any(still["sample"]["weights"])
+
+    # What the page posed is what rig.py computes from the GLB's morph targets and the binding file.
+    job = httpx.get(f"{flame_server}v1/jobs/{report['jobId']}", headers=auth(api_keys["main"]), timeout=30).json()
+    files = {a["name"]: a["url"] for a in job["artifacts"]}
+
+    def fetch(name: str) -> bytes:
+        response = httpx.get(urljoin(flame_server, files[name]), headers=auth(api_keys["main"]), timeout=30)
+        assert response.status_code == 200, response.text
+        return response.content
+
+    positions, faces, deltas = _glb_geometry(fetch("h0.glb"))
+    binding, _, _ = read_binding(fetch("h0_splats_binding.npz"))
+    deformer = SplatDeformer(binding, faces)  # the GLB keeps the binding's triangles, in order
+    rest = PlyData.read(io.BytesIO(fetch("h0_splats.ply")))["vertex"]
+    rest_centres = np.stack([rest[axis] for axis in "xyz"], axis=1)
+    for t in ("0", "1.6"):
+        sample = frames[f"splats@{t}"]["sample"]
+        weights = np.asarray(sample["weights"], np.float32)
+        assert sample["names"][-1] == "jaw_open" and len(weights) == len(deltas) == 17
+        morphed = positions + np.einsum("k,kvc->vc", weights, np.stack(deltas))
+        expected = deformer.pose(morphed).means[:64]
+        centres = np.asarray(sample["centers"], np.float64).reshape(-1, 3)
+        np.testing.assert_allclose(centres, expected, atol=2e-5)
+        # Spark holds centres as float16: within its rounding of what was posed.
+        np.testing.assert_allclose(np.asarray(sample["storedCenters"]).reshape(-1, 3), centres, atol=2e-4)
+        if t == "0":  # at rest the bound splats are the PLY's own
+            np.testing.assert_allclose(centres, rest_centres[:64], atol=2e-5)
+    still = np.asarray(frames["splats@0"]["sample"]["centers"]).reshape(-1, 3)
+    moved = np.asarray(frames["splats@1.6"]["sample"]["centers"]).reshape(-1, 3)
+    assert np.linalg.norm(moved - still, axis=1).max() > 1e-3  # splats moved by millimetres

@@ -31,11 +31,17 @@ async function finish() {
   const { rm } = await import('node:fs/promises');
   await rm(join(out, 'app-style.css'), { force: true });
   await copyFile(join(web, 'index.html'), join(out, 'index.html'));
-  const threeLicense = await readFile(join(web, 'node_modules', 'three', 'LICENSE'), 'utf8');
-  await writeFile(
-    join(out, 'THIRD_PARTY_LICENSES.txt'),
-    `app.js bundles three.js (https://threejs.org), MIT License:\n\n${threeLicense}`,
-  );
+  const bundled = [
+    ['three.js (https://threejs.org)', 'three'],
+    ['Spark (https://sparkjs.dev, @sparkjsdev/spark)', join('@sparkjsdev', 'spark')],
+    ['fflate (https://github.com/101arrowz/fflate)', 'fflate'],
+  ];
+  const parts = [];
+  for (const [name, folder] of bundled) {
+    const license = await readFile(join(web, 'node_modules', folder, 'LICENSE'), 'utf8');
+    parts.push(`app.js bundles ${name}, MIT License:\n\n${license.trim()}\n`);
+  }
+  await writeFile(join(out, 'THIRD_PARTY_LICENSES.txt'), parts.join('\n'));
 }
 
 if (watch) {

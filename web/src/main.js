@@ -40,6 +40,7 @@ const els = {
   photoSummary: $('photo-summary'),
   headPicker: $('head-picker'),
   resetView: $('reset-view'),
+  play: $('play'),
   viewer: $('viewer'),
   viewerStatus: $('viewer-status'),
   facts: $('head-facts'),
@@ -97,9 +98,17 @@ function createViewer() {
     const reason = `The 3D view is off: this browser could not start WebGL2 (${err.message || err}). Downloads still work.`;
     onStatus(reason);
     const none = () => onStatus(reason);
-    return { clear: none, show: none, setMode: none, resetView: none };
+    return { clear: none, show: none, setMode: none, resetView: none, togglePlay: () => false };
   }
 }
+
+// Scripts (and the browser tests) reach the viewer here, e.g. `await headforgeViewer.seek(1.2)`.
+window.headforgeViewer = viewer;
+viewer.onAnimation = (available) => {
+  els.play.hidden = !available;
+  els.play.setAttribute('aria-pressed', 'false');
+  els.play.textContent = 'Play expressions';
+};
 
 // ---------------------------------------------------------------- API key
 
@@ -450,7 +459,8 @@ function headFiles(head, artifacts, prefix, index) {
   const fallback = (name) => (names.has(prefix + name) ? prefix + name : null);
   return {
     mesh: own.find((n) => n.endsWith('.glb')) ?? fallback(`h${index}.glb`),
-    splats: own.find((n) => n.endsWith('.ply')) ?? fallback(`h${index}_splats.ply`),
+    splats: own.find((n) => n.endsWith('_splats.ply')) ?? fallback(`h${index}_splats.ply`),
+    binding: own.find((n) => n.endsWith('_splats_binding.npz')) ?? fallback(`h${index}_splats_binding.npz`),
   };
 }
 
@@ -530,7 +540,14 @@ function selectHead(index) {
   const urlOf = (name) => state.artifacts.find((a) => a.name === name)?.url ?? null;
   renderFacts(head);
   drawOverlay();
-  viewer.show({ mesh: files.mesh && urlOf(files.mesh), splats: files.splats && urlOf(files.splats) }, getBytes);
+  viewer.show(
+    {
+      mesh: files.mesh && urlOf(files.mesh),
+      splats: files.splats && urlOf(files.splats),
+      binding: files.binding && urlOf(files.binding),
+    },
+    getBytes,
+  );
 }
 
 function renderFacts(head) {
@@ -645,6 +662,11 @@ for (const radio of document.querySelectorAll('input[name="mode"]')) {
   });
 }
 els.resetView.addEventListener('click', () => viewer.resetView());
+els.play.addEventListener('click', () => {
+  const playing = viewer.togglePlay();
+  els.play.setAttribute('aria-pressed', String(playing));
+  els.play.textContent = playing ? 'Pause expressions' : 'Play expressions';
+});
 
 function formatBytes(n) {
   if (n < 1024) return `${n} B`;

@@ -1,11 +1,21 @@
-// The 3D viewer: one three.js canvas showing either a head's textured GLB or its Gaussian splats.
-// It renders on demand (after loads, orbiting and resizes) rather than in a loop, which keeps an idle
-// tab cheap and makes the drawing buffer stable for anyone reading it back.
+// The 3D viewer: one three.js canvas showing either a head's textured GLB or its Gaussian splats
+// (drawn by Spark, @sparkjsdev/spark). It renders on demand (after loads, orbiting, resizes and when
+// Spark finishes a sort) rather than in a loop, which keeps an idle tab cheap and makes the drawing
+// buffer stable for anyone reading it back; while an expression sequence plays it renders every frame.
+//
+// A FLAME head's GLB carries expression morph targets and its splats a binding file: then the viewer
+// can play the built-in expression sequence (expressions.js) on both, the mesh through three.js's
+// morph targets and the splats re-posed on the morphed mesh each frame (rig.js).
 
 import * as THREE from 'three';
 import { GLTFLoader } from 'three/examples/jsm/loaders/GLTFLoader.js';
 import { OrbitControls } from 'three/examples/jsm/controls/OrbitControls.js';
-import { SplatMesh, parseSplatPly } from './splats.js';
+import { SparkRenderer, SplatMesh, utils as sparkUtils } from '@sparkjsdev/spark';
+import { BUILT_IN_SEQUENCE, weightsAt } from './expressions.js';
+import { parseNpz } from './npz.js';
+import { SplatRig, readBinding } from './rig.js';
+
+const nextFrame = () => new Promise((resolve) => requestAnimationFrame(resolve));
 
 export const BACKGROUND = 0x1e2430;
 
@@ -17,9 +27,12 @@ export class HeadViewer {
   constructor(container, onStatus) {
     this.container = container;
     this.onStatus = onStatus;
+    this.onAnimation = () => {};
     this.mode = 'mesh';
     this.objects = { mesh: null, splats: null };
     this.loadToken = 0;
+    this.settleToken = 0;
+    this.animation = null;
 
     this.renderer = new THREE.WebGLRenderer({ antialias: true, preserveDrawingBuffer: true });
     this.renderer.setPixelRatio(Math.min(window.devicePixelRatio || 1, 2));
@@ -38,6 +51,9 @@ export class HeadViewer {
     this.camera.add(this.headlight);
     this.headlight.position.set(0.3, 0.4, 1);
     this.scene.add(this.camera);
+    // Spark draws every SplatMesh in the scene; it calls onDirty when a sort finishes.
+    this.spark = new SparkRenderer({ renderer: this.renderer, onDirty: () => this.requestRender() });
+    this.scene.add(this.spark);
 
     this.controls = new OrbitControls(this.camera, this.canvas);
     this.controls.enableDamping = false;
@@ -61,10 +77,20 @@ export class HeadViewer {
 
   clear() {
     this.loadToken++;
+    this.stopAnimation();
+    this.animation = null;
+    this.binding = null;
+    this.onAnimation(false);
+    this.canvas.dataset.animation = 'none';
     for (const key of ['mesh', 'splats']) {
       const obj = this.objects[key];
       if (!obj) continue;
       this.scene.remove(obj);
+      if (obj instanceof SplatMesh) {
+        obj.dispose();
+        this.objects[key] = null;
+        continue;
+      }
       obj.traverse?.((child) => {
         child.geometry?.dispose();
         const mats = Array.isArray(child.material) ? child.material : child.material ? [child.material] : [];
@@ -82,8 +108,8 @@ export class HeadViewer {
   }
 
   /**
-   * Show one head. Both artifacts load in the background; the current mode shows as soon as it is ready.
-   * @param {{mesh: string | null, splats: string | null}} urls
+   * Show one head. The artifacts load in the background; the current mode shows as soon as it is ready.
+   * @param {{mesh: string | null, splats: string | null, binding?: string | null}} urls
    * @param {(url: string) => Promise<ArrayBuffer>} fetchBytes
    */
   async show(urls, fetchBytes) {
@@ -97,7 +123,18 @@ export class HeadViewer {
     const jobs = [];
     if (urls.mesh) jobs.push(this.loadMesh(urls.mesh, token));
     if (urls.splats) jobs.push(this.loadSplats(urls.splats, token));
+    if (urls.binding) jobs.push(this.loadBinding(urls.binding, token));
     await Promise.allSettled(jobs);
+    if (token === this.loadToken) this.prepareAnimation();
+  }
+
+  async loadBinding(url, token) {
+    try {
+      const binding = readBinding(parseNpz(await this.fetchBytes(url)));
+      if (token === this.loadToken) this.binding = binding;
+    } catch (err) {
+      if (token === this.loadToken) this.bindingError = String(err.message || err);
+    }
   }
 
   async loadMesh(url, token) {
@@ -119,9 +156,12 @@ export class HeadViewer {
   async loadSplats(url, token) {
     try {
       const bytes = await this.fetchBytes(url);
-      const data = parseSplatPly(bytes);
-      if (token !== this.loadToken) return;
-      const splats = new SplatMesh(data);
+      const splats = new SplatMesh({ fileBytes: bytes, fileName: 'splats.ply' });
+      await splats.initialized;
+      if (token !== this.loadToken) {
+        splats.dispose();
+        return;
+      }
       this.objects.splats = splats;
       this.status.splats = 'ready';
       this.scene.add(splats);
@@ -150,12 +190,158 @@ export class HeadViewer {
     else if (s === 'missing') this.onStatus(`This head has no ${label}.`);
     else if (s === 'failed') this.onStatus(`Could not show the ${label}: ${this.errors?.[this.mode] ?? 'unknown error'}`);
     else {
-      const count = this.mode === 'splats' ? `${this.objects.splats.data.count.toLocaleString()} splats. ` : '';
+      const count = this.mode === 'splats' ? `${this.objects.splats.packedSplats.numSplats.toLocaleString()} splats. ` : '';
       this.onStatus(`${count}Drag to orbit, scroll or pinch to zoom.`);
     }
     this.render();
-    // data-state tells scripts (and tests) that the current mode has been drawn.
-    this.canvas.dataset.state = s ?? 'empty';
+    // data-state tells scripts (and tests) that the current mode has been drawn; for splats that is
+    // once Spark has sorted them for this view.
+    const token = ++this.settleToken;
+    if (s === 'ready' && this.mode === 'splats') {
+      this.canvas.dataset.state = 'drawing';
+      this.settle().then(() => {
+        if (token === this.settleToken) this.canvas.dataset.state = 'ready';
+      });
+    } else {
+      this.canvas.dataset.state = s ?? 'empty';
+    }
+  }
+
+  /** Render frames until Spark has no sort or update pending (at most ~10 s). */
+  async settle() {
+    let quiet = 0;
+    for (let i = 0; i < 600 && quiet < 3; i++) {
+      this.render();
+      await nextFrame();
+      quiet = this.spark.sorting || this.spark.sortDirty ? 0 : quiet + 1;
+    }
+    this.render();
+  }
+
+  requestRender() {
+    if (this.renderPending) return;
+    this.renderPending = true;
+    requestAnimationFrame(() => {
+      this.renderPending = false;
+      this.render();
+    });
+  }
+
+  // ---------------------------------------------------------------- expression animation
+
+  /** Set up the expression player when the mesh has morph targets (and the splats a binding). */
+  prepareAnimation() {
+    const root = this.objects.mesh;
+    if (!root) return;
+    let morphMesh = null;
+    root.traverse((child) => {
+      if (!morphMesh && child.isMesh && child.morphTargetInfluences?.length && child.morphTargetDictionary) morphMesh = child;
+    });
+    if (!morphMesh) return;
+    const names = [];
+    for (const [name, index] of Object.entries(morphMesh.morphTargetDictionary)) names[index] = name;
+    let rig = null;
+    const splats = this.objects.splats;
+    if (splats && this.binding) {
+      try {
+        rig = new SplatRig(this.binding, morphMesh.geometry);
+        if (rig.count !== splats.packedSplats.numSplats) throw new Error('the splat binding and the splat PLY differ in count');
+      } catch (err) {
+        rig = null;
+        this.bindingError = String(err.message || err);
+      }
+    }
+    this.animation = { morphMesh, names, rig, playing: false, time: 0, sequence: BUILT_IN_SEQUENCE.name };
+    this.canvas.dataset.animation = 'paused';
+    this.canvas.dataset.animatedSplats = rig ? 'bound' : 'static';
+    this.onAnimation(true);
+  }
+
+  /** Pose the mesh and the bound splats for time `t` (seconds into the built-in sequence). */
+  applyAnimation(t) {
+    const anim = this.animation;
+    if (!anim) return null;
+    const weights = weightsAt(t, anim.names);
+    for (let i = 0; i < weights.length; i++) anim.morphMesh.morphTargetInfluences[i] = weights[i];
+    const splats = this.objects.splats;
+    if (anim.rig && splats) {
+      const rig = anim.rig;
+      rig.pose(weights);
+      const packed = splats.packedSplats;
+      const array = packed.packedArray;
+      const encoding = packed.splatEncoding;
+      const { centers: c, sizes: s, quaternions: q } = rig;
+      for (let i = 0; i < rig.count; i++) {
+        sparkUtils.setPackedSplatCenter(array, i, c[3 * i], c[3 * i + 1], c[3 * i + 2]);
+        sparkUtils.setPackedSplatScales(array, i, s[3 * i], s[3 * i + 1], s[3 * i + 2], encoding);
+        sparkUtils.setPackedSplatQuat(array, i, q[4 * i], q[4 * i + 1], q[4 * i + 2], q[4 * i + 3]);
+      }
+      packed.needsUpdate = true;
+      splats.updateVersion();
+    }
+    anim.time = t;
+    this.canvas.dataset.animationTime = t.toFixed(3);
+    return weights;
+  }
+
+  get playing() {
+    return Boolean(this.animation?.playing);
+  }
+
+  play() {
+    const anim = this.animation;
+    if (!anim || anim.playing) return;
+    anim.playing = true;
+    const start = performance.now() - anim.time * 1000;
+    this.canvas.dataset.animation = 'playing';
+    this.renderer.setAnimationLoop((now) => {
+      this.applyAnimation((now - start) / 1000);
+      this.render();
+    });
+  }
+
+  stopAnimation() {
+    this.renderer.setAnimationLoop(null);
+    if (this.animation) {
+      this.animation.playing = false;
+      this.canvas.dataset.animation = 'paused';
+    }
+  }
+
+  togglePlay() {
+    if (this.playing) this.stopAnimation();
+    else this.play();
+    return this.playing;
+  }
+
+  /**
+   * For scripts and tests: pause at time `t`, draw it, and report the morph weights, the first
+   * `count` splat centres as posed (float32) and as Spark stores them (float16), and a few vertices.
+   */
+  async seek(t, count = 64) {
+    this.stopAnimation();
+    const weights = this.applyAnimation(t);
+    if (!weights) return null;
+    await this.settle();
+    const anim = this.animation;
+    const packed = this.objects.splats?.packedSplats;
+    const stored = [];
+    if (packed && anim.rig) {
+      for (let i = 0; i < Math.min(count, anim.rig.count); i++) {
+        const { center } = sparkUtils.unpackSplat(packed.packedArray, i, packed.splatEncoding);
+        stored.push(center.x, center.y, center.z);
+      }
+    }
+    return {
+      time: t,
+      names: anim.names,
+      weights: Array.from(weights),
+      centers: anim.rig ? Array.from(anim.rig.centers.subarray(0, 3 * count)) : [],
+      storedCenters: stored,
+      splatsBound: Boolean(anim.rig),
+      bindingError: this.bindingError ?? null,
+      vertices: anim.rig ? Array.from(anim.rig.vertices.subarray(0, 30)) : [],
+    };
   }
 
   /** Point the camera at whatever is loaded, from the front (+Z), at a distance that fits it. */
@@ -163,7 +349,7 @@ export class HeadViewer {
     const box = new THREE.Box3();
     for (const obj of [this.objects.mesh, this.objects.splats]) {
       if (!obj) continue;
-      if (obj instanceof SplatMesh) box.union(obj.geometry.boundingBox);
+      if (obj instanceof SplatMesh) box.union(obj.getBoundingBox(true));
       else box.expandByObject(obj);
     }
     if (box.isEmpty()) return;
@@ -215,13 +401,6 @@ export class HeadViewer {
   }
 
   render() {
-    const splats = this.objects.splats;
-    if (splats && splats.visible) {
-      const size = this.renderer.getDrawingBufferSize(new THREE.Vector2());
-      splats.setViewport(size.x, size.y);
-      this.camera.updateMatrixWorld();
-      splats.sort(this.camera);
-    }
     this.renderer.render(this.scene, this.camera);
   }
 }
