@@ -28,9 +28,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from headforge.errors import (
     FileTooLargeError,
@@ -40,6 +40,9 @@ from headforge.errors import (
     TooManyFramesError,
 )
 from headforge.service.celery_app import dispatch
+from headforge.service.contracts import Job, JobAccepted
+from headforge.service.deps import CurrentPrincipal, State
+from headforge.service.http_errors import documented
 from headforge.service.jobs import QUEUED, RUNNING, SUCCEEDED, TERMINAL, new_id
 from headforge.service.ratelimit import check_rate
 from headforge.service.views import public_job
@@ -64,15 +67,18 @@ SEQUENCE_NAME = "sequence.json"
     "/v1/jobs/{job_id}/animate",
     status_code=202,
     summary="Drive a finished FLAME job's heads with FLAME expression and jaw frames (a new job)",
+    response_model=JobAccepted | Job,
+    responses={200: {"model": Job, "description": "With `wait`: the job finished in time"},
+               **documented(401, 404, 409, 413, 422, 429, 503)},
 )
 async def submit_animation(
     job_id: str,
     request: Request,
+    state: State,
+    principal: CurrentPrincipal,
+    response: Response,
     wait: Annotated[int, Query(ge=0, le=MAX_WAIT_SECONDS, description="Seconds to wait for the result")] = 0,
-    authorization: Annotated[str | None, Header()] = None,
-) -> Response:
-    state = request.app.state.headforge
-    principal = state.auth.authenticate(authorization)
+) -> JobAccepted | Job:
     await run_in_threadpool(check_rate, state.jobs.backend, principal)
     body = await _read_body(request)
     try:
@@ -87,13 +93,13 @@ async def submit_animation(
             doc = await run_in_threadpool(state.jobs.get, animation_id)
             if doc is not None and doc["status"] in TERMINAL:
                 public = await run_in_threadpool(public_job, doc, state.jobs, state.store, include_result=True)
-                return JSONResponse(public, status_code=200)
+                response.status_code = 200
+                return Job.model_validate(public)
             await asyncio.sleep(0.05)
     doc = state.jobs.get(animation_id)
-    return JSONResponse(
-        {"id": animation_id, "status": doc["status"] if doc else QUEUED, "status_url": f"/v1/jobs/{animation_id}"},
-        status_code=202,
-        headers={"Location": f"/v1/jobs/{animation_id}"},
+    response.headers["Location"] = f"/v1/jobs/{animation_id}"
+    return JobAccepted.model_validate(
+        {"id": animation_id, "status": doc["status"] if doc else QUEUED, "status_url": f"/v1/jobs/{animation_id}"}
     )
 
 

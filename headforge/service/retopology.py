@@ -17,28 +17,36 @@ import time
 from pathlib import PurePosixPath
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Header, Query, Request, UploadFile
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, Response
 
 from headforge.errors import EmptyFileError, FileTooLargeError
+from headforge.service.auth import Principal
 from headforge.service.celery_app import dispatch
+from headforge.service.contracts import Job, JobAccepted
+from headforge.service.deps import CurrentPrincipal, ServiceState, State
+from headforge.service.http_errors import documented
 from headforge.service.jobs import QUEUED, TERMINAL, new_id
 from headforge.service.ratelimit import check_rate
 from headforge.service.views import public_job
 
 log = logging.getLogger("headforge.api")
-router = APIRouter()
+router = APIRouter(tags=["retopology"])
 MAX_WAIT_SECONDS = 300
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 RETOPOLOGY_QUEUE_KEY = "retopology"  # HEADFORGE_QUEUE_ROUTES may send these jobs to their own queue
 
 
 @router.post(
-    "/v1/retopology", status_code=202, summary="Fit a stored studio template onto an uploaded head mesh"
+    "/v1/retopology", status_code=202, summary="Fit a stored studio template onto an uploaded head mesh",
+    response_model=JobAccepted | Job,
+    responses={200: {"model": Job, "description": "With `wait`: the job finished in time"},
+               **documented(400, 401, 413, 415, 422, 429, 503)},
 )
 async def submit_retopology(
-    request: Request,
+    state: State,
+    principal: CurrentPrincipal,
+    response: Response,
     mesh: Annotated[UploadFile, File(description="The head mesh: .obj, .glb or .ply")],
     template: Annotated[str, Form(description="A stored template (GET /v1/models lists them)")],
     target_landmarks: Annotated[
@@ -48,12 +56,9 @@ async def submit_retopology(
     units: Annotated[str, Form(description="The mesh's length unit (m, cm, mm), for the report in mm")] = "m",
     outputs: Annotated[str, Form(description="glb, obj or both (comma-separated)")] = "glb,obj",
     wait: Annotated[int, Query(ge=0, le=MAX_WAIT_SECONDS, description="Seconds to wait for the result")] = 0,
-    authorization: Annotated[str | None, Header()] = None,
-) -> Response:
+) -> JobAccepted | Job:
     from headforge.pipeline.retopology import TARGET_SUFFIXES, check_declared_size, retopology_options
 
-    state = request.app.state.headforge
-    principal = state.auth.authenticate(authorization)
     await run_in_threadpool(check_rate, state.jobs.backend, principal)
     settings = state.settings
     data = await run_in_threadpool(mesh.file.read, settings.max_upload_bytes + 1)
@@ -77,14 +82,13 @@ async def submit_retopology(
             doc = await run_in_threadpool(state.jobs.get, job_id)
             if doc is not None and doc["status"] in TERMINAL:
                 body = await run_in_threadpool(public_job, doc, state.jobs, state.store, include_result=True)
-                return JSONResponse(body, status_code=200)
+                response.status_code = 200
+                return Job.model_validate(body)
             await asyncio.sleep(0.05)
     doc = state.jobs.get(job_id)
-    return JSONResponse(
-        {"id": job_id, "status": doc["status"] if doc else QUEUED, "status_url": f"/v1/jobs/{job_id}"},
-        status_code=202,
-        headers={"Location": f"/v1/jobs/{job_id}"},
-    )
+    response.headers["Location"] = f"/v1/jobs/{job_id}"
+    return JobAccepted.model_validate(
+        {"id": job_id, "status": doc["status"] if doc else QUEUED, "status_url": f"/v1/jobs/{job_id}"})
 
 
 def _safe_name(name: str | None) -> str:
@@ -94,7 +98,7 @@ def _safe_name(name: str | None) -> str:
     return cleaned or "mesh"
 
 
-def _create(state: Any, principal: Any, filename: str, data: bytes, options: dict[str, Any]) -> str:
+def _create(state: ServiceState, principal: Principal, filename: str, data: bytes, options: dict[str, Any]) -> str:
     """Store the upload, record the job and publish it (the sweeper republishes a failed publish)."""
     jobs = state.jobs
     jobs.check_quota(principal.owner, 1, principal.max_queued)
