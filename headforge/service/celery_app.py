@@ -57,7 +57,10 @@ def make_celery(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
         worker_send_task_events=False,
-        worker_enable_remote_control=not settings.embedded,
+        # No remote control: headforge never broadcasts to workers (liveness and leases live in the
+        # job store), and the control channel's pub/sub socket is what a worker was seen blocked on
+        # after a Redis restart, consuming nothing while jobs sat in its queue (tests/service/test_faults.py).
+        worker_enable_remote_control=False,
         worker_cancel_long_running_tasks_on_connection_loss=False,
         task_publish_retry=True,
         task_publish_retry_policy={"max_retries": 3, "interval_start": 0.1, "interval_step": 0.5, "interval_max": 1},
