@@ -147,17 +147,22 @@ class _ZBuffer:
             ],
             dtype=np.float32,
         )
+        self._outline_ramp: NDArray[np.float32] | None = None
 
-    def outline_weight(self, sampling_map: NDArray[np.float32], count: int) -> NDArray[np.float32]:
-        """Per point: 0 in the cells the mesh's projected outline passes through, ramping to 1 over
+    def cells(self, sampling_map: NDArray[np.float32]) -> NDArray[np.float32]:
+        """A sampling map's points in cell coordinates, for `outline_weight` and `visible`."""
+        return np.asarray(cv2.transform(sampling_map, self._to_cells), np.float32)
+
+    def outline_weight(self, cells: NDArray[np.float32], count: int) -> NDArray[np.float32]:
+        """Per point (given in `cells` coordinates): 0 in the cells the mesh's projected outline passes through, ramping to 1 over
         OUTLINE_FEATHER_CELLS cells inside it. A photo pixel just inside the outline mixes in what lies
         beyond it (background, hair), most where the outline passes beyond the face in the photo."""
-        # Closed: cells no sample fell into.
-        footprint = cv2.morphologyEx(np.isfinite(self.depth).astype(np.uint8), cv2.MORPH_CLOSE, _CROSS)
-        distance = np.asarray(cv2.distanceTransform(footprint, cv2.DIST_L2, 3), np.float32)
-        ramp = np.clip((distance - 0.5) * np.float32(1.0 / OUTLINE_FEATHER_CELLS), 0.0, 1.0)
-        cells = cv2.transform(sampling_map, self._to_cells)
-        weight = cv2.remap(ramp, cells, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)  # type: ignore[call-overload]
+        if self._outline_ramp is None:
+            # Closed: cells no sample fell into.
+            footprint = cv2.morphologyEx(np.isfinite(self.depth).astype(np.uint8), cv2.MORPH_CLOSE, _CROSS)
+            distance = np.asarray(cv2.distanceTransform(footprint, cv2.DIST_L2, 3), np.float32)
+            self._outline_ramp = np.clip((distance - 0.5) * np.float32(1.0 / OUTLINE_FEATHER_CELLS), 0.0, 1.0)
+        weight = cv2.remap(self._outline_ramp, cells, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)  # type: ignore[call-overload]
         return np.asarray(weight, np.float32).reshape(-1)[:count]
 
     def tolerance(self, slope: NDArray[np.float32]) -> NDArray[np.float32]:
@@ -165,11 +170,10 @@ class _ZBuffer:
         return (self.cell * (ZBUFFER_BASE_TOLERANCE + ZBUFFER_SLOPE_TOLERANCE * slope)).astype(np.float32)
 
     def visible(
-        self, sampling_map: NDArray[np.float32], depth: NDArray[np.float32], tolerance: NDArray[np.float32]
+        self, cells: NDArray[np.float32], depth: NDArray[np.float32], tolerance: NDArray[np.float32]
     ) -> NDArray[np.bool_]:
-        """Points (given by their sampling map and depth) within `tolerance` of the nearest surface in
-        their cell; a NaN tolerance is never visible."""
-        cells = cv2.transform(sampling_map, self._to_cells)
+        """Points (given by their `cells` coordinates and depth) within `tolerance` of the nearest
+        surface in their cell; a NaN tolerance is never visible."""
         nearest = cv2.remap(self.depth, cells, None, cv2.INTER_NEAREST, borderMode=cv2.BORDER_REPLICATE)  # type: ignore[call-overload]
         return depth - tolerance <= np.asarray(nearest, np.float32).reshape(-1)[: len(depth)]
 
@@ -179,8 +183,9 @@ def _sampling_map(points: NDArray[np.float32]) -> NDArray[np.float32]:
     padded to a square (the padding's samples are dropped)."""
     count = len(points)
     side = int(np.ceil(np.sqrt(max(count, 1))))
-    padded = np.full((side * side, 2), -10.0, dtype=np.float32)
+    padded = np.empty((side * side, 2), dtype=np.float32)
     np.subtract(points[:, :2], np.float32(0.5), out=padded[:count])
+    padded[count:] = -10.0
     return padded.reshape(side, side, 2)
 
 
@@ -413,7 +418,11 @@ def unwrap_view(
     # has the same barycentrics on the mirrored corners). Smooth vertex normals, so weights blend.
     cosines = np.clip(-vertex_normals(vertices64, faces)[:, 2], 0.0, 1.0)
     attributes = np.column_stack([vertices, cosines]).astype(np.float32)
-    own_points = np.asarray(plan.own @ attributes, dtype=np.float32)
+    if symmetry is not None:
+        # One product for both (slicing the matrix's rows for the mirror costs more than the columns).
+        attributes = np.column_stack([attributes, attributes[np.asarray(symmetry, dtype=np.int64)]])
+    interpolated = np.asarray(plan.own @ attributes, dtype=np.float32)
+    own_points = interpolated[:, :4]
     stride = max(1, len(own_points) // (ZBUFFER_CELLS * ZBUFFER_CELLS * ZBUFFER_SAMPLES_PER_CELL))
     zbuffer = _ZBuffer(np.concatenate([own_points[::stride, :3], vertices]), vertices)
     outside = (
@@ -433,8 +442,10 @@ def unwrap_view(
         slack = zbuffer.tolerance(_depth_slope(vertices64, layer_faces))
         slack[outside[layer_faces].any(1)] = np.nan
         cosine = points[:, 3]
-        weight = _facing_ramp(cosine) * zbuffer.visible(sampling_map, points[:, 2], np.take(slack, triangles))
-        weight *= zbuffer.outline_weight(sampling_map, len(points))
+        cells = zbuffer.cells(sampling_map)
+        weight = _facing_ramp(cosine) * zbuffer.visible(cells, points[:, 2], np.take(slack, triangles))
+        weight *= zbuffer.outline_weight(cells, len(points))
+        del cells
         if mask is not None:
             weight *= mask.sample(sampling_map, len(points))
         colors = _sample(rgba, sampling_map, len(points))
@@ -455,8 +466,7 @@ def unwrap_view(
         # Only texels the photo does not see squarely look at their mirror point (the same
         # barycentrics on the mirrored corners).
         rows = np.flatnonzero(weights.reshape(-1)[plan.raster.texel_index] < 1.0)
-        mirror_attributes = attributes[np.asarray(symmetry, dtype=np.int64)]
-        mirror_points = np.asarray(plan.own[rows] @ mirror_attributes, dtype=np.float32)
+        mirror_points = interpolated[rows, 4:]
         mirror_faces = np.asarray(symmetry, dtype=np.int64)[faces]
         mirrored = layer(mirror_points, mirror_faces, rows)
         texels.mirror_colors, texels.mirror_weights, texels.mirror_priority = mirrored
