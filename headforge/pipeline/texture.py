@@ -235,14 +235,14 @@ def _fill_outside(texture: NDArray[np.uint8], coverage: NDArray[np.uint8]) -> ND
     block = max(1, size // PUSH_PULL_SIZE)
     small = size // block
     used = small * block
-    # Block means of the covered texels (float, so that thinly covered blocks are not rounded away).
-    premultiplied = cv2.resize(
-        texture[:used, :used].astype(np.float32), (small, small), interpolation=cv2.INTER_AREA
-    )
+    # Block means of the covered texels. Taken in uint8 (no full-size float copy): a mean is off by at
+    # most half a level, so by at most one level after the division in the blocks trusted below
+    # (at least half covered); coverage is scaled to 255 so that its block share keeps 8 bits.
+    premultiplied = cv2.resize(texture[:used, :used], (small, small), interpolation=cv2.INTER_AREA)
     weight = cv2.resize(
-        coverage[:used, :used].astype(np.float32), (small, small), interpolation=cv2.INTER_AREA
+        coverage[:used, :used] * np.uint8(255), (small, small), interpolation=cv2.INTER_AREA
     )
-    weight = np.asarray(weight, np.float32).reshape(small, small)
+    weight = np.asarray(weight, np.float32).reshape(small, small) * np.float32(1.0 / 255.0)
     premultiplied = np.asarray(premultiplied, np.float32).reshape(small, small, 3)
     mean = np.divide(
         premultiplied, weight[..., None], out=np.zeros_like(premultiplied), where=weight[..., None] > 0
@@ -378,7 +378,9 @@ def _opened(mask: NDArray[np.bool_], islands: NDArray[np.uint8]) -> NDArray[np.b
 def _facing_ramp(cosine: NDArray[np.float32]) -> NDArray[np.float32]:
     """Confidence that a surface point at this cosine to the view ray is seen well: 0 at grazing
     angles up to GRAZING_COS, 1 from CLEAR_COS."""
-    return np.clip((cosine - GRAZING_COS) * (1.0 / (CLEAR_COS - GRAZING_COS)), 0.0, 1.0).astype(np.float32)
+    ramp = np.subtract(cosine, np.float32(GRAZING_COS), dtype=np.float32)
+    ramp *= np.float32(1.0 / (CLEAR_COS - GRAZING_COS))
+    return np.clip(ramp, 0.0, 1.0, out=ramp)
 
 
 def _check_inputs(rgb: NDArray[np.uint8], vertex_count: int, symmetry: NDArray[np.integer] | None) -> None:
@@ -485,8 +487,7 @@ def _feather(distance: NDArray[np.float32], seen: NDArray[np.bool_]) -> NDArray[
     texels further in (at 1024², scaled with the size)."""
     width = max(1.0, SEAM_FEATHER * len(seen) / 1024)
     ramp = np.clip((distance - 1.0) * np.float32(1.0 / width), 0.0, 1.0)
-    ramp[~seen] = 0.0
-    return ramp
+    return np.multiply(ramp, seen, out=ramp)
 
 
 class _LayerFusion:
@@ -567,12 +568,13 @@ def _seam_offset(
     size = len(band)
     block = max(1, size // OFFSET_GRID)
     cells = size // block
-    rows, cols = np.nonzero(band)
+    texels = np.flatnonzero(band)
+    rows, cols = np.divmod(texels, size)
     keep = (rows < cells * block) & (cols < cells * block)
-    rows, cols = rows[keep], cols[keep]
+    texels, rows, cols = texels[keep], rows[keep], cols[keep]
     cell = (rows // block) * cells + cols // block
-    step = seen_colors[rows, cols].astype(np.float32) - filled[rows, cols]
-    rim = rim_weights[rows, cols]
+    step = seen_colors.reshape(-1, 3)[texels].astype(np.float32) - filled.reshape(-1, 3)[texels]
+    rim = rim_weights.reshape(-1)[texels]
     weight = np.bincount(cell, rim, cells * cells).astype(np.float32)
     summed = np.stack(
         [np.bincount(cell, np.clip(step[:, c], -OFFSET_LIMIT, OFFSET_LIMIT) * rim, cells * cells) for c in range(3)],
@@ -623,12 +625,13 @@ def finish_texture(texels: ViewTexels) -> TextureResult:
         known |= from_mirror
     filled = _fill_outside(filled, known.view(np.uint8))
     filled = _inpaint(filled, np.asarray(cv2.subtract(islands, known.view(np.uint8)), np.uint8))
+    weights = np.minimum(texels.weights, np.float32(1.0))
     if band.any():
-        offset = _seam_offset(texels.colors, filled, band, np.minimum(texels.weights, 1.0))
+        offset = _seam_offset(texels.colors, filled, band, weights)
         filled = np.asarray(cv2.add(filled, offset, dtype=cv2.CV_8U), np.uint8)
     # Seen texels cross-fade into the fill where the photo sees them poorly and over the first few
     # texels from the rim of the seen region.
-    alpha = np.minimum(texels.weights, 1.0) * _feather(distance, seen)
+    alpha = np.multiply(weights, _feather(distance, seen), out=weights)
     texture = np.asarray(cv2.blendLinear(texels.colors, filled, alpha, 1.0 - alpha), np.uint8)
     inside = islands.view(bool)
     return TextureResult(texture, coverage, seen, inside)
