@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from headforge.pipeline.decode import decode_image  # noqa: E402
 from headforge.pipeline.landmarks import find_heads  # noqa: E402
+from headforge.pipeline.process import keep_freed_memory  # noqa: E402
 from headforge.pipeline.run import facemesh_symmetry, fit_facemesh  # noqa: E402
 from headforge.pipeline.texture import finish_texture, unwrap_view  # noqa: E402
 from headforge.pipeline.texture_mask import person_masks  # noqa: E402
@@ -54,6 +55,7 @@ def main() -> None:
     args = parser.parse_args()
     from headforge.models.runtime import load_default_networks
 
+    keep_freed_memory()  # as every pipeline run does (runner.reconstruct), so the step is timed as it runs
     networks = load_default_networks()
     symmetry = facemesh_symmetry()
     reference = None
