@@ -223,7 +223,11 @@ def push_pull_fill(colors: NDArray[np.float32], weights: NDArray[np.float32]) ->
         mean = np.divide(
             premultiplied, weight[..., None], out=np.zeros_like(premultiplied), where=weight[..., None] > 0
         )
-        filled = covered * mean + (1.0 - covered) * coarse
+        # coarse + covered × (mean − coarse), in place
+        mean -= coarse
+        mean *= covered
+        mean += coarse
+        filled = mean
     return filled
 
 
