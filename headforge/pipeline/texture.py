@@ -184,7 +184,9 @@ def _sampling_map(points: NDArray[np.float32]) -> NDArray[np.float32]:
     count = len(points)
     side = int(np.ceil(np.sqrt(max(count, 1))))
     padded = np.empty((side * side, 2), dtype=np.float32)
-    np.subtract(points[:, :2], np.float32(0.5), out=padded[:count])
+    # (x, y) moved as one complex64 per point: a strided float32 pair is copied element by element.
+    padded.view(np.complex64)[:count, 0] = points.view(np.complex64)[:, 0]
+    padded[:count] -= np.float32(0.5)
     padded[count:] = -10.0
     return padded.reshape(side, side, 2)
 
@@ -438,9 +440,9 @@ def unwrap_view(
 
     def layer(
         points: NDArray[np.float32], layer_faces: NDArray[np.int64], rows: NDArray[np.int64] | None = None
-    ) -> tuple[NDArray[np.uint8], NDArray[np.float32], NDArray[np.float32]]:
+    ) -> tuple[NDArray[np.uint8], NDArray[np.float32], NDArray[np.float32], NDArray[np.float32]]:
         """Colors, weights and priorities of per-texel points (of the texels `rows`, default all), as
-        (S, S) images."""
+        (S, S) images, and the weights per point."""
         sampling_map = _sampling_map(points)
         triangles = plan.triangles if rows is None else plan.triangles[rows]
         texel_index = plan.raster.texel_index if rows is None else plan.raster.texel_index[rows]
@@ -464,18 +466,20 @@ def unwrap_view(
             priority = np.zeros(size * size, dtype=np.float32)
             priority[texel_index] = weight * cosine * cosine
         rgb_image = cv2.cvtColor(flat_colors.view(np.uint8).reshape(size, size, 4), cv2.COLOR_RGBA2RGB)
-        return np.asarray(rgb_image, np.uint8), flat_weight.reshape(size, size), priority.reshape(size, size)
+        image = np.asarray(rgb_image, np.uint8)
+        return image, flat_weight.reshape(size, size), priority.reshape(size, size), weight
 
-    colors, weights, priority = layer(own_points, faces)
+    colors, weights, priority, point_weights = layer(own_points, faces)
     texels = ViewTexels(colors, weights, priority, plan.islands)
     if symmetry is not None:
         # Only texels the photo does not see squarely look at their mirror point (the same
         # barycentrics on the mirrored corners).
-        rows = np.flatnonzero(weights.reshape(-1)[plan.raster.texel_index] < 1.0)
+        rows = np.flatnonzero(point_weights < 1.0)
         mirror_points = interpolated[rows, 4:]
         mirror_faces = np.asarray(symmetry, dtype=np.int64)[faces]
-        mirrored = layer(mirror_points, mirror_faces, rows)
-        texels.mirror_colors, texels.mirror_weights, texels.mirror_priority = mirrored
+        texels.mirror_colors, texels.mirror_weights, texels.mirror_priority, _ = layer(
+            mirror_points, mirror_faces, rows
+        )
     return texels
 
 
