@@ -475,7 +475,9 @@ def unwrap_view(
         # Only texels the photo does not see squarely look at their mirror point (the same
         # barycentrics on the mirrored corners).
         rows = np.flatnonzero(point_weights < 1.0)
-        mirror_points = interpolated[rows, 4:]
+        # The mirror's four floats gathered as one 16-byte element per row (a fancy index with a
+        # trailing slice copies them one by one).
+        mirror_points = np.take(interpolated.view(np.complex128)[:, 1], rows).view(np.float32).reshape(-1, 4)
         mirror_faces = np.asarray(symmetry, dtype=np.int64)[faces]
         texels.mirror_colors, texels.mirror_weights, texels.mirror_priority, _ = layer(
             mirror_points, mirror_faces, rows
