@@ -147,17 +147,22 @@ class _ZBuffer:
             ],
             dtype=np.float32,
         )
+        self._outline_ramp: NDArray[np.float32] | None = None
 
-    def outline_weight(self, sampling_map: NDArray[np.float32], count: int) -> NDArray[np.float32]:
-        """Per point: 0 in the cells the mesh's projected outline passes through, ramping to 1 over
+    def cells(self, sampling_map: NDArray[np.float32]) -> NDArray[np.float32]:
+        """A sampling map's points in cell coordinates, for `outline_weight` and `visible`."""
+        return np.asarray(cv2.transform(sampling_map, self._to_cells), np.float32)
+
+    def outline_weight(self, cells: NDArray[np.float32], count: int) -> NDArray[np.float32]:
+        """Per point (given in `cells` coordinates): 0 in the cells the mesh's projected outline passes through, ramping to 1 over
         OUTLINE_FEATHER_CELLS cells inside it. A photo pixel just inside the outline mixes in what lies
         beyond it (background, hair), most where the outline passes beyond the face in the photo."""
-        # Closed: cells no sample fell into.
-        footprint = cv2.morphologyEx(np.isfinite(self.depth).astype(np.uint8), cv2.MORPH_CLOSE, _CROSS)
-        distance = np.asarray(cv2.distanceTransform(footprint, cv2.DIST_L2, 3), np.float32)
-        ramp = np.clip((distance - 0.5) * np.float32(1.0 / OUTLINE_FEATHER_CELLS), 0.0, 1.0)
-        cells = cv2.transform(sampling_map, self._to_cells)
-        weight = cv2.remap(ramp, cells, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)  # type: ignore[call-overload]
+        if self._outline_ramp is None:
+            # Closed: cells no sample fell into.
+            footprint = cv2.morphologyEx(np.isfinite(self.depth).astype(np.uint8), cv2.MORPH_CLOSE, _CROSS)
+            distance = np.asarray(cv2.distanceTransform(footprint, cv2.DIST_L2, 3), np.float32)
+            self._outline_ramp = np.clip((distance - 0.5) * np.float32(1.0 / OUTLINE_FEATHER_CELLS), 0.0, 1.0)
+        weight = cv2.remap(self._outline_ramp, cells, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)  # type: ignore[call-overload]
         return np.asarray(weight, np.float32).reshape(-1)[:count]
 
     def tolerance(self, slope: NDArray[np.float32]) -> NDArray[np.float32]:
@@ -165,11 +170,10 @@ class _ZBuffer:
         return (self.cell * (ZBUFFER_BASE_TOLERANCE + ZBUFFER_SLOPE_TOLERANCE * slope)).astype(np.float32)
 
     def visible(
-        self, sampling_map: NDArray[np.float32], depth: NDArray[np.float32], tolerance: NDArray[np.float32]
+        self, cells: NDArray[np.float32], depth: NDArray[np.float32], tolerance: NDArray[np.float32]
     ) -> NDArray[np.bool_]:
-        """Points (given by their sampling map and depth) within `tolerance` of the nearest surface in
-        their cell; a NaN tolerance is never visible."""
-        cells = cv2.transform(sampling_map, self._to_cells)
+        """Points (given by their `cells` coordinates and depth) within `tolerance` of the nearest
+        surface in their cell; a NaN tolerance is never visible."""
         nearest = cv2.remap(self.depth, cells, None, cv2.INTER_NEAREST, borderMode=cv2.BORDER_REPLICATE)  # type: ignore[call-overload]
         return depth - tolerance <= np.asarray(nearest, np.float32).reshape(-1)[: len(depth)]
 
@@ -179,8 +183,11 @@ def _sampling_map(points: NDArray[np.float32]) -> NDArray[np.float32]:
     padded to a square (the padding's samples are dropped)."""
     count = len(points)
     side = int(np.ceil(np.sqrt(max(count, 1))))
-    padded = np.full((side * side, 2), -10.0, dtype=np.float32)
-    np.subtract(points[:, :2], np.float32(0.5), out=padded[:count])
+    padded = np.empty((side * side, 2), dtype=np.float32)
+    # (x, y) moved as one complex64 per point: a strided float32 pair is copied element by element.
+    padded.view(np.complex64)[:count, 0] = points.view(np.complex64)[:, 0]
+    padded[:count] -= np.float32(0.5)
+    padded[count:] = -10.0
     return padded.reshape(side, side, 2)
 
 
@@ -218,7 +225,11 @@ def push_pull_fill(colors: NDArray[np.float32], weights: NDArray[np.float32]) ->
         mean = np.divide(
             premultiplied, weight[..., None], out=np.zeros_like(premultiplied), where=weight[..., None] > 0
         )
-        filled = covered * mean + (1.0 - covered) * coarse
+        # coarse + covered × (mean − coarse), in place
+        mean -= coarse
+        mean *= covered
+        mean += coarse
+        filled = mean
     return filled
 
 
@@ -230,14 +241,14 @@ def _fill_outside(texture: NDArray[np.uint8], coverage: NDArray[np.uint8]) -> ND
     block = max(1, size // PUSH_PULL_SIZE)
     small = size // block
     used = small * block
-    # Block means of the covered texels (float, so that thinly covered blocks are not rounded away).
-    premultiplied = cv2.resize(
-        texture[:used, :used].astype(np.float32), (small, small), interpolation=cv2.INTER_AREA
-    )
+    # Block means of the covered texels. Taken in uint8 (no full-size float copy): a mean is off by at
+    # most half a level, so by at most one level after the division in the blocks trusted below
+    # (at least half covered); coverage is scaled to 255 so that its block share keeps 8 bits.
+    premultiplied = cv2.resize(texture[:used, :used], (small, small), interpolation=cv2.INTER_AREA)
     weight = cv2.resize(
-        coverage[:used, :used].astype(np.float32), (small, small), interpolation=cv2.INTER_AREA
+        coverage[:used, :used] * np.uint8(255), (small, small), interpolation=cv2.INTER_AREA
     )
-    weight = np.asarray(weight, np.float32).reshape(small, small)
+    weight = np.asarray(weight, np.float32).reshape(small, small) * np.float32(1.0 / 255.0)
     premultiplied = np.asarray(premultiplied, np.float32).reshape(small, small, 3)
     mean = np.divide(
         premultiplied, weight[..., None], out=np.zeros_like(premultiplied), where=weight[..., None] > 0
@@ -373,7 +384,9 @@ def _opened(mask: NDArray[np.bool_], islands: NDArray[np.uint8]) -> NDArray[np.b
 def _facing_ramp(cosine: NDArray[np.float32]) -> NDArray[np.float32]:
     """Confidence that a surface point at this cosine to the view ray is seen well: 0 at grazing
     angles up to GRAZING_COS, 1 from CLEAR_COS."""
-    return np.clip((cosine - GRAZING_COS) * (1.0 / (CLEAR_COS - GRAZING_COS)), 0.0, 1.0).astype(np.float32)
+    ramp = np.subtract(cosine, np.float32(GRAZING_COS), dtype=np.float32)
+    ramp *= np.float32(1.0 / (CLEAR_COS - GRAZING_COS))
+    return np.clip(ramp, 0.0, 1.0, out=ramp)
 
 
 def _check_inputs(rgb: NDArray[np.uint8], vertex_count: int, symmetry: NDArray[np.integer] | None) -> None:
@@ -413,7 +426,11 @@ def unwrap_view(
     # has the same barycentrics on the mirrored corners). Smooth vertex normals, so weights blend.
     cosines = np.clip(-vertex_normals(vertices64, faces)[:, 2], 0.0, 1.0)
     attributes = np.column_stack([vertices, cosines]).astype(np.float32)
-    own_points = np.asarray(plan.own @ attributes, dtype=np.float32)
+    if symmetry is not None:
+        # One product for both (slicing the matrix's rows for the mirror costs more than the columns).
+        attributes = np.column_stack([attributes, attributes[np.asarray(symmetry, dtype=np.int64)]])
+    interpolated = np.asarray(plan.own @ attributes, dtype=np.float32)
+    own_points = interpolated[:, :4]
     stride = max(1, len(own_points) // (ZBUFFER_CELLS * ZBUFFER_CELLS * ZBUFFER_SAMPLES_PER_CELL))
     zbuffer = _ZBuffer(np.concatenate([own_points[::stride, :3], vertices]), vertices)
     outside = (
@@ -423,9 +440,9 @@ def unwrap_view(
 
     def layer(
         points: NDArray[np.float32], layer_faces: NDArray[np.int64], rows: NDArray[np.int64] | None = None
-    ) -> tuple[NDArray[np.uint8], NDArray[np.float32], NDArray[np.float32]]:
+    ) -> tuple[NDArray[np.uint8], NDArray[np.float32], NDArray[np.float32], NDArray[np.float32]]:
         """Colors, weights and priorities of per-texel points (of the texels `rows`, default all), as
-        (S, S) images."""
+        (S, S) images, and the weights per point."""
         sampling_map = _sampling_map(points)
         triangles = plan.triangles if rows is None else plan.triangles[rows]
         texel_index = plan.raster.texel_index if rows is None else plan.raster.texel_index[rows]
@@ -433,8 +450,10 @@ def unwrap_view(
         slack = zbuffer.tolerance(_depth_slope(vertices64, layer_faces))
         slack[outside[layer_faces].any(1)] = np.nan
         cosine = points[:, 3]
-        weight = _facing_ramp(cosine) * zbuffer.visible(sampling_map, points[:, 2], np.take(slack, triangles))
-        weight *= zbuffer.outline_weight(sampling_map, len(points))
+        cells = zbuffer.cells(sampling_map)
+        weight = _facing_ramp(cosine) * zbuffer.visible(cells, points[:, 2], np.take(slack, triangles))
+        weight *= zbuffer.outline_weight(cells, len(points))
+        del cells
         if mask is not None:
             weight *= mask.sample(sampling_map, len(points))
         colors = _sample(rgba, sampling_map, len(points))
@@ -447,19 +466,22 @@ def unwrap_view(
             priority = np.zeros(size * size, dtype=np.float32)
             priority[texel_index] = weight * cosine * cosine
         rgb_image = cv2.cvtColor(flat_colors.view(np.uint8).reshape(size, size, 4), cv2.COLOR_RGBA2RGB)
-        return np.asarray(rgb_image, np.uint8), flat_weight.reshape(size, size), priority.reshape(size, size)
+        image = np.asarray(rgb_image, np.uint8)
+        return image, flat_weight.reshape(size, size), priority.reshape(size, size), weight
 
-    colors, weights, priority = layer(own_points, faces)
+    colors, weights, priority, point_weights = layer(own_points, faces)
     texels = ViewTexels(colors, weights, priority, plan.islands)
     if symmetry is not None:
         # Only texels the photo does not see squarely look at their mirror point (the same
         # barycentrics on the mirrored corners).
-        rows = np.flatnonzero(weights.reshape(-1)[plan.raster.texel_index] < 1.0)
-        mirror_attributes = attributes[np.asarray(symmetry, dtype=np.int64)]
-        mirror_points = np.asarray(plan.own[rows] @ mirror_attributes, dtype=np.float32)
+        rows = np.flatnonzero(point_weights < 1.0)
+        # The mirror's four floats gathered as one 16-byte element per row (a fancy index with a
+        # trailing slice copies them one by one).
+        mirror_points = np.take(interpolated.view(np.complex128)[:, 1], rows).view(np.float32).reshape(-1, 4)
         mirror_faces = np.asarray(symmetry, dtype=np.int64)[faces]
-        mirrored = layer(mirror_points, mirror_faces, rows)
-        texels.mirror_colors, texels.mirror_weights, texels.mirror_priority = mirrored
+        texels.mirror_colors, texels.mirror_weights, texels.mirror_priority, _ = layer(
+            mirror_points, mirror_faces, rows
+        )
     return texels
 
 
@@ -475,8 +497,7 @@ def _feather(distance: NDArray[np.float32], seen: NDArray[np.bool_]) -> NDArray[
     texels further in (at 1024², scaled with the size)."""
     width = max(1.0, SEAM_FEATHER * len(seen) / 1024)
     ramp = np.clip((distance - 1.0) * np.float32(1.0 / width), 0.0, 1.0)
-    ramp[~seen] = 0.0
-    return ramp
+    return np.multiply(ramp, seen, out=ramp)
 
 
 class _LayerFusion:
@@ -557,12 +578,13 @@ def _seam_offset(
     size = len(band)
     block = max(1, size // OFFSET_GRID)
     cells = size // block
-    rows, cols = np.nonzero(band)
+    texels = np.flatnonzero(band)
+    rows, cols = np.divmod(texels, size)
     keep = (rows < cells * block) & (cols < cells * block)
-    rows, cols = rows[keep], cols[keep]
+    texels, rows, cols = texels[keep], rows[keep], cols[keep]
     cell = (rows // block) * cells + cols // block
-    step = seen_colors[rows, cols].astype(np.float32) - filled[rows, cols]
-    rim = rim_weights[rows, cols]
+    step = seen_colors.reshape(-1, 3)[texels].astype(np.float32) - filled.reshape(-1, 3)[texels]
+    rim = rim_weights.reshape(-1)[texels]
     weight = np.bincount(cell, rim, cells * cells).astype(np.float32)
     summed = np.stack(
         [np.bincount(cell, np.clip(step[:, c], -OFFSET_LIMIT, OFFSET_LIMIT) * rim, cells * cells) for c in range(3)],
@@ -613,12 +635,13 @@ def finish_texture(texels: ViewTexels) -> TextureResult:
         known |= from_mirror
     filled = _fill_outside(filled, known.view(np.uint8))
     filled = _inpaint(filled, np.asarray(cv2.subtract(islands, known.view(np.uint8)), np.uint8))
+    weights = np.minimum(texels.weights, np.float32(1.0))
     if band.any():
-        offset = _seam_offset(texels.colors, filled, band, np.minimum(texels.weights, 1.0))
+        offset = _seam_offset(texels.colors, filled, band, weights)
         filled = np.asarray(cv2.add(filled, offset, dtype=cv2.CV_8U), np.uint8)
     # Seen texels cross-fade into the fill where the photo sees them poorly and over the first few
     # texels from the rim of the seen region.
-    alpha = np.minimum(texels.weights, 1.0) * _feather(distance, seen)
+    alpha = np.multiply(weights, _feather(distance, seen), out=weights)
     texture = np.asarray(cv2.blendLinear(texels.colors, filled, alpha, 1.0 - alpha), np.uint8)
     inside = islands.view(bool)
     return TextureResult(texture, coverage, seen, inside)
