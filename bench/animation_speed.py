@@ -20,7 +20,9 @@ from headforge.benchmarks.animation import run
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--splats", type=int, default=8192)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--quick", action="store_true")

@@ -44,8 +44,12 @@ from stacklib import KEYS, Stack, astronaut_jpeg, running_stack  # noqa: E402
 
 MAX_REQUEST = 64 * 1024 * 1024
 # stacklib's small test limits, put back to the service's defaults (docs/service.md).
-PRODUCTION_LIMITS = {"HEADFORGE_MAX_UPLOAD_BYTES": str(20 * 1024 * 1024), "HEADFORGE_MAX_IMAGE_PIXELS": "40000000",
-                     "HEADFORGE_MAX_FILES_PER_JOB": "8", "HEADFORGE_MAX_FILES_PER_BATCH": "200"}
+PRODUCTION_LIMITS = {
+    "HEADFORGE_MAX_UPLOAD_BYTES": str(20 * 1024 * 1024),
+    "HEADFORGE_MAX_IMAGE_PIXELS": "40000000",
+    "HEADFORGE_MAX_FILES_PER_JOB": "8",
+    "HEADFORGE_MAX_FILES_PER_BATCH": "200",
+}
 
 
 def _proc(pid: int, name: str, field: str) -> int:
@@ -67,12 +71,22 @@ def chunked_upload(stack: Stack, headers: dict[str, str], total: int) -> dict[st
     """Send up to `total` bytes chunked; stop once the server answers or closes. What the client got
     into its socket bounds what the API read from above (the rest sat in the loopback buffers)."""
     port = stack.api_port
-    head = "\r\n".join([
-        "POST /v1/jobs HTTP/1.1", f"Host: 127.0.0.1:{port}", "Transfer-Encoding: chunked",
-        "Content-Type: multipart/form-data; boundary=hfb", *(f"{k}: {v}" for k, v in headers.items()),
-    ]).encode() + b"\r\n\r\n"
-    preamble = (b'--hfb\r\nContent-Disposition: form-data; name="images"; filename="a.jpg"\r\n'
-                b"Content-Type: image/jpeg\r\n\r\n")
+    head = (
+        "\r\n".join(
+            [
+                "POST /v1/jobs HTTP/1.1",
+                f"Host: 127.0.0.1:{port}",
+                "Transfer-Encoding: chunked",
+                "Content-Type: multipart/form-data; boundary=hfb",
+                *(f"{k}: {v}" for k, v in headers.items()),
+            ]
+        ).encode()
+        + b"\r\n\r\n"
+    )
+    preamble = (
+        b'--hfb\r\nContent-Disposition: form-data; name="images"; filename="a.jpg"\r\n'
+        b"Content-Type: image/jpeg\r\n\r\n"
+    )
     block = b"\xff" * (256 * 1024)
     sent = 0
     started = time.perf_counter()
@@ -96,8 +110,13 @@ def chunked_upload(stack: Stack, headers: dict[str, str], total: int) -> dict[st
             pass
     elapsed = time.perf_counter() - started
     status = int(response.split(b" ", 2)[1]) if response.startswith(b"HTTP/") else None
-    return {"status": status, "client_sent_bytes": sent, "limit_bytes": MAX_REQUEST,
-            "sent_vs_limit": round(sent / MAX_REQUEST, 3), "seconds": round(elapsed, 2)}
+    return {
+        "status": status,
+        "client_sent_bytes": sent,
+        "limit_bytes": MAX_REQUEST,
+        "sent_vs_limit": round(sent / MAX_REQUEST, 3),
+        "seconds": round(elapsed, 2),
+    }
 
 
 def _zip(entries: dict[str, bytes], level: int = 6) -> bytes:
@@ -112,8 +131,12 @@ def zip_growth(stack: Stack, pid: int, archive: bytes) -> tuple[int, float, floa
     _reset_peak(pid)
     before = _proc(pid, "status", "VmRSS:")
     started = time.perf_counter()
-    response = httpx.post(f"{stack.base_url}/v1/batches", headers=_auth(), timeout=600,
-                          files={"archive": ("a.zip", archive, "application/zip")})
+    response = httpx.post(
+        f"{stack.base_url}/v1/batches",
+        headers=_auth(),
+        timeout=600,
+        files={"archive": ("a.zip", archive, "application/zip")},
+    )
     elapsed = time.perf_counter() - started
     return response.status_code, (_proc(pid, "status", "VmHWM:") - before) / 1024, elapsed
 
@@ -124,9 +147,15 @@ def zip_bomb(stack: Stack, pid: int) -> dict[str, Any]:
     good = _zip({f"{i}.jpg": astronaut_jpeg(512 - 64 * i) for i in range(3)})
     status, growth, seconds = zip_growth(stack, pid, bomb)
     ref_status, ref_growth, ref_seconds = zip_growth(stack, pid, good)
-    return {"status": status, "wire_bytes": len(bomb), "rss_growth_mb": round(growth, 1), "seconds": round(seconds, 2),
-            "reference_status": ref_status, "reference_rss_growth_mb": round(ref_growth, 1),
-            "reference_seconds": round(ref_seconds, 2)}
+    return {
+        "status": status,
+        "wire_bytes": len(bomb),
+        "rss_growth_mb": round(growth, 1),
+        "seconds": round(seconds, 2),
+        "reference_status": ref_status,
+        "reference_rss_growth_mb": round(ref_growth, 1),
+        "reference_seconds": round(ref_seconds, 2),
+    }
 
 
 def _healthz_ms(stack: Stack, client: httpx.Client) -> float:
@@ -146,8 +175,12 @@ def big_pngs(stack: Stack, pid: int, count: int = 3) -> dict[str, Any]:
         statuses: list[int] = []
 
         def send() -> None:
-            response = httpx.post(f"{stack.base_url}/v1/jobs", headers=_auth(), timeout=600,
-                                  files={"images": ("big.png", png, "image/png")})
+            response = httpx.post(
+                f"{stack.base_url}/v1/jobs",
+                headers=_auth(),
+                timeout=600,
+                files={"images": ("big.png", png, "image/png")},
+            )
             statuses.append(response.status_code)
 
         threads = [threading.Thread(target=send) for _ in range(count)]
@@ -163,13 +196,18 @@ def big_pngs(stack: Stack, pid: int, count: int = 3) -> dict[str, Any]:
         elapsed = time.perf_counter() - started
     busy_sorted = sorted(busy)
     return {
-        "statuses": sorted(statuses), "png_bytes": len(png), "seconds": round(elapsed, 2),
-        "api_rss_before_mb": round(baseline_mb, 1), "api_peak_rss_mb": round(_proc(pid, "status", "VmHWM:") / 1024, 1),
+        "statuses": sorted(statuses),
+        "png_bytes": len(png),
+        "seconds": round(elapsed, 2),
+        "api_rss_before_mb": round(baseline_mb, 1),
+        "api_peak_rss_mb": round(_proc(pid, "status", "VmHWM:") / 1024, 1),
         "healthz_samples": len(busy),
         "healthz_busy_p50_ms": round(statistics.median(busy), 1) if busy else None,
         "healthz_busy_max_ms": round(busy_sorted[-1], 1) if busy else None,
         "healthz_idle_p50_ms": round(statistics.median(idle), 1),
-        "healthz_busy_vs_idle_p50": round(statistics.median(busy) / statistics.median(idle), 2) if busy else None,
+        "healthz_busy_vs_idle_p50": round(statistics.median(busy) / statistics.median(idle), 2)
+        if busy
+        else None,
     }
 
 
@@ -189,8 +227,10 @@ def _capped_grid_plan(width: int, height: int) -> list[Any]:
         return windows
     step = tile / 2
     counts = [max(1, math.ceil((extent - tile) / step - 1e-6) + 1) for extent in (width, height)]
-    starts = [[(extent - tile) / 2] if extent <= tile else list(np.linspace(0.0, extent - tile, count))
-              for extent, count in zip((width, height), counts, strict=True)]
+    starts = [
+        [(extent - tile) / 2] if extent <= tile else list(np.linspace(0.0, extent - tile, count))
+        for extent, count in zip((width, height), counts, strict=True)
+    ]
     for y0 in starts[1]:
         for x0 in starts[0]:
             inner = (x0 > 0.5, y0 > 0.5, x0 + tile < width - 0.5, y0 + tile < height - 0.5)
@@ -217,16 +257,26 @@ def crowd() -> dict[str, Any]:
     detect_faces(read_rgb(folder / sorted(labels)[0]), networks)  # warm-up
     started = time.perf_counter()
     one_by_one = sum(
-        match_labelled_boxes(boxes, np.array([d.box for d in detect_faces(read_rgb(folder / name), networks)],
-                                             np.float32).reshape(-1, 4))[0]
-        for name, boxes in labels.items())
+        match_labelled_boxes(
+            boxes,
+            np.array([d.box for d in detect_faces(read_rgb(folder / name), networks)], np.float32).reshape(
+                -1, 4
+            ),
+        )[0]
+        for name, boxes in labels.items()
+    )
     one_by_one_s = time.perf_counter() - started
     canvas, truth, photos = collage(folder)
     crowd_rgb, crowd_truth = crowd_photo(folder)
-    report: dict[str, Any] = {"labelled_faces": len(truth), "photos": photos,
-                              "one_by_one": {"found": one_by_one, "seconds": round(one_by_one_s, 2)}}
-    for label, rgb, boxes, expected in (("collage", canvas, truth, one_by_one),
-                                        ("crowd_6000x4500", crowd_rgb, crowd_truth, 2 * one_by_one)):
+    report: dict[str, Any] = {
+        "labelled_faces": len(truth),
+        "photos": photos,
+        "one_by_one": {"found": one_by_one, "seconds": round(one_by_one_s, 2)},
+    }
+    for label, rgb, boxes, expected in (
+        ("collage", canvas, truth, one_by_one),
+        ("crowd_6000x4500", crowd_rgb, crowd_truth, 2 * one_by_one),
+    ):
         height, width = rgb.shape[:2]
         started = time.perf_counter()
         found = np.array([d.box for d in detect_faces(rgb, networks)], np.float32).reshape(-1, 4)
@@ -234,14 +284,24 @@ def crowd() -> dict[str, Any]:
         hits, extra = match_labelled_boxes(boxes, found)
         reference = _capped_grid_plan(width, height)
         started = time.perf_counter()
-        raw, _ran = run_detector(rgb, networks[FULL_RANGE.network], FULL_RANGE, reference, FULL_RANGE.default_min_score)
+        raw, _ran = run_detector(
+            rgb, networks[FULL_RANGE.network], FULL_RANGE, reference, FULL_RANGE.default_min_score
+        )
         ref_seconds = time.perf_counter() - started
         ref_hits, ref_extra = match_labelled_boxes(boxes, merge_windows(raw).boxes)
         report[label] = {
-            "size": f"{width}x{height}", "labelled_faces": len(boxes), "windows": len(plan_windows(width, height, min_face_size=32.0)),
-            "found": hits, "unmatched_boxes": extra, "seconds": round(seconds, 2),
-            "reference_capped_grid": {"windows": len(reference), "found": ref_hits, "unmatched_boxes": ref_extra,
-                                      "seconds": round(ref_seconds, 2)},
+            "size": f"{width}x{height}",
+            "labelled_faces": len(boxes),
+            "windows": len(plan_windows(width, height, min_face_size=32.0)),
+            "found": hits,
+            "unmatched_boxes": extra,
+            "seconds": round(seconds, 2),
+            "reference_capped_grid": {
+                "windows": len(reference),
+                "found": ref_hits,
+                "unmatched_boxes": ref_extra,
+                "seconds": round(ref_seconds, 2),
+            },
             "found_vs_one_by_one": round(hits / max(1, expected), 3),
             "seconds_vs_capped_grid": round(seconds / max(ref_seconds, 1e-9), 2),
         }
@@ -253,15 +313,24 @@ def crowd() -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--crowd", action="store_true", help="also measure crowd recall (needs ../shared/data)")
+    parser.add_argument(
+        "--crowd", action="store_true", help="also measure crowd recall (needs ../shared/data)"
+    )
     parser.add_argument("--only-crowd", action="store_true", help="crowd recall only, no stack")
     args = parser.parse_args()
     report: dict[str, Any] = {}
     if not args.only_crowd:
-        with tempfile.TemporaryDirectory(prefix="hf-hardening-") as root, running_stack(
-            Path(root), redis=True, server="headforge", HEADFORGE_MAX_REQUEST_BYTES=str(MAX_REQUEST),
-            HEADFORGE_MAX_QUEUED_PER_KEY="1000", **PRODUCTION_LIMITS,
-        ) as stack:
+        with (
+            tempfile.TemporaryDirectory(prefix="hf-hardening-") as root,
+            running_stack(
+                Path(root),
+                redis=True,
+                server="headforge",
+                HEADFORGE_MAX_REQUEST_BYTES=str(MAX_REQUEST),
+                HEADFORGE_MAX_QUEUED_PER_KEY="1000",
+                **PRODUCTION_LIMITS,
+            ) as stack,
+        ):
             assert stack.api is not None
             pid = stack.api.popen.pid
             report["chunked_401"] = chunked_upload(stack, {}, 1024 * 1024 * 1024)

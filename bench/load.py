@@ -72,29 +72,80 @@ class LocalStack:
     def __init__(self, workers: int):
         self.root = Path(tempfile.mkdtemp(prefix="headforge-load-"))
         self.redis_port, self.api_port = _free_port(), _free_port()
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("HEADFORGE_") or k == "HEADFORGE_HOME"}
-        self.env.update({
-            "HEADFORGE_REDIS_URL": f"redis://127.0.0.1:{self.redis_port}/0",
-            "HEADFORGE_DATA_DIR": str(self.root / "data"),
-            "HEADFORGE_THREADS": "1", "OMP_NUM_THREADS": "1", "HEADFORGE_JSON_LOGS": "1",
-            "HEADFORGE_MAX_QUEUED_PER_KEY": "1000", "HEADFORGE_RATE_LIMIT_PER_MINUTE": "100000",
-            "HEADFORGE_RATE_LIMIT_BURST": "10000",
-        })
+        self.env = {
+            k: v for k, v in os.environ.items() if not k.startswith("HEADFORGE_") or k == "HEADFORGE_HOME"
+        }
+        self.env.update(
+            {
+                "HEADFORGE_REDIS_URL": f"redis://127.0.0.1:{self.redis_port}/0",
+                "HEADFORGE_DATA_DIR": str(self.root / "data"),
+                "HEADFORGE_THREADS": "1",
+                "OMP_NUM_THREADS": "1",
+                "HEADFORGE_JSON_LOGS": "1",
+                "HEADFORGE_MAX_QUEUED_PER_KEY": "1000",
+                "HEADFORGE_RATE_LIMIT_PER_MINUTE": "100000",
+                "HEADFORGE_RATE_LIMIT_BURST": "10000",
+            }
+        )
         self.processes: list[subprocess.Popen[bytes]] = []
-        self._start(["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1", "--appendonly", "yes",
-                     "--dir", str(self.root), "--save", ""], "redis")
+        self._start(
+            [
+                "redis-server",
+                "--port",
+                str(self.redis_port),
+                "--bind",
+                "127.0.0.1",
+                "--appendonly",
+                "yes",
+                "--dir",
+                str(self.root),
+                "--save",
+                "",
+            ],
+            "redis",
+        )
         for number in range(workers):
-            self._start([sys.executable, "-m", "headforge", "worker", "--queue", "cpu", "--concurrency", "1",
-                         "--hostname", f"load{number}@%h"], f"worker{number}")
-        self._start([sys.executable, "-m", "uvicorn", "--factory", "headforge.service.app:app_from_env",
-                     "--host", "127.0.0.1", "--port", str(self.api_port), "--log-level", "warning"], "api")
+            self._start(
+                [
+                    sys.executable,
+                    "-m",
+                    "headforge",
+                    "worker",
+                    "--queue",
+                    "cpu",
+                    "--concurrency",
+                    "1",
+                    "--hostname",
+                    f"load{number}@%h",
+                ],
+                f"worker{number}",
+            )
+        self._start(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--factory",
+                "headforge.service.app:app_from_env",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.api_port),
+                "--log-level",
+                "warning",
+            ],
+            "api",
+        )
         self.url = f"http://127.0.0.1:{self.api_port}"
         self._wait_ready(workers)
 
     def _start(self, argv: list[str], name: str) -> None:
         log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 (owned by the child)
-        self.processes.append(subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                                               start_new_session=True))
+        self.processes.append(
+            subprocess.Popen(
+                argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True
+            )
+        )
 
     def _wait_ready(self, workers: int) -> None:
         deadline = time.monotonic() + 180
@@ -121,8 +172,13 @@ class LocalStack:
 def run_job(client: httpx.Client, photo: bytes) -> dict[str, Any]:
     """Submit with `wait` and fall back to polling; return the finished job and the client latency."""
     started = time.perf_counter()
-    response = client.post("/v1/jobs", params={"wait": 60}, files=[("images", ("photo.jpg", photo, "image/jpeg"))],
-                           data=OPTIONS, timeout=120)
+    response = client.post(
+        "/v1/jobs",
+        params={"wait": 60},
+        files=[("images", ("photo.jpg", photo, "image/jpeg"))],
+        data=OPTIONS,
+        timeout=120,
+    )
     response.raise_for_status()
     job = response.json()
     while job["status"] not in ("succeeded", "failed", "canceled"):
@@ -138,8 +194,9 @@ def in_process_ms(photo: bytes, repeats: int) -> list[float]:
     from headforge.pipeline.run import ReconstructOptions, reconstruct_image
 
     networks = load_default_networks(threads=1)
-    options = ReconstructOptions.from_dict({"texture_size": 512, "splats": 2000,
-                                            "outputs": OPTIONS["outputs"]})
+    options = ReconstructOptions.from_dict(
+        {"texture_size": 512, "splats": 2000, "outputs": OPTIONS["outputs"]}
+    )
     times = []
     with tempfile.TemporaryDirectory() as scratch:
         for index in range(repeats + 3):
@@ -152,8 +209,15 @@ def in_process_ms(photo: bytes, repeats: int) -> list[float]:
 
 def in_process_subprocess(size: int, repeats: int, env: dict[str, str]) -> list[float]:
     """`in_process_ms` in a fresh process with the workers' environment (same thread settings)."""
-    output = subprocess.run([sys.executable, __file__, "--inprocess-only", str(repeats), "--size", str(size)],
-                            env=env, cwd=REPO, capture_output=True, text=True, check=True, timeout=600)
+    output = subprocess.run(
+        [sys.executable, __file__, "--inprocess-only", str(repeats), "--size", str(size)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+    )
     times: list[float] = json.loads(output.stdout.strip().splitlines()[-1])
     return times
 
@@ -165,7 +229,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=200)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--sequential", type=int, default=15, help="Unloaded one-at-a-time jobs for the overhead.")
+    parser.add_argument(
+        "--sequential", type=int, default=15, help="Unloaded one-at-a-time jobs for the overhead."
+    )
     parser.add_argument("--size", type=int, default=256, help="Photo side in pixels.")
     parser.add_argument("--inprocess-only", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -184,7 +250,9 @@ def main() -> None:
             for _ in range(3 * args.workers):
                 run_job(client, photo)
             sequential = [run_job(client, photo) for _ in range(args.sequential)]
-        inprocess = in_process_subprocess(args.size, args.sequential, stack.env if stack else dict(os.environ))
+        inprocess = in_process_subprocess(
+            args.size, args.sequential, stack.env if stack else dict(os.environ)
+        )
 
         results: list[dict[str, Any]] = []
         errors: list[str] = []
@@ -220,8 +288,10 @@ def main() -> None:
     succeeded = [j for j in results if j["status"] == "succeeded"]
     latency = [j["latency_ms"] for j in succeeded]
     queue_wait = [float(j["timings_ms"].get("queue_wait", 0.0)) for j in succeeded]
-    overhead = [j["latency_ms"] - float(j["timings_ms"].get("queue_wait", 0.0)) - float(j["timings_ms"]["pipeline"])
-                for j in succeeded]
+    overhead = [
+        j["latency_ms"] - float(j["timings_ms"].get("queue_wait", 0.0)) - float(j["timings_ms"]["pipeline"])
+        for j in succeeded
+    ]
     seq_latency = [j["latency_ms"] for j in sequential if j["status"] == "succeeded"]
     report = {
         "jobs": args.jobs,
@@ -241,15 +311,28 @@ def main() -> None:
         "service_overhead_ms_p95": _percentile(overhead, 95),
         "worker_pipeline_ms_p50": _percentile([float(j["timings_ms"]["pipeline"]) for j in succeeded], 50),
         "inprocess_ms_p50": round(statistics.median(inprocess), 2),
-        "sequential_queue_wait_ms_p50": _percentile([float(j["timings_ms"].get("queue_wait", 0.0)) for j in sequential], 50),
-        "sequential_worker_pipeline_ms_p50": _percentile([float(j["timings_ms"]["pipeline"]) for j in sequential], 50),
-        "sequential_artifact_store_ms_p50": _percentile([float(j["timings_ms"].get("upload", 0.0)) for j in sequential], 50),
+        "sequential_queue_wait_ms_p50": _percentile(
+            [float(j["timings_ms"].get("queue_wait", 0.0)) for j in sequential], 50
+        ),
+        "sequential_worker_pipeline_ms_p50": _percentile(
+            [float(j["timings_ms"]["pipeline"]) for j in sequential], 50
+        ),
+        "sequential_artifact_store_ms_p50": _percentile(
+            [float(j["timings_ms"].get("upload", 0.0)) for j in sequential], 50
+        ),
         "sequential_latency_ms_p50": round(statistics.median(seq_latency), 2) if seq_latency else None,
         # Paired per job: client latency minus the same job's reconstruct_image time in the worker.
-        "overhead_ms_p50": _percentile([j["latency_ms"] - float(j["timings_ms"]["pipeline"]) for j in sequential], 50),
-        "overhead_ms_p95": _percentile([j["latency_ms"] - float(j["timings_ms"]["pipeline"]) for j in sequential], 95),
-        "overhead_vs_inprocess_ms_p50": round(statistics.median(seq_latency) - statistics.median(inprocess), 2)
-        if seq_latency else None,
+        "overhead_ms_p50": _percentile(
+            [j["latency_ms"] - float(j["timings_ms"]["pipeline"]) for j in sequential], 50
+        ),
+        "overhead_ms_p95": _percentile(
+            [j["latency_ms"] - float(j["timings_ms"]["pipeline"]) for j in sequential], 95
+        ),
+        "overhead_vs_inprocess_ms_p50": round(
+            statistics.median(seq_latency) - statistics.median(inprocess), 2
+        )
+        if seq_latency
+        else None,
     }
     print(json.dumps(report, indent=2))
     if len(succeeded) != args.jobs:

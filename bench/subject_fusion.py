@@ -57,12 +57,24 @@ def _asset() -> tuple[Path, str]:
     return path, "synthetic FLAME (tests/flame_synthetic.py; no real FLAME is imported here)"
 
 
-def synthetic_spread(model: FlameLandmarkModel, yaws: list[float], trials: int, noise_px: float) -> dict[str, Any]:
+def synthetic_spread(
+    model: FlameLandmarkModel, yaws: list[float], trials: int, noise_px: float
+) -> dict[str, Any]:
     from subject_synthetic import subject_views
 
     settings = FitSettings(landmark_sigma_m=0.001)
-    rows: dict[str, list[float]] = {key: [] for key in (
-        "single_var", "single_err_mean", "single_err_worst", "fused_err", "halves_var", "single_ms", "fused_ms")}
+    rows: dict[str, list[float]] = {
+        key: []
+        for key in (
+            "single_var",
+            "single_err_mean",
+            "single_err_worst",
+            "fused_err",
+            "halves_var",
+            "single_ms",
+            "fused_ms",
+        )
+    }
     for trial in range(trials):
         rng = np.random.default_rng(1000 + trial)
         truth = rng.normal(0, 1, model.num_shape)
@@ -78,11 +90,18 @@ def synthetic_spread(model: FlameLandmarkModel, yaws: list[float], trials: int, 
         rows["single_err_mean"].append(float(errors.mean()))
         rows["single_err_worst"].append(float(errors.max()))
         rows["fused_err"].append(float(np.sum((fused - truth) ** 2)))
-        halves = [fit_flame_subject(model, views.landmarks[part], settings).shape for part in (slice(0, None, 2), slice(1, None, 2))]
+        halves = [
+            fit_flame_subject(model, views.landmarks[part], settings).shape
+            for part in (slice(0, None, 2), slice(1, None, 2))
+        ]
         rows["halves_var"].append(variance(np.stack(halves)))
     summary = {key: float(np.mean(values)) for key, values in rows.items()}
-    summary["fused_better_than_worst"] = float(np.mean(np.array(rows["fused_err"]) < np.array(rows["single_err_worst"])))
-    summary["fused_better_than_mean"] = float(np.mean(np.array(rows["fused_err"]) < np.array(rows["single_err_mean"])))
+    summary["fused_better_than_worst"] = float(
+        np.mean(np.array(rows["fused_err"]) < np.array(rows["single_err_worst"]))
+    )
+    summary["fused_better_than_mean"] = float(
+        np.mean(np.array(rows["fused_err"]) < np.array(rows["single_err_mean"]))
+    )
     return summary
 
 
@@ -92,7 +111,12 @@ def _largest_landmarks(rgb: np.ndarray, networks: Any) -> np.ndarray | None:
     heads = find_heads(rgb, networks)
     if not heads:
         return None
-    head = max(heads, key=lambda h: float((h.detection.box[2] - h.detection.box[0]) * (h.detection.box[3] - h.detection.box[1])))
+    head = max(
+        heads,
+        key=lambda h: float(
+            (h.detection.box[2] - h.detection.box[0]) * (h.detection.box[3] - h.detection.box[1])
+        ),
+    )
     return np.asarray(head.landmarks_3d, np.float64)
 
 
@@ -107,14 +131,16 @@ def real_spread(model: FlameLandmarkModel, networks: Any) -> list[dict[str, Any]
         landmarks = np.stack([marks for _, marks in used])
         singles = fit_flame(model, landmarks)
         fused = fit_flame_subject(model, landmarks)
-        rows.append({
-            "person": person.name,
-            "photos": [name for name, _ in used],
-            "single_var": variance(np.stack([fit.shape for fit in singles])),
-            "single_residual_px": float(np.mean([fit.residual_px for fit in singles])),
-            "fused_residual_px": fused.residual_px,
-            "fused_view_residual_px": [fit.residual_px for fit in fused.views],
-        })
+        rows.append(
+            {
+                "person": person.name,
+                "photos": [name for name, _ in used],
+                "single_var": variance(np.stack([fit.shape for fit in singles])),
+                "single_residual_px": float(np.mean([fit.residual_px for fit in singles])),
+                "fused_residual_px": fused.residual_px,
+                "fused_view_residual_px": [fit.residual_px for fit in fused.views],
+            }
+        )
     return rows
 
 
@@ -148,7 +174,9 @@ def creation_time(networks: Any, repeats: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--yaws", default="-60,-30,0,30,60", help="degrees, one synthetic view each")
     parser.add_argument("--noise", type=float, default=1.0, help="landmark noise, px (x, y; z gets 3x)")
@@ -163,8 +191,12 @@ def main() -> None:
     model = load_model(asset_path)
     yaws = [float(value) for value in args.yaws.split(",")]
     report: dict[str, Any] = {"asset": asset_kind, "threads": os.environ.get("OMP_NUM_THREADS", "unset")}
-    report["synthetic"] = {"yaws": yaws, "trials": args.trials, "noise_px": args.noise,
-                           **synthetic_spread(model, yaws, args.trials, args.noise)}
+    report["synthetic"] = {
+        "yaws": yaws,
+        "trials": args.trials,
+        "noise_px": args.noise,
+        **synthetic_spread(model, yaws, args.trials, args.noise),
+    }
     if not args.skip_photos and SUBJECTS.is_dir():
         from headforge.models.runtime import load_model_set
 
@@ -178,22 +210,32 @@ def main() -> None:
     print(f"asset: {asset_kind}; threads: {report['threads']}")
     print(f"(b) synthetic, {args.trials} subjects x {len(yaws)} views at yaws {yaws}, noise {args.noise} px")
     print(f"    single-view Var(beta) across views     {s['single_var']:.3f}   fused: 0 (one beta)")
-    print(f"    |beta - truth|^2  single mean {s['single_err_mean']:.3f}  single worst {s['single_err_worst']:.3f}"
-          f"  fused {s['fused_err']:.3f}  (fused/worst {s['fused_err'] / s['single_err_worst']:.2f},"
-          f" fused/mean {s['fused_err'] / s['single_err_mean']:.2f})")
-    print(f"    fused better than worst view in {s['fused_better_than_worst']:.0%}, than the mean in"
-          f" {s['fused_better_than_mean']:.0%} of subjects")
+    print(
+        f"    |beta - truth|^2  single mean {s['single_err_mean']:.3f}  single worst {s['single_err_worst']:.3f}"
+        f"  fused {s['fused_err']:.3f}  (fused/worst {s['fused_err'] / s['single_err_worst']:.2f},"
+        f" fused/mean {s['fused_err'] / s['single_err_mean']:.2f})"
+    )
+    print(
+        f"    fused better than worst view in {s['fused_better_than_worst']:.0%}, than the mean in"
+        f" {s['fused_better_than_mean']:.0%} of subjects"
+    )
     print(f"    Var(beta) between fused halves         {s['halves_var']:.3f}")
-    print(f"    fit time: singles (batched) {s['single_ms']:.1f} ms, fused {s['fused_ms']:.1f} ms"
-          f" (ratio {s['fused_ms'] / s['single_ms']:.2f})")
+    print(
+        f"    fit time: singles (batched) {s['single_ms']:.1f} ms, fused {s['fused_ms']:.1f} ms"
+        f" (ratio {s['fused_ms'] / s['single_ms']:.2f})"
+    )
     for row in report.get("photos", []):
-        print(f"(b) photos {row['person']} ({len(row['photos'])}): single-view Var(beta) {row['single_var']:.3f};"
-              f" residual single {row['single_residual_px']:.2f} px, fused {row['fused_residual_px']:.2f} px")
+        print(
+            f"(b) photos {row['person']} ({len(row['photos'])}): single-view Var(beta) {row['single_var']:.3f};"
+            f" residual single {row['single_residual_px']:.2f} px, fused {row['fused_residual_px']:.2f} px"
+        )
     if "creation" in report:
         c = report["creation"]
-        print(f"(d) subject of {c['photos']} photos (flame, defaults): {c['subject_s']:.2f} s; as {c['photos']}"
-              f" one-photo jobs {c['separate_s']:.2f} s; ratio {c['ratio_subject_to_separate']:.2f};"
-              f" fused fit {c['subject_fit_ms']:.0f} ms")
+        print(
+            f"(d) subject of {c['photos']} photos (flame, defaults): {c['subject_s']:.2f} s; as {c['photos']}"
+            f" one-photo jobs {c['separate_s']:.2f} s; ratio {c['ratio_subject_to_separate']:.2f};"
+            f" fused fit {c['subject_fit_ms']:.0f} ms"
+        )
 
 
 if __name__ == "__main__":

@@ -56,7 +56,9 @@ def median_ms(call: Callable[..., Any], *args: Any) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("photos", nargs="+", type=Path)
     parser.add_argument("--reference-module", type=Path)
     parser.add_argument("--size", type=int, default=1024)
@@ -104,8 +106,12 @@ def main() -> None:
         summary["reference_cpu_ms_per_head"] = round(cpu["unwrap_texture"], 2)
         summary["cpu_ratio_vs_reference"] = round(ours_cpu / cpu["unwrap_texture"], 3)
     if rows["reference"]:
-        summary["ratio_vs_reference"] = round(summary["ours_ms_per_head"] / summary["reference_ms_per_head"], 3)
-        summary["added_ms_per_head"] = round(summary["ours_ms_per_head"] - summary["reference_ms_per_head"], 2)
+        summary["ratio_vs_reference"] = round(
+            summary["ours_ms_per_head"] / summary["reference_ms_per_head"], 3
+        )
+        summary["added_ms_per_head"] = round(
+            summary["ours_ms_per_head"] - summary["reference_ms_per_head"], 2
+        )
     print(json.dumps(summary))
 
 

@@ -30,7 +30,11 @@ def bench(
     """Measure headforge against references in the same run; print one JSON line."""
     from headforge.benchmarks import OPTIONAL_SECTIONS, run_all
 
-    chosen = [name for name, wanted in (("vggheads", vggheads), ("kaolrm", kaolrm), ("animation", animation)) if wanted]
+    chosen = [
+        name
+        for name, wanted in (("vggheads", vggheads), ("kaolrm", kaolrm), ("animation", animation))
+        if wanted
+    ]
     if not chosen:
         print(json.dumps(run_all(quick)))
         return

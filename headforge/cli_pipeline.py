@@ -38,7 +38,9 @@ def reconstruct(
         None, "--kaolrm-checkpoint", help="kaolrm pipeline: mono or multiview (default: mono when imported)."
     ),
     kaolrm_points: str = typer.Option(
-        "sampled", "--kaolrm-points", help="kaolrm pipeline: learned splats at sampled points or FLAME's vertices."
+        "sampled",
+        "--kaolrm-points",
+        help="kaolrm pipeline: learned splats at sampled points or FLAME's vertices.",
     ),
     as_json: bool = typer.Option(
         False, "--json", help="Print the machine-readable summary instead of a table."

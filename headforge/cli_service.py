@@ -19,7 +19,8 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Address to bind."),
     port: int = typer.Option(8000, help="Port to bind."),
     with_worker: bool | None = typer.Option(
-        None, "--worker/--no-worker",
+        None,
+        "--worker/--no-worker",
         help="Also run a worker process. Default: yes without HEADFORGE_REDIS_URL (embedded mode), no with it.",
     ),
     concurrency: int = typer.Option(1, help="Pool processes of the embedded worker."),
@@ -36,8 +37,18 @@ def serve(
     child: subprocess.Popen[bytes] | None = None
     if run_worker:
         child = subprocess.Popen(
-            [sys.executable, "-m", "headforge", "worker", "--concurrency", str(concurrency),
-             "--queue", "cpu", "--queue", "gpu"],
+            [
+                sys.executable,
+                "-m",
+                "headforge",
+                "worker",
+                "--concurrency",
+                str(concurrency),
+                "--queue",
+                "cpu",
+                "--queue",
+                "gpu",
+            ],
             preexec_fn=_terminate_with_parent if sys.platform == "linux" else None,
         )
         typer.echo(f"headforge: worker started (pid {child.pid})", err=True)
@@ -70,10 +81,16 @@ def _terminate_with_parent() -> None:
 
 def worker(
     queue: list[str] = typer.Option(["cpu"], "--queue", "-Q", help="Queue(s) to consume: cpu, gpu."),
-    concurrency: int = typer.Option(1, "--concurrency", "-c", help="Pool processes (each loads the models once)."),
-    hostname: str | None = typer.Option(None, "--hostname", "-n", help="Worker name (default: headforge@<host>)."),
+    concurrency: int = typer.Option(
+        1, "--concurrency", "-c", help="Pool processes (each loads the models once)."
+    ),
+    hostname: str | None = typer.Option(
+        None, "--hostname", "-n", help="Worker name (default: headforge@<host>)."
+    ),
     loglevel: str = typer.Option("INFO", help="Log level."),
-    max_tasks_per_child: int = typer.Option(0, help="Recycle a pool process after this many jobs (0: never)."),
+    max_tasks_per_child: int = typer.Option(
+        0, help="Recycle a pool process after this many jobs (0: never)."
+    ),
 ) -> None:
     """Run a Celery worker on the configured broker."""
     from headforge.observability import configure_logging
@@ -87,9 +104,19 @@ def worker(
     import headforge.service.tasks  # noqa: F401  (registers the tasks and the sweeper)
 
     argv = [
-        "worker", "--queues", ",".join(dict.fromkeys(queue)), "--concurrency", str(concurrency),
-        "--loglevel", loglevel, "--without-gossip", "--without-mingle", "--pool", "prefork",
-        "--hostname", hostname or f"headforge-{os.getpid()}@%h",
+        "worker",
+        "--queues",
+        ",".join(dict.fromkeys(queue)),
+        "--concurrency",
+        str(concurrency),
+        "--loglevel",
+        loglevel,
+        "--without-gossip",
+        "--without-mingle",
+        "--pool",
+        "prefork",
+        "--hostname",
+        hostname or f"headforge-{os.getpid()}@%h",
     ]
     if max_tasks_per_child:
         argv += ["--max-tasks-per-child", str(max_tasks_per_child)]
@@ -98,10 +125,19 @@ def worker(
 
 # Gateway answers that concern one uploaded file: report them against the file and go on with the others.
 # Any other error (bad key, bad option, rate limit, server down) applies to every file and stops the command.
-_FILE_REJECTIONS = frozenset({
-    "empty_file", "truncated_image", "corrupt_image", "unreadable_file", "not_an_image", "file_too_large", "too_many_pixels",
-    "invalid_image", "bad_request",
-})
+_FILE_REJECTIONS = frozenset(
+    {
+        "empty_file",
+        "truncated_image",
+        "corrupt_image",
+        "unreadable_file",
+        "not_an_image",
+        "file_too_large",
+        "too_many_pixels",
+        "invalid_image",
+        "bad_request",
+    }
+)
 
 
 def submit(
@@ -113,7 +149,8 @@ def submit(
     pipeline: str | None = typer.Option(None, help="Pipeline name (default: the server's default)."),
     outputs: str | None = typer.Option(None, help="Comma-separated: glb,obj,splats,preview."),
     timeout: float = typer.Option(
-        900.0, help="Give up waiting when no job has finished for this many seconds (so each job in a queue "
+        900.0,
+        help="Give up waiting when no job has finished for this many seconds (so each job in a queue "
         "gets this long).",
     ),
 ) -> None:
@@ -139,7 +176,9 @@ def submit(
                     if error.code not in _FILE_REJECTIONS:
                         raise
                     failures += 1
-                    typer.secho(f"{path}: rejected [{error.code}]: {error.message}", err=True, fg=typer.colors.RED)
+                    typer.secho(
+                        f"{path}: rejected [{error.code}]: {error.message}", err=True, fg=typer.colors.RED
+                    )
                     continue
                 submitted.append((path, label, job["id"]))
                 typer.echo(f"{path}: job {job['id']} {job['status']}")
@@ -156,7 +195,11 @@ def submit(
                 if doc["status"] != "succeeded":
                     failures += 1
                     problem = doc.get("error")
-                    detail = f" [{problem.get('code')}]: {problem.get('message')}" if isinstance(problem, dict) else ""
+                    detail = (
+                        f" [{problem.get('code')}]: {problem.get('message')}"
+                        if isinstance(problem, dict)
+                        else ""
+                    )
                     typer.secho(f"{path}: {doc['status']}{detail}", err=True, fg=typer.colors.RED)
                     continue
                 target = out / label if len(submitted) > 1 else out
@@ -203,9 +246,15 @@ def _wait_with_progress(
 
     console = Console()
     if console.is_terminal:
-        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[status]}"),
-                      console=console) as bars:
-            tasks = {job_id: bars.add_task(label, total=1.0, status="submitted") for job_id, label in names.items()}
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.fields[status]}"),
+            console=console,
+        ) as bars:
+            tasks = {
+                job_id: bars.add_task(label, total=1.0, status="submitted") for job_id, label in names.items()
+            }
 
             def draw(doc: dict[str, Any]) -> None:
                 status, done = _progress_text(doc)

@@ -1,11 +1,11 @@
 """A small typed client for the headforge REST API.
 
-    from headforge.client import HeadforgeClient
+from headforge.client import HeadforgeClient
 
-    with HeadforgeClient("http://127.0.0.1:8000", api_key="hf_...") as client:
-        job = client.submit(["photo.jpg"], pipeline="facemesh")
-        job = client.wait(job["id"])
-        client.download_artifacts(job, "out/")
+with HeadforgeClient("http://127.0.0.1:8000", api_key="hf_...") as client:
+    job = client.submit(["photo.jpg"], pipeline="facemesh")
+    job = client.wait(job["id"])
+    client.download_artifacts(job, "out/")
 """
 
 from __future__ import annotations
@@ -27,8 +27,14 @@ ImageInput = str | Path | tuple[str, bytes]
 class ApiError(HeadforgeError):
     """An error answered by the server, with its stable code, HTTP status and Retry-After."""
 
-    def __init__(self, status: int, code: str, message: str, details: dict[str, Any] | None = None,
-                 retry_after: float | None = None):
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        details: dict[str, Any] | None = None,
+        retry_after: float | None = None,
+    ):
         super().__init__(message, details=details, code=code)
         self.http_status = status
         self.retry_after = retry_after
@@ -45,11 +51,17 @@ class WaitTimeout(TimeoutError):
 class HeadforgeClient:
     """Synchronous client; one `httpx.Client` connection pool per instance."""
 
-    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 120.0,
-                 transport: httpx.BaseTransport | None = None):
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        timeout: float = 120.0,
+        transport: httpx.BaseTransport | None = None,
+    ):
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout,
-                                 transport=transport)
+        self.http = httpx.Client(
+            base_url=base_url.rstrip("/"), headers=headers, timeout=timeout, transport=transport
+        )
 
     def __enter__(self) -> HeadforgeClient:
         return self
@@ -99,15 +111,26 @@ class HeadforgeClient:
 
     # ------------------------------------------------------------------ jobs
 
-    def submit(self, images: Sequence[ImageInput], *, wait: int = 0, idempotency_key: str | None = None,
-               **options: Any) -> dict[str, Any]:
+    def submit(
+        self,
+        images: Sequence[ImageInput],
+        *,
+        wait: int = 0,
+        idempotency_key: str | None = None,
+        **options: Any,
+    ) -> dict[str, Any]:
         """POST /v1/jobs. Options: the fields of `ReconstructOptions` (pipeline, outputs, texture_size,
         splats, max_heads, seed, subject) and webhook_url.
         Returns the 202 body, or the finished job when `wait` seconds sufficed."""
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        response = self.http.post("/v1/jobs", params={"wait": wait} if wait else None,
-                                  files=self._files("images", images), data=self._form(options), headers=headers,
-                                  timeout=max(120.0, wait + 30.0))
+        response = self.http.post(
+            "/v1/jobs",
+            params={"wait": wait} if wait else None,
+            files=self._files("images", images),
+            data=self._form(options),
+            headers=headers,
+            timeout=max(120.0, wait + 30.0),
+        )
         body: dict[str, Any] = self._check(response).json()
         return body
 
@@ -116,16 +139,28 @@ class HeadforgeClient:
         return body
 
     def jobs(self, limit: int = 50) -> list[dict[str, Any]]:
-        body: list[dict[str, Any]] = self._check(self.http.get("/v1/jobs", params={"limit": limit})).json()["jobs"]
+        body: list[dict[str, Any]] = self._check(self.http.get("/v1/jobs", params={"limit": limit})).json()[
+            "jobs"
+        ]
         return body
 
-    def wait(self, job_id: str, timeout: float = 600.0, poll: float = 0.25,
-             on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    def wait(
+        self,
+        job_id: str,
+        timeout: float = 600.0,
+        poll: float = 0.25,
+        on_update: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
         """Poll until the job is succeeded, failed or canceled (or `timeout` passes: TimeoutError)."""
         return self.wait_many([job_id], timeout=timeout, poll=poll, on_update=on_update)[job_id]
 
-    def wait_many(self, job_ids: Sequence[str], timeout: float = 600.0, poll: float = 0.25,
-                  on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, dict[str, Any]]:
+    def wait_many(
+        self,
+        job_ids: Sequence[str],
+        timeout: float = 600.0,
+        poll: float = 0.25,
+        on_update: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, dict[str, Any]]:
         """Poll every unfinished job in each round until all are succeeded, failed or canceled, and
         return the final documents by id. `on_update` sees each polled document as it arrives, so
         every job's progress moves together. `WaitTimeout` when `timeout` seconds pass without any
@@ -183,14 +218,21 @@ class HeadforgeClient:
 
     # ------------------------------------------------------------------ batches and discovery
 
-    def submit_batch(self, images: Sequence[ImageInput] = (), *, archive: ImageInput | None = None,
-                     idempotency_key: str | None = None, **options: Any) -> dict[str, Any]:
+    def submit_batch(
+        self,
+        images: Sequence[ImageInput] = (),
+        *,
+        archive: ImageInput | None = None,
+        idempotency_key: str | None = None,
+        **options: Any,
+    ) -> dict[str, Any]:
         files = self._files("images", images)
         if archive is not None:
             files += self._files("archive", [archive])
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         body: dict[str, Any] = self._check(
-            self.http.post("/v1/batches", files=files, data=self._form(options), headers=headers)).json()
+            self.http.post("/v1/batches", files=files, data=self._form(options), headers=headers)
+        ).json()
         return body
 
     def batch(self, batch_id: str) -> dict[str, Any]:

@@ -40,5 +40,6 @@ export HEADFORGE_STRICT_TESTS=1
 headforge models pull
 
 ruff check .
+ruff format --check .
 mypy
 pytest "$@"

@@ -18,6 +18,7 @@ from headforge.models.runtime import ModelSet
 
 REPO = Path(__file__).resolve().parents[1]
 
+
 @pytest.fixture(scope="session")
 def shared_data_dir() -> Path:
     """../shared/data; skips the test when the folder is absent."""

@@ -48,18 +48,28 @@ def test_bench_quick_prints_one_json_line_with_every_documented_key(tmp_path: Pa
     """The command users run: one JSON line on stdout, holding every key the docs explain."""
     env = {**os.environ, "HEADFORGE_FLAME_ASSET": str(tmp_path / "absent.npz")}
     completed = subprocess.run(
-        [sys.executable, "-m", "headforge", "bench", "--quick"], env=env, capture_output=True, text=True,
-        timeout=600, check=False,
+        [sys.executable, "-m", "headforge", "bench", "--quick"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     assert completed.returncode == 0, completed.stderr[-2000:]
     lines = [line for line in completed.stdout.splitlines() if line.strip()]
     assert len(lines) == 1, completed.stdout[-2000:]
     result = json.loads(lines[0])
-    for section, prefix in (("Detection and landmarks", "landmarks_"), ("End to end", "e2e_"), ("FLAME fit", "flame_")):
+    for section, prefix in (
+        ("Detection and landmarks", "landmarks_"),
+        ("End to end", "e2e_"),
+        ("FLAME fit", "flame_"),
+    ):
         documented = _documented_keys(section, prefix)
         assert len(documented) >= 4, section
         assert documented <= set(result), (section, sorted(documented - set(result)))
     ratio = result["landmarks_ratio_vs_litert"]
     assert isinstance(ratio, float) and math.isfinite(ratio) and ratio > 0
-    assert result["landmarks_backend"].startswith("onnxruntime")  # our exported models, not the LiteRT fallback
+    assert result["landmarks_backend"].startswith(
+        "onnxruntime"
+    )  # our exported models, not the LiteRT fallback
     assert result["landmarks_heads"] == result["landmarks_heads_litert"] >= result["landmarks_photos"]

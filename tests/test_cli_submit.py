@@ -42,8 +42,12 @@ def server(stacklib: ModuleType, tmp_path: Path) -> Iterator[Server]:
     stacklib.require_models()
     port = stacklib.free_port()
     env = stacklib.base_env(tmp_path)
-    api = stacklib.Process("serve", [sys.executable, "-m", "headforge", "serve", "--port", str(port), "--no-worker"],
-                           env, tmp_path)
+    api = stacklib.Process(
+        "serve",
+        [sys.executable, "-m", "headforge", "serve", "--port", str(port), "--no-worker"],
+        env,
+        tmp_path,
+    )
     url = f"http://127.0.0.1:{port}"
 
     def ready() -> bool:
@@ -73,10 +77,22 @@ def test_submit_waits_for_every_job_at_once_and_downloads_them(
     (photos / "ann.jpg").write_bytes(stacklib.astronaut_jpeg(256))
     (photos / "bob.jpg").write_bytes(stacklib.astronaut_jpeg(240))
     out = tmp_path / "out"
-    cli = stacklib.Process("submit", _submit_argv(
-        str(photos / "ann.jpg"), str(photos / "bob.jpg"), "--server", server.url, "--wait", "-o", str(out),
-        "--outputs", "glb,preview",
-    ), server.env, tmp_path)
+    cli = stacklib.Process(
+        "submit",
+        _submit_argv(
+            str(photos / "ann.jpg"),
+            str(photos / "bob.jpg"),
+            "--server",
+            server.url,
+            "--wait",
+            "-o",
+            str(out),
+            "--outputs",
+            "glb,preview",
+        ),
+        server.env,
+        tmp_path,
+    )
     worker: Any = None
     try:
         # No worker runs yet, so both jobs stay queued: a client that waited for one job before
@@ -85,11 +101,17 @@ def test_submit_waits_for_every_job_at_once_and_downloads_them(
             if not cli.alive:
                 raise RuntimeError(f"headforge submit exited early:\n{cli.tail()}")
             text = cli.log_path.read_text()
-            return all(re.search(rf"^\[{name}\] queued \(\d+ ahead\) 0%$", text, re.M) for name in ("ann", "bob"))
+            return all(
+                re.search(rf"^\[{name}\] queued \(\d+ ahead\) 0%$", text, re.M) for name in ("ann", "bob")
+            )
 
         stacklib.wait_until(both_reported, 120, "progress lines for both queued jobs")
-        worker = stacklib.Process("worker", [sys.executable, "-m", "headforge", "worker", "--queue", "cpu",
-                                             "--queue", "gpu"], server.env, tmp_path)
+        worker = stacklib.Process(
+            "worker",
+            [sys.executable, "-m", "headforge", "worker", "--queue", "cpu", "--queue", "gpu"],
+            server.env,
+            tmp_path,
+        )
         assert cli.popen.wait(timeout=400) == 0, cli.tail(80)
     finally:
         cli.stop()
@@ -123,8 +145,9 @@ def test_submit_reports_bad_inputs_by_file_and_exits_non_zero(
     (tmp_path / "notes.jpg").write_bytes(b"shopping list: eggs, milk\n" * 10)
 
     def submit(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(_submit_argv(*args), capture_output=True, text=True, timeout=120, cwd=tmp_path,
-                              env=server.env)
+        return subprocess.run(
+            _submit_argv(*args), capture_output=True, text=True, timeout=120, cwd=tmp_path, env=server.env
+        )
 
     run = submit("good.jpg", "empty.jpg", "notes.jpg", "--server", server.url)
     assert run.returncode == 2, run.stdout + run.stderr

@@ -57,11 +57,15 @@ def crowd_photo(folder: Path) -> tuple[NDArray[np.uint8], NDArray[np.float32]]:
 
 def test_collage_recall_equals_recall_one_by_one(networks: Any, voc_faces_dir: Path) -> None:
     labels = read_voc_boxes(voc_faces_dir)
-    one_by_one = sum(_recall(read_rgb(voc_faces_dir / name), boxes, networks)[0] for name, boxes in labels.items())
+    one_by_one = sum(
+        _recall(read_rgb(voc_faces_dir / name), boxes, networks)[0] for name, boxes in labels.items()
+    )
     canvas, truth, _count = collage(voc_faces_dir)
     hits, extra = _recall(canvas, truth, networks)
-    print(f"collage {canvas.shape[1]}x{canvas.shape[0]}: {hits} of {len(truth)} (one by one {one_by_one}), "
-          f"{extra} unmatched boxes")
+    print(
+        f"collage {canvas.shape[1]}x{canvas.shape[0]}: {hits} of {len(truth)} (one by one {one_by_one}), "
+        f"{extra} unmatched boxes"
+    )
     assert hits >= one_by_one
     assert extra <= 3
 
@@ -103,7 +107,10 @@ def test_head_cap_keeps_the_most_confident_and_says_how_many(networks: Any, voc_
     found = int(notes[0].split(" of ")[1].split()[0])
     assert found >= len(truth) - 2
     uncapped: list[str] = []
-    assert len(find_heads(read_rgb(voc_faces_dir / "2008_004176.jpg"), networks, max_heads=50, notes=uncapped)) >= 7
+    assert (
+        len(find_heads(read_rgb(voc_faces_dir / "2008_004176.jpg"), networks, max_heads=50, notes=uncapped))
+        >= 7
+    )
     assert uncapped == []
 
 

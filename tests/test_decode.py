@@ -192,7 +192,9 @@ def test_unsupported_formats_are_refused(small_photo: np.ndarray, fmt: str, name
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("keep", [0.5, 0.1])
 @CHECKS
-def test_truncated_files(small_photo: np.ndarray, fmt: str, keep: float, check: Callable[[bytes], object]) -> None:
+def test_truncated_files(
+    small_photo: np.ndarray, fmt: str, keep: float, check: Callable[[bytes], object]
+) -> None:
     payload = encode(Image.fromarray(small_photo), fmt)
     with pytest.raises(TruncatedImageError) as caught:
         check(payload[: int(len(payload) * keep)])
@@ -201,7 +203,9 @@ def test_truncated_files(small_photo: np.ndarray, fmt: str, keep: float, check: 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "TIFF"])
 @CHECKS
-def test_header_only_fragment_is_truncated(small_photo: np.ndarray, fmt: str, check: Callable[[bytes], object]) -> None:
+def test_header_only_fragment_is_truncated(
+    small_photo: np.ndarray, fmt: str, check: Callable[[bytes], object]
+) -> None:
     payload = encode(Image.fromarray(small_photo), fmt)
     with pytest.raises(TruncatedImageError):
         check(payload[:40])
@@ -219,7 +223,9 @@ def _jpeg_segment(payload: bytes | bytearray, marker: int) -> int:
     raise AssertionError(f"no marker {marker:#x}")
 
 
-def _assert_corrupt(payload: bytes, fmt: str, check: Callable[[bytes], object] = decode_image) -> CorruptImageError:
+def _assert_corrupt(
+    payload: bytes, fmt: str, check: Callable[[bytes], object] = decode_image
+) -> CorruptImageError:
     with pytest.raises(CorruptImageError) as caught:
         check(payload)
     error = caught.value
@@ -297,7 +303,9 @@ def test_corrupt_files_of_each_format(
 
 
 @CHECKS
-def test_lzw_tiff_with_garbage_strips_is_corrupt(small_photo: np.ndarray, check: Callable[[bytes], object]) -> None:
+def test_lzw_tiff_with_garbage_strips_is_corrupt(
+    small_photo: np.ndarray, check: Callable[[bytes], object]
+) -> None:
     payload = bytearray(encode(Image.fromarray(small_photo), "TIFF", compression="tiff_lzw"))
     payload[200:2000] = b"\xff" * 1800  # inside the compressed strips; the directory is intact
     _assert_corrupt(bytes(payload), "TIFF", check)
@@ -370,15 +378,26 @@ def _png(width: int, height: int, rows: list[bytes], *, color: int = 0, interlac
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, color, 0, 0, interlace)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"".join(rows)))
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"".join(rows)))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _adam7_rows(gray: np.ndarray) -> list[bytes]:
     """The seven Adam7 passes of a grayscale image, each row unfiltered (filter byte 0)."""
     rows = []
-    for x0, y0, dx, dy in ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2),
-                           (0, 1, 1, 2)):
+    for x0, y0, dx, dy in (
+        (0, 0, 8, 8),
+        (4, 0, 8, 8),
+        (0, 4, 4, 8),
+        (2, 0, 4, 4),
+        (0, 2, 2, 4),
+        (1, 0, 2, 2),
+        (0, 1, 1, 2),
+    ):
         part = gray[y0::dy, x0::dx]
         if part.size:
             rows += [b"\0" + row.tobytes() for row in part]
@@ -421,7 +440,9 @@ def _lying_jpeg(width: int, height: int) -> bytes:
 
 
 @CHECKS
-def test_jpeg_whose_data_ends_far_before_its_frame_size_is_truncated(check: Callable[[bytes], object]) -> None:
+def test_jpeg_whose_data_ends_far_before_its_frame_size_is_truncated(
+    check: Callable[[bytes], object],
+) -> None:
     """A 6000×6000 frame header over a 16×16 image's scan: libjpeg would pad it with gray silently."""
     payload = _lying_jpeg(6000, 6000)
     assert len(payload) < 1000
@@ -430,9 +451,16 @@ def test_jpeg_whose_data_ends_far_before_its_frame_size_is_truncated(check: Call
     assert caught.value.details["width"] == 6000
 
 
-@pytest.mark.parametrize("options", [{"quality": 95}, {"quality": 30, "optimize": True},
-                                     {"progressive": True, "optimize": True}, {"subsampling": 0}],
-                         ids=["q95", "q30-optimized", "progressive", "444"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"quality": 95},
+        {"quality": 30, "optimize": True},
+        {"progressive": True, "optimize": True},
+        {"subsampling": 0},
+    ],
+    ids=["q95", "q30-optimized", "progressive", "444"],
+)
 @pytest.mark.parametrize("mode", ["L", "RGB", "CMYK"])
 def test_flat_jpegs_pass_the_scan_length_bound(options: dict[str, object], mode: str) -> None:
     """A flat image is the fewest bits a real JPEG spends per block: still over the bound."""
@@ -443,11 +471,25 @@ def test_flat_jpegs_pass_the_scan_length_bound(options: dict[str, object], mode:
 
 
 # Pixel modes Pillow cannot write in a format are left out.
-_UNWRITABLE = {("JPEG", "RGBA"), ("JPEG", "LA"), ("JPEG", "P"), ("JPEG", "I;16"), ("BMP", "LA"), ("BMP", "I;16")}
+_UNWRITABLE = {
+    ("JPEG", "RGBA"),
+    ("JPEG", "LA"),
+    ("JPEG", "P"),
+    ("JPEG", "I;16"),
+    ("BMP", "LA"),
+    ("BMP", "I;16"),
+}
 
 
-@pytest.mark.parametrize(("fmt", "mode"), [(f, m) for f in FORMATS for m in ("RGB", "RGBA", "L", "LA", "P", "1", "I;16")
-                                           if (f, m) not in _UNWRITABLE])
+@pytest.mark.parametrize(
+    ("fmt", "mode"),
+    [
+        (f, m)
+        for f in FORMATS
+        for m in ("RGB", "RGBA", "L", "LA", "P", "1", "I;16")
+        if (f, m) not in _UNWRITABLE
+    ],
+)
 def test_check_decode_accepts_what_decode_accepts(small_photo: np.ndarray, fmt: str, mode: str) -> None:
     payload = encode(Image.fromarray(small_photo[:, :200]).convert(mode), fmt)
     decoded = decode_image(payload)
@@ -476,7 +518,9 @@ def test_check_decode_of_a_40_megapixel_png_holds_no_pixels(tmp_path: Path) -> N
         "verify_image(data)\n"
         "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n"
     )
-    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     growth_mb = int(done.stdout.strip())
     assert growth_mb < 32, growth_mb

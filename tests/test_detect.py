@@ -152,7 +152,6 @@ def test_blank_image_has_no_face(networks: ModelSet) -> None:
     assert detect_faces(np.full((300, 400, 3), 128, np.uint8), networks) == []
 
 
-
 def test_voc_group_photos_recall(networks: ModelSet, voc_faces_dir: Path) -> None:
     folder = voc_faces_dir
     labels = read_voc_boxes(folder)

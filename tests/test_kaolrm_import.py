@@ -305,7 +305,9 @@ def test_a_failed_second_export_leaves_the_repository_unchanged(
 
     calls: list[str] = []
 
-    def export_then_fail(module: object, spec: object, name: str, version: str, directory: Path, **_: object) -> dict:  # type: ignore[type-arg]
+    def export_then_fail(
+        module: object, spec: object, name: str, version: str, directory: Path, **_: object
+    ) -> dict:  # type: ignore[type-arg]
         calls.append(name)
         if len(calls) == 2:
             raise ModelExportError(f"{name}: ONNX Runtime differs from PyTorch by 1.0 (bound 1e-4)")

@@ -29,7 +29,6 @@ from headforge.models.kaolrm import (
 KEY_FILE = Path(__file__).parent / "data" / "kaolrm_state_dict_keys.txt"
 
 
-
 def read_key_file() -> dict[str, tuple[int, ...]]:
     keys = {}
     for line in KEY_FILE.read_text().splitlines():

@@ -139,7 +139,9 @@ def test_kaolrm_with_synthetic_flame(
     assert ply.count == 4444
     _check_learned_ply(ply)
     names = [m["name"] for m in document["models"]]
-    assert "kaolrm-mono-image" in names and "kaolrm-mono-gaussians" in names and "selfie_segmentation" in names
+    assert (
+        "kaolrm-mono-image" in names and "kaolrm-mono-gaussians" in names and "selfie_segmentation" in names
+    )
     assert names[-1] == "flame"  # the imported FLAME supplied the UVs
     for kind in ("glb", "texture", "splats"):
         assert (out / head["artifacts"][kind]).is_file()

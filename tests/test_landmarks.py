@@ -201,7 +201,9 @@ def test_group_photo_is_batched_and_equals_one_by_one(networks: ModelSet, voc_fa
     detections = detect_faces(rgb, networks)
     assert len(detections) >= 5
     counting = CountingNetwork(networks["face_landmark"])
-    counted = ModelSet({"face_detection_full_range": networks["face_detection_full_range"], "face_landmark": counting})
+    counted = ModelSet(
+        {"face_detection_full_range": networks["face_detection_full_range"], "face_landmark": counting}
+    )
     together = predict_landmarks(rgb, detections, counted, refine=True)
     # One call per pass, every head in it.
     assert counting.batches == [len(detections), len(detections)]

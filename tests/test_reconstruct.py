@@ -293,7 +293,6 @@ VOC_MIN_MESHED = 41
 VOC_MAX_FALSE_POSITIVES = 2
 
 
-
 def test_group_photos(tmp_path: Path, onnx_models: None) -> None:
     from headforge.benchmarks.landmarks import match_labelled_boxes, read_voc_boxes
 

@@ -215,7 +215,10 @@ def test_flame_subject_fuses_in_flame_layout(
 
     _, asset = imported_synthetic_flame(tmp_path_factory.getbasetemp())
     monkeypatch.setenv("HEADFORGE_FLAME_ASSET", str(asset))
-    photos = [("a.jpg", jpeg_bytes(astronaut)), ("b.jpg", jpeg_bytes(np.ascontiguousarray(astronaut[:, ::-1])))]
+    photos = [
+        ("a.jpg", jpeg_bytes(astronaut)),
+        ("b.jpg", jpeg_bytes(np.ascontiguousarray(astronaut[:, ::-1]))),
+    ]
     options = ReconstructOptions(
         pipeline="flame", subject=True, texture_size=512, splats=0, outputs=frozenset({"obj"})
     )

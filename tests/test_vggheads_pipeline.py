@@ -90,7 +90,9 @@ def test_nms_and_selection() -> None:
     assert heads[0].translation.tolist() == [10, -270, 4] and heads[0].scale == 1280.0
     assert (heads[0].yaw, heads[0].pitch, heads[0].roll) == pytest.approx((0, 0, 0))
     notes: list[str] = []
-    capped = pv.select_heads(boxes + np.array([0, 140, 0, 140]), scores, flame, frame, max_heads=1, notes=notes)
+    capped = pv.select_heads(
+        boxes + np.array([0, 140, 0, 140]), scores, flame, frame, max_heads=1, notes=notes
+    )
     assert [round(h.score, 2) for h in capped] == [0.9]
     assert notes == ["kept the 1 most confident of 2 heads detected (max_heads=1)"]
     notes.clear()

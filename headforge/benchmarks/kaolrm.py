@@ -92,7 +92,9 @@ def run(quick: bool, config: KaoLRMConfig | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {
         "kaolrm_threads": THREADS,
         "kaolrm_goal_ratio": GOAL_RATIO,
-        "kaolrm_config": "quick" if config == QUICK_CONFIG else ("full" if config == KaoLRMConfig() else "custom"),
+        "kaolrm_config": "quick"
+        if config == QUICK_CONFIG
+        else ("full" if config == KaoLRMConfig() else "custom"),
         "kaolrm_parameters": sum(p.numel() for p in model.parameters()),
         "kaolrm_points": GAUSSIAN_POINTS,
     }

@@ -176,7 +176,12 @@ def head_expressions(head: dict[str, Any]) -> int | None:
 def head_stem(head: dict[str, Any]) -> str:
     """The stem of a head's files (`h0`, or `v1_h0` in a subject's result), from its artifacts."""
     names = head.get("artifacts") or {}
-    for kind, suffix in (("glb", ".glb"), ("obj", ".obj"), ("splats", "_splats.ply"), ("binding", "_splats_binding.npz")):
+    for kind, suffix in (
+        ("glb", ".glb"),
+        ("obj", ".obj"),
+        ("splats", "_splats.ply"),
+        ("binding", "_splats_binding.npz"),
+    ):
         name = names.get(kind)
         if isinstance(name, str) and name.endswith(suffix) and len(name) > len(suffix):
             return name[: -len(suffix)]

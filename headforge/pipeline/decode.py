@@ -137,7 +137,9 @@ _ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), 
 _INFLATE_BLOCK = 1 << 20
 
 
-def _png_row_runs(width: int, height: int, bits_per_pixel: int, interlaced: bool) -> list[tuple[int, int, int]]:
+def _png_row_runs(
+    width: int, height: int, bits_per_pixel: int, interlaced: bool
+) -> list[tuple[int, int, int]]:
     """The filtered image data as runs (start offset, row count, row stride incl. its filter byte)."""
     passes = _ADAM7 if interlaced else ((0, 0, 1, 1),)
     runs = []
@@ -170,13 +172,15 @@ def _verify_png_stream(data: bytes) -> None:
     ended = False
     while not ended:
         if position + 8 > len(data):
-            raise TruncatedImageError("the PNG file ends early (truncated upload?)",
-                                      details={"format": "PNG", "bytes": len(data)})
+            raise TruncatedImageError(
+                "the PNG file ends early (truncated upload?)", details={"format": "PNG", "bytes": len(data)}
+            )
         length, kind = struct.unpack(">I4s", data[position : position + 8])
         body_end = position + 8 + length
         if body_end + 4 > len(data):
-            raise TruncatedImageError("the PNG file ends early (truncated upload?)",
-                                      details={"format": "PNG", "bytes": len(data)})
+            raise TruncatedImageError(
+                "the PNG file ends early (truncated upload?)", details={"format": "PNG", "bytes": len(data)}
+            )
         body = data[position + 8 : body_end]
         (crc,) = struct.unpack(">I", data[body_end : body_end + 4])
         if zlib.crc32(body, zlib.crc32(kind)) != crc:
@@ -210,8 +214,9 @@ def _verify_png_stream(data: bytes) -> None:
         elif kind == b"IEND":
             ended = True
     if not seen_idat or not inflater.eof or produced < expected:
-        raise TruncatedImageError("the PNG image data ends early (truncated upload?)",
-                                  details={"format": "PNG", "bytes": len(data)})
+        raise TruncatedImageError(
+            "the PNG image data ends early (truncated upload?)", details={"format": "PNG", "bytes": len(data)}
+        )
 
 
 def _check_png_filters(block: bytes, offset: int, runs: list[tuple[int, int, int]]) -> None:

@@ -341,14 +341,20 @@ def run_detector(
         batch = np.stack([window_tensor(rgb, w, model.input_size) for w in chunk])
         raw_boxes, raw_scores = network.run(batch)[:2]
         for index, window in enumerate(chunk):
-            parts.append(_window_detections(raw_boxes[index], raw_scores[index], window, model, min_score, edge_margin))
+            parts.append(
+                _window_detections(raw_boxes[index], raw_scores[index], window, model, min_score, edge_margin)
+            )
         done += len(chunk)
     return RawDetections.concatenate(parts), done
 
 
 def _window_detections(
-    raw_boxes: NDArray[np.float32], raw_scores: NDArray[np.float32], window: Window, model: DetectorModel,
-    min_score: float, edge_margin: float,
+    raw_boxes: NDArray[np.float32],
+    raw_scores: NDArray[np.float32],
+    window: Window,
+    model: DetectorModel,
+    min_score: float,
+    edge_margin: float,
 ) -> RawDetections:
     boxes, keypoints, scores = decode_detections(raw_boxes, raw_scores, model, min_score)
     left, top, right, bottom = window.inner_edges

@@ -370,7 +370,9 @@ def fit_flame_subject(
         rotation: F64, translation: F64, log_scale: F64, beta: F64, expression: F64, jaw: F64
     ) -> tuple[F64, F64, float]:
         z = np.concatenate([np.broadcast_to(beta, (views, ns)), expression], axis=1)
-        residuals, points = _residuals(model, targets, scale0, settings, rotation, translation, log_scale, z, jaw)
+        residuals, points = _residuals(
+            model, targets, scale0, settings, rotation, translation, log_scale, z, jaw
+        )
         residuals = np.delete(residuals, beta_prior, axis=1)
         return residuals, points, float((residuals**2).sum() + beta @ beta)
 

@@ -396,10 +396,7 @@ def kaolrm_stage(ctx: StageContext, heads: list[Head]) -> None:
     for row, point_set in enumerate(points):
         padded[row, : len(point_set.placed)] = point_set.placed
     decoded = np.concatenate(
-        [
-            run_feeds({"planes": all_planes[part], "points": padded[part]})[0]
-            for part in _chunks(len(found))
-        ]
+        [run_feeds({"planes": all_planes[part], "points": padded[part]})[0] for part in _chunks(len(found))]
     )
     for head, one, point_set, rows, unposed_one in zip(heads, found, points, decoded, unposed, strict=True):
         head.splats = learned_splats(

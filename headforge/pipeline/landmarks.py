@@ -239,8 +239,9 @@ def find_heads(
     line in `notes` says how many were detected."""
     if max_heads is not None and max_heads < 1:
         raise InvalidOptionError("max_heads must be at least 1", details={"max_heads": max_heads})
-    detections = detect_faces(rgb, networks, min_score=min_score, tiled=tiled, min_face_size=min_face_size,
-                              notes=notes)
+    detections = detect_faces(
+        rgb, networks, min_score=min_score, tiled=tiled, min_face_size=min_face_size, notes=notes
+    )
     heads: list[Head] = []
     # With a cap, mesh only as many detections as still needed (best first), until it is met.
     start = 0
@@ -261,6 +262,7 @@ def find_heads(
                 )
         start = stop
     if max_heads is not None and len(heads) == max_heads and start < len(detections) and notes is not None:
-        notes.append(f"kept the {max_heads} most confident of {len(detections)} faces detected "
-                     f"(max_heads={max_heads})")
+        notes.append(
+            f"kept the {max_heads} most confident of {len(detections)} faces detected (max_heads={max_heads})"
+        )
     return heads

@@ -188,7 +188,10 @@ def glb_bytes(
     exported = trimesh.exchange.gltf.export_glb(scene, include_normals=True)
     morphs = None
     if mesh.morph_targets is not None:
-        morphs = (list(mesh.morph_targets.names), np.asarray(mesh.morph_targets.deltas, np.float32)[:, source])
+        morphs = (
+            list(mesh.morph_targets.names),
+            np.asarray(mesh.morph_targets.deltas, np.float32)[:, source],
+        )
     return _finish_glb(bytes(exported), texture_png, morphs)
 
 

@@ -162,7 +162,9 @@ class _ZBuffer:
             footprint = cv2.morphologyEx(np.isfinite(self.depth).astype(np.uint8), cv2.MORPH_CLOSE, _CROSS)
             distance = np.asarray(cv2.distanceTransform(footprint, cv2.DIST_L2, 3), np.float32)
             self._outline_ramp = np.clip((distance - 0.5) * np.float32(1.0 / OUTLINE_FEATHER_CELLS), 0.0, 1.0)
-        weight = cv2.remap(self._outline_ramp, cells, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)  # type: ignore[call-overload]
+        weight = cv2.remap(
+            self._outline_ramp, cells, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
+        )  # type: ignore[call-overload]
         return np.asarray(weight, np.float32).reshape(-1)[:count]
 
     def tolerance(self, slope: NDArray[np.float32]) -> NDArray[np.float32]:
@@ -245,9 +247,7 @@ def _fill_outside(texture: NDArray[np.uint8], coverage: NDArray[np.uint8]) -> ND
     # most half a level, so by at most one level after the division in the blocks trusted below
     # (at least half covered); coverage is scaled to 255 so that its block share keeps 8 bits.
     premultiplied = cv2.resize(texture[:used, :used], (small, small), interpolation=cv2.INTER_AREA)
-    weight = cv2.resize(
-        coverage[:used, :used] * np.uint8(255), (small, small), interpolation=cv2.INTER_AREA
-    )
+    weight = cv2.resize(coverage[:used, :used] * np.uint8(255), (small, small), interpolation=cv2.INTER_AREA)
     weight = np.asarray(weight, np.float32).reshape(small, small) * np.float32(1.0 / 255.0)
     premultiplied = np.asarray(premultiplied, np.float32).reshape(small, small, 3)
     mean = np.divide(
@@ -306,7 +306,9 @@ class PhotoMask:
             dtype=np.float32,
         )
         cells = cv2.transform(sampling_map, to_cells)
-        values = cv2.remap(self.values, cells, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)  # type: ignore[call-overload]
+        values = cv2.remap(
+            self.values, cells, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
+        )  # type: ignore[call-overload]
         return np.asarray(values, np.float32).reshape(-1)[:count]
 
 
@@ -511,7 +513,9 @@ class _LayerFusion:
         self.best = np.zeros((size, size), np.float32)
         self.best_colors = np.zeros((size, size, 3), np.uint8)
 
-    def add(self, colors: NDArray[np.uint8], weights: NDArray[np.float32], priority: NDArray[np.float32]) -> None:
+    def add(
+        self, colors: NDArray[np.uint8], weights: NDArray[np.float32], priority: NDArray[np.float32]
+    ) -> None:
         seen = _opened(weights >= MIN_WEIGHT, self.islands)
         faded = priority * _feather(_distance_to_unseen(seen, self.islands), seen)
         self.color_sum += colors * faded[..., None]
@@ -587,7 +591,10 @@ def _seam_offset(
     rim = rim_weights.reshape(-1)[texels]
     weight = np.bincount(cell, rim, cells * cells).astype(np.float32)
     summed = np.stack(
-        [np.bincount(cell, np.clip(step[:, c], -OFFSET_LIMIT, OFFSET_LIMIT) * rim, cells * cells) for c in range(3)],
+        [
+            np.bincount(cell, np.clip(step[:, c], -OFFSET_LIMIT, OFFSET_LIMIT) * rim, cells * cells)
+            for c in range(3)
+        ],
         axis=-1,
     ).astype(np.float32)
     weight = weight.reshape(cells, cells) * np.float32(1.0 / (block * block))  # share of the block

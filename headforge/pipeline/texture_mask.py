@@ -52,7 +52,11 @@ def person_masks(rgb: NDArray[np.uint8], meshes: list[Mesh], models: ModelSet) -
         matrix = np.array([[scale, 0.0, -x0 * scale], [0.0, scale, -y0 * scale]])
         interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
         crop = cv2.warpAffine(
-            rgb, matrix, (SEGMENTATION_SIZE, SEGMENTATION_SIZE), flags=interpolation, borderMode=cv2.BORDER_REPLICATE
+            rgb,
+            matrix,
+            (SEGMENTATION_SIZE, SEGMENTATION_SIZE),
+            flags=interpolation,
+            borderMode=cv2.BORDER_REPLICATE,
         )
         crops.append(crop.astype(np.float32) * np.float32(1.0 / 255.0))
     probabilities = network.run(np.stack(crops))[0][..., 0]

@@ -114,7 +114,9 @@ def fuse_subject(
             assert head.mesh_image is not None
             rgb = ctx.image(head)
             mask = person_masks(rgb, [head.mesh_image], ctx.models)[0]
-            texels = unwrap_view(rgb, head.mesh_image, size, _symmetry_for(head, symmetry), mask, for_fusion=True)
+            texels = unwrap_view(
+                rgb, head.mesh_image, size, _symmetry_for(head, symmetry), mask, for_fusion=True
+            )
             seen = texels.seen()
             shares.append(TextureStats(texels.share(texels.covered(seen)), texels.share(seen)))
             yield texels
@@ -124,5 +126,7 @@ def fuse_subject(
         head.texture = result.texture
     frontal = min(subject, key=lambda head: abs(head.pose.yaw) if head.pose is not None else 180.0)
     return SubjectTexture(
-        TextureStats(result.coverage_share, result.seen_share), frontal.view, list(zip(subject, shares, strict=True))
+        TextureStats(result.coverage_share, result.seen_share),
+        frontal.view,
+        list(zip(subject, shares, strict=True)),
     )

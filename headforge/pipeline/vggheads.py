@@ -246,7 +246,12 @@ def detect_batch(
         boxes, scores, flame = network.run(batch)[:3]
     return [
         select_heads(
-            boxes[i], scores[i], flame[i], frame, max_heads=max_heads, score_threshold=score_threshold,
+            boxes[i],
+            scores[i],
+            flame[i],
+            frame,
+            max_heads=max_heads,
+            score_threshold=score_threshold,
             notes=notes,
         )
         for i, (_, frame) in enumerate(prepared)

@@ -194,7 +194,8 @@ class KaoLRMParams(_Strict):
         Field(min_length=2, max_length=2, description="Width and height of the photo the head is in."),
     ]
     shape: Annotated[
-        list[float], Field(min_length=100, max_length=100, description="β: FLAME's first 100 shape components.")
+        list[float],
+        Field(min_length=100, max_length=100, description="β: FLAME's first 100 shape components."),
     ]
     expression: Annotated[
         list[float],
@@ -366,7 +367,8 @@ class SubjectView(_Strict):
     view: Annotated[int, Field(ge=0)]
     filename: str
     faces_found: Annotated[
-        int, Field(ge=0, description="Faces the head source found in the photo; the largest is the subject's.")
+        int,
+        Field(ge=0, description="Faces the head source found in the photo; the largest is the subject's."),
     ]
     status: Annotated[
         Literal["used", "no_face", "dropped"],
@@ -375,11 +377,16 @@ class SubjectView(_Strict):
             "stage refused the head (the notes say why)."
         ),
     ]
-    head: Annotated[int | None, Field(ge=0, description="Index of the photo's head in `heads` (with `view`).")]
+    head: Annotated[
+        int | None, Field(ge=0, description="Index of the photo's head in `heads` (with `view`).")
+    ]
     pose: SubjectPose | None
     fit_residual_px: Annotated[
         float | None,
-        Field(ge=0, description="The view's mean 2D landmark distance in the fused fit, pixels (FLAME pipelines)."),
+        Field(
+            ge=0,
+            description="The view's mean 2D landmark distance in the fused fit, pixels (FLAME pipelines).",
+        ),
     ]
 
 
@@ -402,11 +409,17 @@ class SubjectRecord(_Strict):
     """A subject job (subject=true): one person seen in 1..8 photos (docs/subjects.md)."""
 
     views: Annotated[list[SubjectView], Field(description="Every photo of the job, in upload order.")]
-    used_views: Annotated[list[Annotated[int, Field(ge=0)]], Field(description="The views whose head was used.")]
+    used_views: Annotated[
+        list[Annotated[int, Field(ge=0)]], Field(description="The views whose head was used.")
+    ]
     identity: Annotated[
         SubjectIdentityRecord | None,
-        Field(description="The fused identity; null for a pipeline that fits none (facemesh) or no usable view."),
+        Field(
+            description="The fused identity; null for a pipeline that fits none (facemesh) or no usable view."
+        ),
     ]
+
+
 class SubjectTextureView(_Strict):
     view: Annotated[int, Field(ge=0)]
     head: Annotated[int, Field(ge=0, description="The fused head of that view (its largest).")]
@@ -459,11 +472,15 @@ class ResultDocument(_Strict):
     ] = None
     subject: Annotated[
         SubjectRecord | None,
-        Field(description="The subject of a subject=true job: the photos used and the identity fused from them."),
+        Field(
+            description="The subject of a subject=true job: the photos used and the identity fused from them."
+        ),
     ] = None
     subject_texture: Annotated[
         SubjectTextureRecord | None,
-        Field(description="The subject's texture fused across its photos; absent unless two or more photos show it."),
+        Field(
+            description="The subject's texture fused across its photos; absent unless two or more photos show it."
+        ),
     ] = None
 
 

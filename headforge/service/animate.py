@@ -68,8 +68,10 @@ SEQUENCE_NAME = "sequence.json"
     status_code=202,
     summary="Drive a finished FLAME job's heads with FLAME expression and jaw frames (a new job)",
     response_model=JobAccepted | Job,
-    responses={200: {"model": Job, "description": "With `wait`: the job finished in time"},
-               **documented(401, 404, 409, 413, 422, 429, 503)},
+    responses={
+        200: {"model": Job, "description": "With `wait`: the job finished in time"},
+        **documented(401, 404, 409, 413, 422, 429, 503),
+    },
 )
 async def submit_animation(
     job_id: str,
@@ -92,14 +94,20 @@ async def submit_animation(
         while time.monotonic() < deadline:
             doc = await run_in_threadpool(state.jobs.get, animation_id)
             if doc is not None and doc["status"] in TERMINAL:
-                public = await run_in_threadpool(public_job, doc, state.jobs, state.store, include_result=True)
+                public = await run_in_threadpool(
+                    public_job, doc, state.jobs, state.store, include_result=True
+                )
                 response.status_code = 200
                 return Job.model_validate(public)
             await asyncio.sleep(0.05)
     doc = state.jobs.get(animation_id)
     response.headers["Location"] = f"/v1/jobs/{animation_id}"
     return JobAccepted.model_validate(
-        {"id": animation_id, "status": doc["status"] if doc else QUEUED, "status_url": f"/v1/jobs/{animation_id}"}
+        {
+            "id": animation_id,
+            "status": doc["status"] if doc else QUEUED,
+            "status_url": f"/v1/jobs/{animation_id}",
+        }
     )
 
 
@@ -126,7 +134,9 @@ def _plan(state: Any, owner: str, job_id: str, document: object) -> dict[str, An
     if source["status"] in (QUEUED, RUNNING):
         raise JobNotFinishedError("the job has not finished yet", details={"status": source["status"]})
     if source["status"] != SUCCEEDED or not source.get("result_key"):
-        raise NotAnimatableError(f"the job {source['status']}: it has no heads", details={"status": source["status"]})
+        raise NotAnimatableError(
+            f"the job {source['status']}: it has no heads", details={"status": source["status"]}
+        )
     if source["options"].get("task") is not None:
         raise NotAnimatableError(
             f"a {source['options']['task']} job has no FLAME heads to animate", details={"job_id": job_id}
@@ -144,7 +154,9 @@ def _plan(state: Any, owner: str, job_id: str, document: object) -> dict[str, An
             )
         result, prefix = result["images"][image], f"{image}/"
     elif image not in (None, 0):
-        raise InvalidSequenceError("image must be 0 (or absent): the job has one capture", details={"image": image})
+        raise InvalidSequenceError(
+            "image must be 0 (or absent): the job has one capture", details={"image": image}
+        )
     else:
         prefix = ""
     heads = [head for head in result.get("heads", []) if head_expressions(head) is not None]
@@ -195,7 +207,9 @@ def _create(state: Any, principal: Any, plan: dict[str, Any]) -> str:
     key = f"inputs/{job_id}/{SEQUENCE_NAME}"
     data: bytes = plan["sequence"]
     state.store.put_bytes(key, data)
-    inputs = [{"key": key, "filename": SEQUENCE_NAME, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}]
+    inputs = [
+        {"key": key, "filename": SEQUENCE_NAME, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    ]
     inputs += [
         {"key": item["key"], "filename": item["local"], "size": item["size"], "sha256": item["sha256"]}
         for item in plan["files"]
@@ -217,7 +231,9 @@ def _create(state: Any, principal: Any, plan: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- worker side
 
 
-def execute_animation(ctx: Any, claim: Claim, beat: Any) -> tuple[list[dict[str, Any]], str, dict[str, float]]:
+def execute_animation(
+    ctx: Any, claim: Claim, beat: Any
+) -> tuple[list[dict[str, Any]], str, dict[str, float]]:
     """An animation job on a worker: fetch the sequence and the source head files, run
     `animate_result`, upload the frames. Returns artifacts, the result key and timings."""
     from headforge.pipeline.animate import animate_result
@@ -242,4 +258,8 @@ def execute_animation(ctx: Any, claim: Claim, beat: Any) -> tuple[list[dict[str,
         upload_started = time.perf_counter()
         artifacts = _upload_outputs(ctx.store, frames, prefix, "", summary)
         upload_ms = (time.perf_counter() - upload_started) * 1000
-    return artifacts, f"{prefix}animation.json", {"animate": round(animate_ms, 2), "upload": round(upload_ms, 2)}
+    return (
+        artifacts,
+        f"{prefix}animation.json",
+        {"animate": round(animate_ms, 2), "upload": round(upload_ms, 2)},
+    )

@@ -38,8 +38,18 @@ from headforge.service.uploads import fingerprint as _fingerprint
 from headforge.service.uploads import unzip as _unzip
 
 __all__ = [
-    "ERROR_RESPONSES", "ServiceState", "Upload", "_fingerprint", "_unzip", "app_from_env", "create_app",
-    "describe_models", "error_body", "error_response", "validate_image", "validate_options",
+    "ERROR_RESPONSES",
+    "ServiceState",
+    "Upload",
+    "_fingerprint",
+    "_unzip",
+    "app_from_env",
+    "create_app",
+    "describe_models",
+    "error_body",
+    "error_response",
+    "validate_image",
+    "validate_options",
 ]
 
 log = logging.getLogger("headforge.api")
@@ -55,19 +65,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     configure_logging(json_logs=settings.json_logs)
     job_store = JobStore(make_backend(settings, retry_seconds=3.0), settings)
     registry, request_counter, request_latency = make_registry(job_store)
-    state = ServiceState(settings, job_store, make_store(settings), Authenticator(settings), make_celery(settings),
-                         registry=registry,
-                         decode_gate=threading.BoundedSemaphore(settings.max_concurrent_decodes))
+    state = ServiceState(
+        settings,
+        job_store,
+        make_store(settings),
+        Authenticator(settings),
+        make_celery(settings),
+        registry=registry,
+        decode_gate=threading.BoundedSemaphore(settings.max_concurrent_decodes),
+    )
     if not state.auth.enabled:
-        message = ("headforge: WARNING: no API keys configured (HEADFORGE_API_KEYS_FILE / HEADFORGE_API_KEYS): "
-                   "authentication is OFF; anyone who can reach this port can submit and read jobs")
+        message = (
+            "headforge: WARNING: no API keys configured (HEADFORGE_API_KEYS_FILE / HEADFORGE_API_KEYS): "
+            "authentication is OFF; anyone who can reach this port can submit and read jobs"
+        )
         print(message, file=sys.stderr, flush=True)
         log.warning("authentication is off: no API keys configured")
 
     app = FastAPI(
         title="headforge",
         version="0.1.0",
-        description="Photos of people in, 3D head assets out. Errors: `{\"error\": {code, message, details}}`.",
+        description='Photos of people in, 3D head assets out. Errors: `{"error": {code, message, details}}`.',
         responses=ERROR_RESPONSES,
     )
     app.state.headforge = state
@@ -77,8 +95,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
-        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
-                           allow_headers=["*"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["*"],
+            allow_headers=["*"],
+        )
     install_error_handlers(app)
 
     @app.middleware("http")
@@ -93,8 +115,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # Outermost: the key and the size limit are checked before any body byte is read (guard.py).
     app.add_middleware(
-        BodyGuard, max_bytes=settings.max_request_bytes, body_timeout=settings.body_timeout,
-        body_idle_timeout=settings.body_idle_timeout, authenticate=state.auth.authenticate, respond=error_response,
+        BodyGuard,
+        max_bytes=settings.max_request_bytes,
+        body_timeout=settings.body_timeout,
+        body_idle_timeout=settings.body_idle_timeout,
+        authenticate=state.auth.authenticate,
+        respond=error_response,
     )
 
     if (STATIC_DIR / "index.html").is_file():

@@ -70,7 +70,9 @@ class Authenticator:
             raise ValueError(f"API key owner id must be non-empty and not {ANONYMOUS!r}")
         self.keys[digest] = Principal(
             owner=owner,
-            rate_limit_per_minute=float(limits.get("rate_limit_per_minute", self.settings.rate_limit_per_minute)),
+            rate_limit_per_minute=float(
+                limits.get("rate_limit_per_minute", self.settings.rate_limit_per_minute)
+            ),
             rate_limit_burst=int(limits.get("rate_limit_burst", self.settings.rate_limit_burst)),
             max_queued=int(limits.get("max_queued", self.settings.max_queued_per_key)),
         )
@@ -83,8 +85,12 @@ class Authenticator:
 
     def authenticate(self, authorization: str | None) -> Principal:
         if not self.enabled:
-            return Principal(ANONYMOUS, self.settings.rate_limit_per_minute, self.settings.rate_limit_burst,
-                             self.settings.max_queued_per_key)
+            return Principal(
+                ANONYMOUS,
+                self.settings.rate_limit_per_minute,
+                self.settings.rate_limit_burst,
+                self.settings.max_queued_per_key,
+            )
         if not authorization:
             raise UnauthorizedError("an API key is required: send `Authorization: Bearer <key>`")
         scheme, _, token = authorization.partition(" ")

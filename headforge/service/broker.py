@@ -36,8 +36,17 @@ class SqliteChannel(SqlaChannel):
     def _engine_from_config(self) -> Any:
         options = dict(self.connection.client.transport_options)
         for name in (
-            "queue_tablename", "message_tablename", "callback", "errback", "max_retries", "interval_start",
-            "interval_step", "interval_max", "retry_errors", "polling_interval", "visibility_timeout",
+            "queue_tablename",
+            "message_tablename",
+            "callback",
+            "errback",
+            "max_retries",
+            "interval_start",
+            "interval_step",
+            "interval_max",
+            "retry_errors",
+            "polling_interval",
+            "visibility_timeout",
         ):
             options.pop(name, None)
         options.setdefault("connect_args", {"timeout": 30})

@@ -63,7 +63,12 @@ def make_celery(settings: Settings) -> Celery:
         worker_enable_remote_control=False,
         worker_cancel_long_running_tasks_on_connection_loss=False,
         task_publish_retry=True,
-        task_publish_retry_policy={"max_retries": 3, "interval_start": 0.1, "interval_step": 0.5, "interval_max": 1},
+        task_publish_retry_policy={
+            "max_retries": 3,
+            "interval_start": 0.1,
+            "interval_step": 0.5,
+            "interval_max": 1,
+        },
     )
     return app
 
@@ -91,7 +96,8 @@ def dispatch(celery: Celery, jobs: JobStore, job_id: str, queue: str, countdown:
     jobs.mark_dispatched(job_id)
 
 
-def publish_webhook(celery: Celery, job_id: str, event: str, attempt: int, queue: str,
-                    countdown: float = 0.0) -> None:
+def publish_webhook(
+    celery: Celery, job_id: str, event: str, attempt: int, queue: str, countdown: float = 0.0
+) -> None:
     """Publish one delivery attempt of the job's `event` webhook (`tasks.deliver_webhook` claims it)."""
     celery.send_task(WEBHOOK_TASK, args=[job_id, event, attempt], queue=queue, countdown=countdown or None)

@@ -37,8 +37,14 @@ class BodyGuard:
     """ASGI middleware: see the module docstring."""
 
     def __init__(
-        self, app: ASGIApp, *, max_bytes: int, body_timeout: float, body_idle_timeout: float,
-        authenticate: Callable[[str | None], object], respond: Callable[[HeadforgeError], Any],
+        self,
+        app: ASGIApp,
+        *,
+        max_bytes: int,
+        body_timeout: float,
+        body_idle_timeout: float,
+        authenticate: Callable[[str | None], object],
+        respond: Callable[[HeadforgeError], Any],
     ) -> None:
         self.app = app
         self.max_bytes = max_bytes
@@ -81,7 +87,9 @@ class BodyGuard:
                 return await receive()
             remaining = self.body_timeout - (time.monotonic() - started)
             try:
-                message = await asyncio.wait_for(receive(), timeout=max(0.001, min(self.body_idle_timeout, remaining)))
+                message = await asyncio.wait_for(
+                    receive(), timeout=max(0.001, min(self.body_idle_timeout, remaining))
+                )
             except TimeoutError:
                 refusal = RequestTimeoutError(
                     "the request body arrived too slowly",

@@ -41,8 +41,13 @@ def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorEnvelope, "description": text, "content": {"application/json": {"example": {
-        "error": {"code": name, "message": "…", "details": {}}}}}}
+    code: {
+        "model": ErrorEnvelope,
+        "description": text,
+        "content": {
+            "application/json": {"example": {"error": {"code": name, "message": "…", "details": {}}}}
+        },
+    }
     for code, name, text in (
         (400, "bad_request", "Bad input (empty file, truncated or corrupt image, …)"),
         (401, "unauthorized", "Missing or unknown API key"),

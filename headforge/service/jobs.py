@@ -110,8 +110,16 @@ class JobStore:
     # ------------------------------------------------------------------ creation and reads
 
     def create_job(
-        self, *, job_id: str, owner: str, options: dict[str, Any], inputs: list[dict[str, Any]], queue: str,
-        webhook_url: str | None = None, batch_id: str | None = None, label: str | None = None,
+        self,
+        *,
+        job_id: str,
+        owner: str,
+        options: dict[str, Any],
+        inputs: list[dict[str, Any]],
+        queue: str,
+        webhook_url: str | None = None,
+        batch_id: str | None = None,
+        label: str | None = None,
     ) -> Document:
         now = time.time()
         doc: Document = {
@@ -236,7 +244,9 @@ class JobStore:
                 return UNCHANGED
             if doc["status"] == RUNNING:
                 lease = doc.get("lease") or {}
-                same_host_dead = lease.get("host") == identity["host"] and not _pid_alive(int(lease.get("pid", 0)))
+                same_host_dead = lease.get("host") == identity["host"] and not _pid_alive(
+                    int(lease.get("pid", 0))
+                )
                 if lease.get("expires_at", 0) > moment and not same_host_dead:
                     outcome["reason"] = "busy"
                     return UNCHANGED
@@ -266,9 +276,7 @@ class JobStore:
         return Claim(job=new, token=token)
 
     def _holds(self, doc: Document | None, token: str) -> bool:
-        return (
-            doc is not None and doc["status"] == RUNNING and (doc.get("lease") or {}).get("token") == token
-        )
+        return doc is not None and doc["status"] == RUNNING and (doc.get("lease") or {}).get("token") == token
 
     def heartbeat(
         self, job_id: str, token: str, progress: dict[str, float] | None = None, *, now: float | None = None
@@ -306,8 +314,15 @@ class JobStore:
             doc["webhook"] = {"event": f"job.{status}", "attempts": 0, "delivered": False, "due_at": now}
 
     def complete(
-        self, job_id: str, token: str, *, artifacts: list[dict[str, Any]], result_key: str | None,
-        timings_ms: dict[str, float], progress: dict[str, float] | None = None, now: float | None = None,
+        self,
+        job_id: str,
+        token: str,
+        *,
+        artifacts: list[dict[str, Any]],
+        result_key: str | None,
+        timings_ms: dict[str, float],
+        progress: dict[str, float] | None = None,
+        now: float | None = None,
     ) -> bool:
         """running → succeeded, only for the lease holder. Returns whether this call won."""
         won = {"ok": False}
@@ -330,7 +345,9 @@ class JobStore:
             self.backend.notify(f"done:{job_id}")
         return won["ok"]
 
-    def fail(self, job_id: str, token: str | None, error: dict[str, Any], *, now: float | None = None) -> bool:
+    def fail(
+        self, job_id: str, token: str | None, error: dict[str, Any], *, now: float | None = None
+    ) -> bool:
         """running → failed (lease holder only; `token=None` fails a queued or running job)."""
         won = {"ok": False}
 
@@ -350,7 +367,13 @@ class JobStore:
         return won["ok"]
 
     def release(
-        self, job_id: str, token: str | None, delay: float = 0.0, force: bool = False, *, now: float | None = None
+        self,
+        job_id: str,
+        token: str | None,
+        delay: float = 0.0,
+        force: bool = False,
+        *,
+        now: float | None = None,
     ) -> bool:
         """running → queued for another attempt (expired lease, or a transient error). With a token,
         only its holder may release; without one, only when the lease has expired at `now` (default:
@@ -429,10 +452,17 @@ class JobStore:
             if doc is None:
                 return UNCHANGED
             state = doc.get("webhook") or {}
-            if state.get("event") == event and (state.get("delivered") or int(state.get("attempts", 0)) >= attempt):
+            if state.get("event") == event and (
+                state.get("delivered") or int(state.get("attempts", 0)) >= attempt
+            ):
                 return UNCHANGED
-            doc["webhook"] = {**state, "event": event, "attempts": attempt, "delivered": False,
-                              "due_at": due_again_at}
+            doc["webhook"] = {
+                **state,
+                "event": event,
+                "attempts": attempt,
+                "delivered": False,
+                "due_at": due_again_at,
+            }
             won["ok"] = True
             return doc
 
@@ -469,7 +499,11 @@ class JobStore:
 
     def create_batch(self, *, batch_id: str, owner: str, job_ids: list[str], names: list[str]) -> Document:
         doc: Document = {
-            "id": batch_id, "owner": owner, "created_at": time.time(), "job_ids": job_ids, "names": names,
+            "id": batch_id,
+            "owner": owner,
+            "created_at": time.time(),
+            "job_ids": job_ids,
+            "names": names,
         }
         self.backend.mutate("batch", batch_id, lambda _current: doc)
         return doc
@@ -493,7 +527,9 @@ class JobStore:
             if batch is None:
                 continue
             members = self.backend.get_many("job", list(batch.get("job_ids", [])))
-            if all(job is None or (job["status"] in TERMINAL and job["finished_at"] <= cutoff) for job in members):
+            if all(
+                job is None or (job["status"] in TERMINAL and job["finished_at"] <= cutoff) for job in members
+            ):
                 due.append(batch_id)
                 if len(due) >= limit:
                     break
@@ -501,7 +537,9 @@ class JobStore:
 
     # ------------------------------------------------------------------ workers
 
-    def worker_seen(self, name: str, queues: Sequence[str] | None = None, *, now: float | None = None) -> None:
+    def worker_seen(
+        self, name: str, queues: Sequence[str] | None = None, *, now: float | None = None
+    ) -> None:
         """Record that worker `name` is alive, overall and under each queue it consumes (default: the
         `worker_queues` setting, which a worker process learns from Celery at startup)."""
         moment = _at(now)
@@ -514,7 +552,9 @@ class JobStore:
         for queue in QUEUES:
             self.backend.index_remove(f"workers:{queue}", name)
 
-    def live_workers(self, within: float = 60.0, queue: str | None = None, *, now: float | None = None) -> int:
+    def live_workers(
+        self, within: float = 60.0, queue: str | None = None, *, now: float | None = None
+    ) -> int:
         """Workers seen in the last `within` seconds: all of them, or those consuming `queue`."""
         index = "workers" if queue is None else f"workers:{queue}"
         return self.backend.count(index, min_score=_at(now) - within)

@@ -45,8 +45,9 @@ class SharedStateCollector(Collector):
             by_status.add_metric([status], self.jobs.count_status(status))
         yield by_status
 
-        finished = CounterMetricFamily("headforge_jobs_finished", "Jobs that reached a final status",
-                                       labels=["status"])
+        finished = CounterMetricFamily(
+            "headforge_jobs_finished", "Jobs that reached a final status", labels=["status"]
+        )
         totals = self.jobs.backend.counters("jobs_finished")
         for status in ("succeeded", "failed", "canceled"):
             finished.add_metric([status], totals.get(status, 0.0))
@@ -57,13 +58,17 @@ class SharedStateCollector(Collector):
             depth.add_metric([queue], self.jobs.queue_depth(queue))
         yield depth
 
-        yield GaugeMetricFamily("headforge_workers", "Workers seen in the last minute",
-                                value=self.jobs.live_workers())
+        yield GaugeMetricFamily(
+            "headforge_workers", "Workers seen in the last minute", value=self.jobs.live_workers()
+        )
 
         # A separate family rather than a label on headforge_workers: a worker that consumes both
         # queues counts under each, so these do not sum to the worker count.
-        per_queue = GaugeMetricFamily("headforge_queue_workers", "Workers seen in the last minute that consume "
-                                      "each queue", labels=["queue"])
+        per_queue = GaugeMetricFamily(
+            "headforge_queue_workers",
+            "Workers seen in the last minute that consume each queue",
+            labels=["queue"],
+        )
         for queue in QUEUES:
             per_queue.add_metric([queue], self.jobs.live_workers(queue=queue))
         yield per_queue
@@ -84,9 +89,14 @@ def make_registry(jobs: JobStore) -> tuple[CollectorRegistry, Counter, Histogram
     """A registry with the shared-state collector and this process's HTTP metrics."""
     registry = CollectorRegistry()
     registry.register(SharedStateCollector(jobs))
-    requests = Counter("headforge_http_requests", "HTTP requests", ["method", "route", "status"], registry=registry)
+    requests = Counter(
+        "headforge_http_requests", "HTTP requests", ["method", "route", "status"], registry=registry
+    )
     latency = Histogram(
-        "headforge_http_request_seconds", "HTTP request latency", ["route"], registry=registry,
+        "headforge_http_request_seconds",
+        "HTTP request latency",
+        ["route"],
+        registry=registry,
         buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 60.0, math.inf),
     )
     return registry, requests, latency

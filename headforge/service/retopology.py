@@ -38,10 +38,14 @@ RETOPOLOGY_QUEUE_KEY = "retopology"  # HEADFORGE_QUEUE_ROUTES may send these job
 
 
 @router.post(
-    "/v1/retopology", status_code=202, summary="Fit a stored studio template onto an uploaded head mesh",
+    "/v1/retopology",
+    status_code=202,
+    summary="Fit a stored studio template onto an uploaded head mesh",
     response_model=JobAccepted | Job,
-    responses={200: {"model": Job, "description": "With `wait`: the job finished in time"},
-               **documented(400, 401, 413, 415, 422, 429, 503)},
+    responses={
+        200: {"model": Job, "description": "With `wait`: the job finished in time"},
+        **documented(400, 401, 413, 415, 422, 429, 503),
+    },
 )
 async def submit_retopology(
     state: State,
@@ -88,7 +92,8 @@ async def submit_retopology(
     doc = state.jobs.get(job_id)
     response.headers["Location"] = f"/v1/jobs/{job_id}"
     return JobAccepted.model_validate(
-        {"id": job_id, "status": doc["status"] if doc else QUEUED, "status_url": f"/v1/jobs/{job_id}"})
+        {"id": job_id, "status": doc["status"] if doc else QUEUED, "status_url": f"/v1/jobs/{job_id}"}
+    )
 
 
 def _safe_name(name: str | None) -> str:
@@ -98,7 +103,9 @@ def _safe_name(name: str | None) -> str:
     return cleaned or "mesh"
 
 
-def _create(state: ServiceState, principal: Principal, filename: str, data: bytes, options: dict[str, Any]) -> str:
+def _create(
+    state: ServiceState, principal: Principal, filename: str, data: bytes, options: dict[str, Any]
+) -> str:
     """Store the upload, record the job and publish it (the sweeper republishes a failed publish)."""
     jobs = state.jobs
     jobs.check_quota(principal.owner, 1, principal.max_queued)

@@ -81,8 +81,16 @@ def run_api(host: str, port: int, workers: int = 1) -> None:
     """Serve `headforge.service.app:app_from_env` with the header deadline (blocks until shutdown)."""
     import uvicorn
 
-    uvicorn.run("headforge.service.app:app_from_env", factory=True, host=host, port=port, workers=workers,
-                log_level="warning", access_log=False, http=GuardedH11Protocol)
+    uvicorn.run(
+        "headforge.service.app:app_from_env",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level="warning",
+        access_log=False,
+        http=GuardedH11Protocol,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

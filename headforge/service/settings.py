@@ -107,9 +107,7 @@ class Settings:
 
     @classmethod
     def from_env(cls) -> Settings:
-        data_dir = Path(
-            os.environ.get("HEADFORGE_DATA_DIR", "") or headforge_home() / "data"
-        ).expanduser()
+        data_dir = Path(os.environ.get("HEADFORGE_DATA_DIR", "") or headforge_home() / "data").expanduser()
         keys_file = os.environ.get("HEADFORGE_API_KEYS_FILE", "").strip()
         cors = os.environ.get("HEADFORGE_CORS_ORIGINS", "").strip()
         return cls(
@@ -157,8 +155,10 @@ class Settings:
     @property
     def effective_visibility_timeout(self) -> int:
         """Broker redelivery delay for unacked messages; always longer than the hard limit."""
-        return max(self.visibility_timeout, self.hard_time_limit + 60) if self.visibility_timeout else (
-            self.hard_time_limit + 300
+        return (
+            max(self.visibility_timeout, self.hard_time_limit + 60)
+            if self.visibility_timeout
+            else (self.hard_time_limit + 300)
         )
 
     @property

@@ -47,8 +47,12 @@ class StateBackend(Protocol):
     def rank(self, index: str, member: str) -> int | None: ...
     def count(self, index: str, min_score: float = -math.inf, max_score: float = math.inf) -> int: ...
     def members(
-        self, index: str, min_score: float = -math.inf, max_score: float = math.inf,
-        limit: int = 1000, descending: bool = False,
+        self,
+        index: str,
+        min_score: float = -math.inf,
+        max_score: float = math.inf,
+        limit: int = 1000,
+        descending: bool = False,
     ) -> list[str]: ...
     def index_names(self, prefix: str) -> list[str]: ...
     def set_if_absent(self, key: str, value: str, ttl: float) -> str | None: ...
@@ -105,7 +109,9 @@ class RedisState:
     """`StateBackend` on Redis. Calls retry on connection errors for `retry_seconds`, then raise
     `ServiceUnavailableError` (workers ride out a Redis restart; the gateway answers 503 sooner)."""
 
-    def __init__(self, url: str, indexer: Indexer | None = None, retry_seconds: float = 3.0, prefix: str = "hf"):
+    def __init__(
+        self, url: str, indexer: Indexer | None = None, retry_seconds: float = 3.0, prefix: str = "hf"
+    ):
         import redis
 
         self._redis_module = redis
@@ -199,8 +205,12 @@ class RedisState:
         return int(self._call(lambda: self.client.zcount(self._ix(index), low, high)))
 
     def members(
-        self, index: str, min_score: float = -math.inf, max_score: float = math.inf,
-        limit: int = 1000, descending: bool = False,
+        self,
+        index: str,
+        min_score: float = -math.inf,
+        max_score: float = math.inf,
+        limit: int = 1000,
+        descending: bool = False,
     ) -> list[str]:
         low = "-inf" if min_score == -math.inf else min_score
         high = "+inf" if max_score == math.inf else max_score
@@ -209,7 +219,9 @@ class RedisState:
                 lambda: self.client.zrevrangebyscore(self._ix(index), high, low, start=0, num=limit)
             )
         else:
-            raw = self._call(lambda: self.client.zrangebyscore(self._ix(index), low, high, start=0, num=limit))
+            raw = self._call(
+                lambda: self.client.zrangebyscore(self._ix(index), low, high, start=0, num=limit)
+            )
         return [m.decode() if isinstance(m, bytes) else str(m) for m in raw]
 
     def index_names(self, prefix: str) -> list[str]:
@@ -324,9 +336,11 @@ class SqliteState:
         self._connection().execute("SELECT 1").fetchone()
 
     def get(self, kind: str, doc_id: str) -> Document | None:
-        row = self._connection().execute(
-            "SELECT body FROM docs WHERE kind = ? AND id = ?", (kind, doc_id)
-        ).fetchone()
+        row = (
+            self._connection()
+            .execute("SELECT body FROM docs WHERE kind = ? AND id = ?", (kind, doc_id))
+            .fetchone()
+        )
         return json.loads(row[0]) if row else None
 
     def get_many(self, kind: str, doc_ids: list[str]) -> list[Document | None]:
@@ -367,28 +381,42 @@ class SqliteState:
         return int(count)
 
     def count(self, index: str, min_score: float = -math.inf, max_score: float = math.inf) -> int:
-        (count,) = self._connection().execute(
-            "SELECT COUNT(*) FROM idx WHERE name = ? AND score >= ? AND score <= ?",
-            (index, _finite(min_score), _finite(max_score)),
-        ).fetchone()
+        (count,) = (
+            self._connection()
+            .execute(
+                "SELECT COUNT(*) FROM idx WHERE name = ? AND score >= ? AND score <= ?",
+                (index, _finite(min_score), _finite(max_score)),
+            )
+            .fetchone()
+        )
         return int(count)
 
     def members(
-        self, index: str, min_score: float = -math.inf, max_score: float = math.inf,
-        limit: int = 1000, descending: bool = False,
+        self,
+        index: str,
+        min_score: float = -math.inf,
+        max_score: float = math.inf,
+        limit: int = 1000,
+        descending: bool = False,
     ) -> list[str]:
         order = "DESC" if descending else "ASC"
-        rows = self._connection().execute(
-            f"SELECT member FROM idx WHERE name = ? AND score >= ? AND score <= ? "
-            f"ORDER BY score {order}, member {order} LIMIT ?",
-            (index, _finite(min_score), _finite(max_score), limit),
-        ).fetchall()
+        rows = (
+            self._connection()
+            .execute(
+                f"SELECT member FROM idx WHERE name = ? AND score >= ? AND score <= ? "
+                f"ORDER BY score {order}, member {order} LIMIT ?",
+                (index, _finite(min_score), _finite(max_score), limit),
+            )
+            .fetchall()
+        )
         return [r[0] for r in rows]
 
     def index_names(self, prefix: str) -> list[str]:
-        rows = self._connection().execute(
-            "SELECT DISTINCT name FROM idx WHERE substr(name, 1, ?) = ?", (len(prefix), prefix)
-        ).fetchall()
+        rows = (
+            self._connection()
+            .execute("SELECT DISTINCT name FROM idx WHERE substr(name, 1, ?) = ?", (len(prefix), prefix))
+            .fetchall()
+        )
         return sorted(r[0] for r in rows)
 
     def set_if_absent(self, key: str, value: str, ttl: float) -> str | None:
@@ -397,19 +425,24 @@ class SqliteState:
             row = db.execute("SELECT value, expires FROM kv WHERE key = ?", (key,)).fetchone()
             if row is not None and row[1] > now:
                 return str(row[0])
-            db.execute("INSERT OR REPLACE INTO kv (key, value, expires) VALUES (?, ?, ?)", (key, value, now + ttl))
+            db.execute(
+                "INSERT OR REPLACE INTO kv (key, value, expires) VALUES (?, ?, ?)", (key, value, now + ttl)
+            )
             return None
 
     def set_value(self, key: str, value: str, ttl: float) -> None:
         with self._transaction() as db:
             db.execute(
-                "INSERT OR REPLACE INTO kv (key, value, expires) VALUES (?, ?, ?)", (key, value, time.time() + ttl)
+                "INSERT OR REPLACE INTO kv (key, value, expires) VALUES (?, ?, ?)",
+                (key, value, time.time() + ttl),
             )
 
     def get_value(self, key: str) -> str | None:
-        row = self._connection().execute(
-            "SELECT value FROM kv WHERE key = ? AND expires > ?", (key, time.time())
-        ).fetchone()
+        row = (
+            self._connection()
+            .execute("SELECT value FROM kv WHERE key = ? AND expires > ?", (key, time.time()))
+            .fetchone()
+        )
         return str(row[0]) if row else None
 
     def delete_value(self, key: str) -> None:
@@ -418,7 +451,9 @@ class SqliteState:
 
     def index_add(self, index: str, member: str, score: float) -> None:
         with self._transaction() as db:
-            db.execute("INSERT OR REPLACE INTO idx (name, member, score) VALUES (?, ?, ?)", (index, member, score))
+            db.execute(
+                "INSERT OR REPLACE INTO idx (name, member, score) VALUES (?, ?, ?)", (index, member, score)
+            )
 
     def index_remove(self, index: str, member: str) -> None:
         with self._transaction() as db:
@@ -434,14 +469,16 @@ class SqliteState:
                 )
 
     def counters(self, name: str) -> dict[str, float]:
-        rows = self._connection().execute("SELECT field, value FROM counters WHERE name = ?", (name,)).fetchall()
+        rows = (
+            self._connection().execute("SELECT field, value FROM counters WHERE name = ?", (name,)).fetchall()
+        )
         return {str(r[0]): float(r[1]) for r in rows}
 
     def take_token(self, key: str, rate_per_second: float, burst: int) -> float:
         now = time.time()
         with self._transaction() as db:
             row = db.execute("SELECT value FROM kv WHERE key = ?", ("bucket:" + key,)).fetchone()
-            tokens, at = (json.loads(row[0]) if row else (float(burst), now))
+            tokens, at = json.loads(row[0]) if row else (float(burst), now)
             tokens = min(float(burst), tokens + (now - at) * rate_per_second)
             wait = 0.0
             if tokens >= 1:

@@ -39,12 +39,25 @@ DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 # S3 error codes that mean "slow down or try again later" (AWS, MinIO and Ceph use these); any 5xx
 # or 429 answer counts too, whatever its code.
-TRANSIENT_S3_CODES = frozenset({
-    "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "RequestTimeoutException",
-    "PriorRequestNotComplete", "OperationAborted", "Throttling", "ThrottlingException",
-    "ThrottledException", "RequestThrottled", "RequestThrottledException", "TooManyRequestsException",
-    "RequestLimitExceeded", "BandwidthLimitExceeded",
-})
+TRANSIENT_S3_CODES = frozenset(
+    {
+        "InternalError",
+        "ServiceUnavailable",
+        "SlowDown",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "PriorRequestNotComplete",
+        "OperationAborted",
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottled",
+        "RequestThrottledException",
+        "TooManyRequestsException",
+        "RequestLimitExceeded",
+        "BandwidthLimitExceeded",
+    }
+)
 
 # The readiness probe's own client: one try with short timeouts, so /readyz answers in seconds when
 # the endpoint is down or silent instead of holding a request through boto3's retries.
@@ -145,7 +158,9 @@ def _s3_transient_cause(error: BaseException) -> BaseException | None:
             return current
         if isinstance(current, ClientError):
             code, status = _s3_code(current)
-            if code in TRANSIENT_S3_CODES or (status is not None and status != 501 and (status >= 500 or status == 429)):
+            if code in TRANSIENT_S3_CODES or (
+                status is not None and status != 501 and (status >= 500 or status == 429)
+            ):
                 return current
         wrapped = current.__context__ if isinstance(current, wrappers) else None
         current = current.__cause__ or wrapped
@@ -199,7 +214,9 @@ class LocalArtifactStore:
 
     def ping(self) -> None:
         if not (self.root.is_dir() and os.access(self.root, os.W_OK)):
-            raise ServiceUnavailableError("the artifact directory is not writable", details={"root": str(self.root)})
+            raise ServiceUnavailableError(
+                "the artifact directory is not writable", details={"root": str(self.root)}
+            )
         stats = os.statvfs(self.root)
         free = stats.f_bavail * stats.f_frsize
         if free < self.min_free_bytes:
@@ -332,8 +349,13 @@ class S3ArtifactStore:
     retries with backoff come on top."""
 
     def __init__(
-        self, bucket: str, prefix: str = "", endpoint_url: str | None = None, region: str | None = None,
-        client: Any = None, probe_client: Any = None,
+        self,
+        bucket: str,
+        prefix: str = "",
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        client: Any = None,
+        probe_client: Any = None,
     ):
         if client is None:
             import boto3
@@ -342,9 +364,14 @@ class S3ArtifactStore:
             session = boto3.session.Session()
             client = session.client("s3", endpoint_url=endpoint_url, region_name=region)
             probe_client = probe_client or session.client(
-                "s3", endpoint_url=endpoint_url, region_name=region,
-                config=Config(connect_timeout=PROBE_TIMEOUT_SECONDS, read_timeout=PROBE_TIMEOUT_SECONDS,
-                              retries={"total_max_attempts": 1}),
+                "s3",
+                endpoint_url=endpoint_url,
+                region_name=region,
+                config=Config(
+                    connect_timeout=PROBE_TIMEOUT_SECONDS,
+                    read_timeout=PROBE_TIMEOUT_SECONDS,
+                    retries={"total_max_attempts": 1},
+                ),
             )
         self.client = client
         self.probe_client = probe_client or client
@@ -377,7 +404,11 @@ class S3ArtifactStore:
     def _unavailable(self, operation: str, key: str | None, cause: BaseException) -> ServiceUnavailableError:
         """The error for a transient failure: the operation, bucket, key and the S3 code or exception
         class. boto3's own text (it names the endpoint URL) is logged, not returned."""
-        details: dict[str, Any] = {"operation": operation, "bucket": self.bucket, "error": type(cause).__name__}
+        details: dict[str, Any] = {
+            "operation": operation,
+            "bucket": self.bucket,
+            "error": type(cause).__name__,
+        }
         if key is not None:
             details["key"] = key
         code, status = _s3_code(cause)
@@ -407,8 +438,9 @@ class S3ArtifactStore:
 
     def put_file(self, key: str, path: Path) -> None:
         with self._call("upload_file", key):
-            self.client.upload_file(str(path), self.bucket, self._key(key),
-                                    ExtraArgs={"ContentType": media_type_for(key)})
+            self.client.upload_file(
+                str(path), self.bucket, self._key(key), ExtraArgs={"ContentType": media_type_for(key)}
+            )
 
     def adopt_file(self, key: str, path: Path) -> None:
         self.put_file(key, path)
@@ -422,8 +454,9 @@ class S3ArtifactStore:
 
     def put_bytes(self, key: str, data: bytes) -> None:
         with self._call("put_object", key):
-            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data,
-                                   ContentType=media_type_for(key))
+            self.client.put_object(
+                Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=media_type_for(key)
+            )
 
     def get_bytes(self, key: str) -> bytes:
         with self._call("get_object", key, not_found=True):
@@ -458,7 +491,7 @@ class S3ArtifactStore:
         with self._call("list_objects_v2", prefix):
             paginator = self.client.get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
-                keys.extend(item["Key"][len(self.prefix):] for item in page.get("Contents", []))
+                keys.extend(item["Key"][len(self.prefix) :] for item in page.get("Contents", []))
         return sorted(keys)
 
     def delete_prefix(self, prefix: str) -> int:
@@ -474,6 +507,9 @@ def make_store(settings: Settings) -> ArtifactStore:
     """S3 when `HEADFORGE_S3_BUCKET` is set, else the local filesystem under the data directory."""
     if settings.s3_bucket:
         return S3ArtifactStore(
-            settings.s3_bucket, settings.s3_prefix, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region
+            settings.s3_bucket,
+            settings.s3_prefix,
+            endpoint_url=settings.s3_endpoint_url,
+            region=settings.s3_region,
         )
     return LocalArtifactStore(settings.artifacts_dir, min_free_bytes=settings.max_upload_bytes)

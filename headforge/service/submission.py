@@ -27,7 +27,9 @@ log = logging.getLogger("headforge.api")
 IDEMPOTENCY_WAIT_SECONDS = 10.0
 
 
-def _reserve(state: ServiceState, principal: Principal, key: str | None, print_: str, new_resource: str) -> str | None:
+def _reserve(
+    state: ServiceState, principal: Principal, key: str | None, print_: str, new_resource: str
+) -> str | None:
     if not key:
         return None
     if len(key) > 255:
@@ -36,8 +38,14 @@ def _reserve(state: ServiceState, principal: Principal, key: str | None, print_:
 
 
 def submit(
-    state: ServiceState, principal: Principal, uploads: list[Upload], options_in: dict[str, Any],
-    webhook_url: str | None, idempotency_key: str | None, *, batch: bool,
+    state: ServiceState,
+    principal: Principal,
+    uploads: list[Upload],
+    options_in: dict[str, Any],
+    webhook_url: str | None,
+    idempotency_key: str | None,
+    *,
+    batch: bool,
 ) -> tuple[str, bool]:
     """Validate, store and enqueue; return (job or batch id, whether it already existed)."""
     settings, jobs = state.settings, state.jobs
@@ -47,8 +55,9 @@ def submit(
     inputs_meta = [validate_image(upload, settings, state.decode_gate) for upload in uploads]
     kind = "batch" if batch else "job"
     resource_id = new_id(kind)
-    existing = _reserve(state, principal, idempotency_key, fingerprint(kind, uploads, options, webhook_url),
-                        resource_id)
+    existing = _reserve(
+        state, principal, idempotency_key, fingerprint(kind, uploads, options, webhook_url), resource_id
+    )
     if existing is not None:
         return existing, True
     queue = settings.queue_for(options["pipeline"])
@@ -69,20 +78,34 @@ def submit(
                     state.store.put_bytes(key, uploads[i].data)
                 except OSError as error:  # a read-only or broken disk: 503, like a full one
                     raise store_os_error(error, "write", key) from error
-                inputs.append({
-                    "key": key, "filename": uploads[i].filename, "size": len(uploads[i].data),
-                    "sha256": hashlib.sha256(uploads[i].data).hexdigest(), **inputs_meta[i],
-                })
+                inputs.append(
+                    {
+                        "key": key,
+                        "filename": uploads[i].filename,
+                        "size": len(uploads[i].data),
+                        "sha256": hashlib.sha256(uploads[i].data).hexdigest(),
+                        **inputs_meta[i],
+                    }
+                )
             job_inputs.append(inputs)
         for job_id, group, inputs in zip(job_ids, groups, job_inputs, strict=True):
             jobs.create_job(
-                job_id=job_id, owner=principal.owner, options=options, inputs=inputs, queue=queue,
-                webhook_url=webhook_url, batch_id=resource_id if batch else None,
+                job_id=job_id,
+                owner=principal.owner,
+                options=options,
+                inputs=inputs,
+                queue=queue,
+                webhook_url=webhook_url,
+                batch_id=resource_id if batch else None,
                 label=uploads[group[0]].filename,
             )
         if batch:
-            jobs.create_batch(batch_id=resource_id, owner=principal.owner, job_ids=job_ids,
-                              names=[u.filename for u in uploads])
+            jobs.create_batch(
+                batch_id=resource_id,
+                owner=principal.owner,
+                job_ids=job_ids,
+                names=[u.filename for u in uploads],
+            )
     except BaseException:
         if writing:
             _discard(state, job_ids)
@@ -107,7 +130,9 @@ def _discard(state: ServiceState, job_ids: list[str]) -> None:
             log.warning("could not discard a failed submission: %s", error, extra={"job_id": job_id})
 
 
-async def recorded_batch(state: ServiceState, principal: Principal, batch_id: str, existed: bool) -> dict[str, Any]:
+async def recorded_batch(
+    state: ServiceState, principal: Principal, batch_id: str, existed: bool
+) -> dict[str, Any]:
     """The batch record. A repeat whose Idempotency-Key an earlier request holds may arrive
     before that request has recorded its batch: wait for it a while, then ask for a retry."""
     deadline = time.monotonic() + (IDEMPOTENCY_WAIT_SECONDS if existed else 0.0)
@@ -129,7 +154,9 @@ def _aioredis_client(state: ServiceState) -> Any:
     if not state.aio_redis:
         import redis.asyncio
 
-        state.aio_redis.append(redis.asyncio.Redis.from_url(state.settings.redis_url or "", socket_connect_timeout=2))
+        state.aio_redis.append(
+            redis.asyncio.Redis.from_url(state.settings.redis_url or "", socket_connect_timeout=2)
+        )
     return state.aio_redis[0]
 
 

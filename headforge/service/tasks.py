@@ -163,13 +163,16 @@ def _upload_outputs(
         else:
             digest = sha256_file(path)
         moves.append((key, path))
-        artifacts.append({"name": name, "key": key, "size": size, "sha256": digest,
-                          "media_type": media_type_for(name)})
+        artifacts.append(
+            {"name": name, "key": key, "size": size, "sha256": digest, "media_type": media_type_for(name)}
+        )
     store.adopt_files(moves)
     return artifacts
 
 
-def _execute(ctx: _ProcessContext, claim: Claim, beat: _Heartbeat) -> tuple[list[dict[str, Any]], str, dict[str, float]]:
+def _execute(
+    ctx: _ProcessContext, claim: Claim, beat: _Heartbeat
+) -> tuple[list[dict[str, Any]], str, dict[str, float]]:
     """Run the pipeline on every input of the job and upload the outputs; return artifacts,
     the key of the result document and timings."""
     from headforge.pipeline.package import json_bytes
@@ -217,24 +220,33 @@ def _execute(ctx: _ProcessContext, claim: Claim, beat: _Heartbeat) -> tuple[list
             result_key = f"{prefix}result.json"
         else:
             for index in range(len(captures)):
-                artifacts += _upload_outputs(ctx.store, Path(scratch) / str(index), prefix, f"{index}/",
-                                             documents[index])
+                artifacts += _upload_outputs(
+                    ctx.store, Path(scratch) / str(index), prefix, f"{index}/", documents[index]
+                )
             combined = Path(scratch) / "result.json"
             combined.write_bytes(json_bytes({"images": documents}))
             combined_entry = {
-                "name": "result.json", "key": f"{prefix}result.json", "size": combined.stat().st_size,
-                "sha256": sha256_file(combined), "media_type": "application/json",
+                "name": "result.json",
+                "key": f"{prefix}result.json",
+                "size": combined.stat().st_size,
+                "sha256": sha256_file(combined),
+                "media_type": "application/json",
             }
             ctx.store.adopt_file(f"{prefix}result.json", combined)
             artifacts.insert(0, combined_entry)
             result_key = f"{prefix}result.json"
         upload_ms = (time.perf_counter() - upload_started) * 1000
-    timings = {**{k: round(v, 2) for k, v in stage_ms.items()}, "pipeline": round(pipeline_ms, 2),
-               "upload": round(upload_ms, 2)}
+    timings = {
+        **{k: round(v, 2) for k, v in stage_ms.items()},
+        "pipeline": round(pipeline_ms, 2),
+        "upload": round(upload_ms, 2),
+    }
     return artifacts, result_key, timings
 
 
-def _execute_retopology(ctx: _ProcessContext, claim: Claim) -> tuple[list[dict[str, Any]], str, dict[str, float]]:
+def _execute_retopology(
+    ctx: _ProcessContext, claim: Claim
+) -> tuple[list[dict[str, Any]], str, dict[str, float]]:
     """A retopology job: the template fitted onto the uploaded mesh, its files uploaded."""
     from headforge.pipeline.retopology import retopologize
 
@@ -243,7 +255,9 @@ def _execute_retopology(ctx: _ProcessContext, claim: Claim) -> tuple[list[dict[s
     (item,) = job["inputs"]
     with tempfile.TemporaryDirectory(prefix="job-", dir=ctx.store.scratch_dir()) as scratch:
         started = time.perf_counter()
-        document = retopologize(ctx.store.get_bytes(item["key"]), item["filename"], job["options"], Path(scratch))
+        document = retopologize(
+            ctx.store.get_bytes(item["key"]), item["filename"], job["options"], Path(scratch)
+        )
         fit_ms = (time.perf_counter() - started) * 1000
         artifacts = _upload_outputs(ctx.store, Path(scratch), prefix, "", document)
     return artifacts, f"{prefix}result.json", {"retopology": round(fit_ms, 2)}
@@ -306,8 +320,14 @@ def run_job(self: Any, job_id: str) -> dict[str, Any]:
             beat.done.set()
             beat.join(timeout=5)
 
-        if ctx.jobs.complete(job_id, claim.token, artifacts=artifacts, result_key=result_key, timings_ms=timings,
-                             progress=beat.progress):
+        if ctx.jobs.complete(
+            job_id,
+            claim.token,
+            artifacts=artifacts,
+            result_key=result_key,
+            timings_ms=timings,
+            progress=beat.progress,
+        ):
             try:
                 record_stage_timings(ctx.jobs.backend, timings)
             except HeadforgeError:
@@ -362,29 +382,51 @@ def deliver_webhook(self: Any, job_id: str, event: str, attempt: int) -> dict[st
         doc = ctx.jobs.get(job_id)
         if doc is None or not doc.get("webhook_url"):
             return {"job_id": job_id, "skipped": "no webhook"}
-        if not ctx.jobs.start_webhook_attempt(job_id, event, attempt, time.time() + WEBHOOK_IN_FLIGHT_SECONDS):
+        if not ctx.jobs.start_webhook_attempt(
+            job_id, event, attempt, time.time() + WEBHOOK_IN_FLIGHT_SECONDS
+        ):
             return {"job_id": job_id, "skipped": "already attempted"}  # a republished copy of this attempt
-        body = webhooks.build_body(event, public_job(doc, base_url=os.environ.get("HEADFORGE_PUBLIC_URL", "")))
+        body = webhooks.build_body(
+            event, public_job(doc, base_url=os.environ.get("HEADFORGE_PUBLIC_URL", ""))
+        )
         error_text = None
         status_code = None
         try:
             webhooks.check_webhook_url(doc["webhook_url"], ctx.settings.webhook_allow_private)
             status_code = webhooks.post(
-                doc["webhook_url"], body, event=event, delivery_id=f"{job_id}.{event}",
-                secret=ctx.settings.webhook_secret, timestamp=int(time.time()),
+                doc["webhook_url"],
+                body,
+                event=event,
+                delivery_id=f"{job_id}.{event}",
+                secret=ctx.settings.webhook_secret,
+                timestamp=int(time.time()),
             )
         except WebhookHostUnresolvedError as error:  # a DNS failure can pass: retried like a failed POST
             error_text = error.message
         except HeadforgeError as error:  # refused at delivery time (DNS now points somewhere private)
-            ctx.jobs.set_webhook_state(job_id, {"event": event, "attempts": attempt, "delivered": False,
-                                                "last_error": error.message, "due_at": None})
+            ctx.jobs.set_webhook_state(
+                job_id,
+                {
+                    "event": event,
+                    "attempts": attempt,
+                    "delivered": False,
+                    "last_error": error.message,
+                    "due_at": None,
+                },
+            )
             return {"job_id": job_id, "delivered": False}
         except Exception as error:
             error_text = f"{type(error).__name__}: {error}"
         delivered = status_code is not None and 200 <= status_code < 300
         retry = not delivered and attempt < ctx.settings.webhook_max_attempts
-        state = {"event": event, "attempts": attempt, "delivered": delivered, "last_status": status_code,
-                 "last_error": error_text, "due_at": time.time() + 2.0**attempt if retry else None}
+        state = {
+            "event": event,
+            "attempts": attempt,
+            "delivered": delivered,
+            "last_status": status_code,
+            "last_error": error_text,
+            "due_at": time.time() + 2.0**attempt if retry else None,
+        }
         ctx.jobs.set_webhook_state(job_id, state)
         if retry:
             publish_webhook(app, job_id, event, attempt + 1, doc["queue"], countdown=2.0**attempt)
@@ -411,7 +453,9 @@ def sweep(ctx: _ProcessContext, worker_name: str) -> dict[str, int]:
         if lease["expires_at"] > now and not dead_here:
             continue
         if ctx.jobs.release(job_id, None, force=dead_here):
-            log.warning("requeued job %s: its worker stopped renewing the lease", job_id, extra={"job_id": job_id})
+            log.warning(
+                "requeued job %s: its worker stopped renewing the lease", job_id, extra={"job_id": job_id}
+            )
             dispatch(app, ctx.jobs, job_id, doc["queue"])
             counts["requeued"] += 1
     for job_id in ctx.jobs.due_for_dispatch(now):
@@ -426,8 +470,12 @@ def sweep(ctx: _ProcessContext, worker_name: str) -> dict[str, int]:
         if taken is None:
             continue
         event, attempt, queue = taken
-        log.warning("publishing webhook %s attempt %d again: it was due and never ran", event, attempt,
-                    extra={"job_id": job_id})
+        log.warning(
+            "publishing webhook %s attempt %d again: it was due and never ran",
+            event,
+            attempt,
+            extra={"job_id": job_id},
+        )
         publish_webhook(app, job_id, event, attempt, queue)
         counts["webhooks"] += 1
     cutoff = now - ctx.settings.job_ttl_seconds
@@ -496,4 +544,3 @@ class Sweeper(bootsteps.StartStopStep):
 
 
 app.steps["worker"].add(Sweeper)
-

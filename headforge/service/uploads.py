@@ -46,7 +46,6 @@ class Upload:
     data: bytes
 
 
-
 def safe_filename(name: str | None, index: int) -> str:
     base = PurePosixPath((name or "").replace("\\", "/")).name
     cleaned = _SAFE_NAME.sub("_", base).strip("._")[:100]
@@ -71,7 +70,9 @@ def validate_options(values: dict[str, Any]) -> dict[str, Any]:
     return options.to_dict()
 
 
-def validate_image(upload: Upload, settings: Settings, gate: threading.Semaphore | None = None) -> dict[str, Any]:
+def validate_image(
+    upload: Upload, settings: Settings, gate: threading.Semaphore | None = None
+) -> dict[str, Any]:
     """Size limits, then the gateway's check decode (`verify_image`: every byte decoded, in the file's
     own pixel mode, JPEGs at 1/8 scale), so truncated or corrupt files never reach a worker. `gate`
     bounds how many uploads are decoded at once."""
@@ -82,7 +83,11 @@ def validate_image(upload: Upload, settings: Settings, gate: threading.Semaphore
     if len(upload.data) > settings.max_upload_bytes:
         raise FileTooLargeError(
             f"{upload.filename} is {len(upload.data)} bytes, over the {settings.max_upload_bytes} byte limit",
-            details={"filename": upload.filename, "bytes": len(upload.data), "max_bytes": settings.max_upload_bytes},
+            details={
+                "filename": upload.filename,
+                "bytes": len(upload.data),
+                "max_bytes": settings.max_upload_bytes,
+            },
         )
     try:
         if gate is None:
@@ -162,12 +167,17 @@ def unzip(source: bytes | IO[bytes], settings: Settings) -> list[Upload]:
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError):
         raise NotAnImageError("the archive is not a readable zip file") from None
     if len(archive.infolist()) > max_entries:
-        raise TooManyFilesError(f"the archive holds over {max_entries} entries",
-                                details={"entries": len(archive.infolist()), "max_entries": max_entries})
+        raise TooManyFilesError(
+            f"the archive holds over {max_entries} entries",
+            details={"entries": len(archive.infolist()), "max_entries": max_entries},
+        )
     entries = [
-        info for info in archive.infolist()
-        if not info.is_dir() and not PurePosixPath(info.filename).name.startswith(".")
-        and "__MACOSX" not in info.filename and PurePosixPath(info.filename).suffix.lower() in IMAGE_SUFFIXES
+        info
+        for info in archive.infolist()
+        if not info.is_dir()
+        and not PurePosixPath(info.filename).name.startswith(".")
+        and "__MACOSX" not in info.filename
+        and PurePosixPath(info.filename).suffix.lower() in IMAGE_SUFFIXES
     ]
     if not entries:
         raise InvalidOptionError("the archive holds no image files (jpg, png, webp, bmp, tiff)")
@@ -180,15 +190,22 @@ def unzip(source: bytes | IO[bytes], settings: Settings) -> list[Upload]:
     for index, info in enumerate(entries):
         name = safe_filename(info.filename, index)
         if info.file_size > settings.max_upload_bytes:
-            raise FileTooLargeError(f"{name} expands to {info.file_size} bytes, over the limit",
-                                    details={"filename": name, "bytes": info.file_size,
-                                             "max_bytes": settings.max_upload_bytes})
-        if info.file_size > ZIP_RATIO_MIN_BYTES and info.file_size > MAX_ZIP_RATIO * max(1, info.compress_size):
+            raise FileTooLargeError(
+                f"{name} expands to {info.file_size} bytes, over the limit",
+                details={"filename": name, "bytes": info.file_size, "max_bytes": settings.max_upload_bytes},
+            )
+        if info.file_size > ZIP_RATIO_MIN_BYTES and info.file_size > MAX_ZIP_RATIO * max(
+            1, info.compress_size
+        ):
             raise FileTooLargeError(
                 f"{name} expands {info.file_size / max(1, info.compress_size):.0f} times its stored size "
                 f"(the limit is {MAX_ZIP_RATIO}); refused as a zip bomb",
-                details={"filename": name, "bytes": info.file_size, "stored_bytes": info.compress_size,
-                         "max_ratio": MAX_ZIP_RATIO},
+                details={
+                    "filename": name,
+                    "bytes": info.file_size,
+                    "stored_bytes": info.compress_size,
+                    "max_ratio": MAX_ZIP_RATIO,
+                },
             )
         declared += info.file_size
     if declared > settings.max_request_bytes:
@@ -207,18 +224,30 @@ def unzip(source: bytes | IO[bytes], settings: Settings) -> list[Upload]:
             with archive.open(info) as entry:
                 while block := entry.read(min(ZIP_READ_BLOCK, cap + 1 - size)):
                     if not parts and sniff_format(block) is None:
-                        raise NotAnImageError(f"{name} in the archive is not a JPEG, PNG, WebP, BMP or TIFF file",
-                                              details={"filename": name})
+                        raise NotAnImageError(
+                            f"{name} in the archive is not a JPEG, PNG, WebP, BMP or TIFF file",
+                            details={"filename": name},
+                        )
                     size += len(block)
                     total += len(block)
                     if size > cap or total > settings.max_request_bytes:
-                        raise FileTooLargeError(f"{name} expands past its declared size or the limits",
-                                                details={"filename": name, "max_bytes": cap})
+                        raise FileTooLargeError(
+                            f"{name} expands past its declared size or the limits",
+                            details={"filename": name, "max_bytes": cap},
+                        )
                     parts.append(block)
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, RuntimeError,
-                zlib.error) as error:
-            raise NotAnImageError(f"{name} cannot be read from the archive: {type(error).__name__}",
-                                  details={"filename": name}) from None
+        except (
+            zipfile.BadZipFile,
+            OSError,
+            EOFError,
+            ValueError,
+            NotImplementedError,
+            RuntimeError,
+            zlib.error,
+        ) as error:
+            raise NotAnImageError(
+                f"{name} cannot be read from the archive: {type(error).__name__}", details={"filename": name}
+            ) from None
         uploads.append(Upload(name, b"".join(parts)))
     return uploads
 

@@ -21,8 +21,12 @@ def artifact_url(job_id: str, name: str, base_url: str = "") -> str:
 
 
 def public_job(
-    doc: dict[str, Any], jobs: JobStore | None = None, store: ArtifactStore | None = None, *,
-    include_result: bool = False, base_url: str = "",
+    doc: dict[str, Any],
+    jobs: JobStore | None = None,
+    store: ArtifactStore | None = None,
+    *,
+    include_result: bool = False,
+    base_url: str = "",
 ) -> dict[str, Any]:
     """Everything a client may see about a job (no owner, lease or storage keys)."""
     public: dict[str, Any] = {
@@ -66,7 +70,9 @@ def public_job(
     return public
 
 
-def public_batch(batch: dict[str, Any], job_docs: list[dict[str, Any] | None], base_url: str = "") -> dict[str, Any]:
+def public_batch(
+    batch: dict[str, Any], job_docs: list[dict[str, Any] | None], base_url: str = ""
+) -> dict[str, Any]:
     """A batch with counts per status and the mean progress of its jobs."""
     counts = dict.fromkeys(STATUSES, 0)
     fractions: list[float] = []
@@ -82,11 +88,15 @@ def public_batch(batch: dict[str, Any], job_docs: list[dict[str, Any] | None], b
             fractions.append(sum(doc["progress"].values()) / len(doc["progress"]))
         else:
             fractions.append(0.0)
-        jobs_out.append({
-            "id": job_id, "filename": name, "status": doc["status"],
-            "status_url": f"{base_url}/v1/jobs/{job_id}",
-            "error": doc["error"],
-        })
+        jobs_out.append(
+            {
+                "id": job_id,
+                "filename": name,
+                "status": doc["status"],
+                "status_url": f"{base_url}/v1/jobs/{job_id}",
+                "error": doc["error"],
+            }
+        )
     total = len(batch["job_ids"])
     finished = counts["succeeded"] + counts["failed"] + counts["canceled"]
     return {

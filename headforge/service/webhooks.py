@@ -47,17 +47,49 @@ def verify(body: bytes, secret: str, header: str) -> bool:
 # Every block of the IANA IPv4 and IPv6 Special-Purpose Address Registries (as of 2025), whether or
 # not the registry marks it globally reachable, plus multicast. Python's `ipaddress` flags most but
 # not all of them (192.0.0.8/32, the AS112 and AMT blocks, 6to4 and NAT64 prefixes pass `is_global`).
-SPECIAL_PURPOSE_NETWORKS = tuple(ipaddress.ip_network(block) for block in (
-    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
-    "192.0.0.0/24", "192.0.2.0/24", "192.31.196.0/24", "192.52.193.0/24", "192.88.99.0/24",
-    "192.168.0.0/16", "192.175.48.0/24", "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24",
-    "224.0.0.0/4", "240.0.0.0/4", "255.255.255.255/32",
-    "::/128", "::1/128", "::ffff:0:0/96", "64:ff9b::/96", "64:ff9b:1::/48", "100::/64", "100:0:0:1::/64",
-    "2001::/23", "2001:db8::/32", "2002::/16", "2620:4f:8000::/48", "3fff::/20", "5f00::/16", "fc00::/7",
-    "fe80::/10", "ff00::/8",
-    # Deprecated, and still no place for a webhook: IPv4-compatible addresses (RFC 4291) and site-local.
-    "::/96", "fec0::/10",
-))
+SPECIAL_PURPOSE_NETWORKS = tuple(
+    ipaddress.ip_network(block)
+    for block in (
+        "0.0.0.0/8",
+        "10.0.0.0/8",
+        "100.64.0.0/10",
+        "127.0.0.0/8",
+        "169.254.0.0/16",
+        "172.16.0.0/12",
+        "192.0.0.0/24",
+        "192.0.2.0/24",
+        "192.31.196.0/24",
+        "192.52.193.0/24",
+        "192.88.99.0/24",
+        "192.168.0.0/16",
+        "192.175.48.0/24",
+        "198.18.0.0/15",
+        "198.51.100.0/24",
+        "203.0.113.0/24",
+        "224.0.0.0/4",
+        "240.0.0.0/4",
+        "255.255.255.255/32",
+        "::/128",
+        "::1/128",
+        "::ffff:0:0/96",
+        "64:ff9b::/96",
+        "64:ff9b:1::/48",
+        "100::/64",
+        "100:0:0:1::/64",
+        "2001::/23",
+        "2001:db8::/32",
+        "2002::/16",
+        "2620:4f:8000::/48",
+        "3fff::/20",
+        "5f00::/16",
+        "fc00::/7",
+        "fe80::/10",
+        "ff00::/8",
+        # Deprecated, and still no place for a webhook: IPv4-compatible addresses (RFC 4291) and site-local.
+        "::/96",
+        "fec0::/10",
+    )
+)
 
 
 def _is_public(address: str) -> bool:
@@ -80,8 +112,9 @@ def check_webhook_url(url: str, allow_private: bool, resolve: bool = True) -> st
     except ValueError as error:
         raise WebhookRefusedError(f"webhook_url is not a valid URL: {error}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise WebhookRefusedError("webhook_url must be an http:// or https:// URL with a host",
-                                  details={"webhook_url": url})
+        raise WebhookRefusedError(
+            "webhook_url must be an http:// or https:// URL with a host", details={"webhook_url": url}
+        )
     if parts.username or parts.password:
         raise WebhookRefusedError("webhook_url must not carry credentials")
     if allow_private:
@@ -89,11 +122,14 @@ def check_webhook_url(url: str, allow_private: bool, resolve: bool = True) -> st
     if not resolve:
         return url
     try:
-        infos = socket.getaddrinfo(parts.hostname, port or (443 if parts.scheme == "https" else 80),
-                                   type=socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(
+            parts.hostname, port or (443 if parts.scheme == "https" else 80), type=socket.SOCK_STREAM
+        )
     except (socket.gaierror, UnicodeError) as error:
-        raise WebhookHostUnresolvedError(f"webhook_url host does not resolve: {parts.hostname}",
-                                  details={"host": parts.hostname, "reason": str(error)}) from None
+        raise WebhookHostUnresolvedError(
+            f"webhook_url host does not resolve: {parts.hostname}",
+            details={"host": parts.hostname, "reason": str(error)},
+        ) from None
     addresses = sorted({str(info[4][0]) for info in infos})
     refused = [a for a in addresses if not _is_public(a)]
     if refused:

@@ -357,7 +357,9 @@ def _glb_geometry(data: bytes) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]
         view = tree["bufferViews"][item["bufferView"]]
         start = view.get("byteOffset", 0) + item.get("byteOffset", 0)
         width = widths[item["type"]]
-        return np.frombuffer(binary, types[item["componentType"]], item["count"] * width, start).reshape(-1, width)
+        return np.frombuffer(binary, types[item["componentType"]], item["count"] * width, start).reshape(
+            -1, width
+        )
 
     (primitive,) = tree["meshes"][0]["primitives"]
     positions = accessor(primitive["attributes"]["POSITION"]).astype(np.float32)
@@ -389,7 +391,9 @@ def test_viewer_plays_expressions_on_mesh_and_splats(
         assert max(abs(w) for w in moved["sample"]["weights"]) > 0.5 and not any(still["sample"]["weights"])
 
     # What the page posed is what rig.py computes from the GLB's morph targets and the binding file.
-    job = httpx.get(f"{flame_server}v1/jobs/{report['jobId']}", headers=auth(api_keys["main"]), timeout=30).json()
+    job = httpx.get(
+        f"{flame_server}v1/jobs/{report['jobId']}", headers=auth(api_keys["main"]), timeout=30
+    ).json()
     files = {a["name"]: a["url"] for a in job["artifacts"]}
 
     def fetch(name: str) -> bytes:

@@ -83,8 +83,9 @@ class Process:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self.log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop)
-        self.popen = subprocess.Popen(argv, env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO,
-                                      start_new_session=True)
+        self.popen = subprocess.Popen(
+            argv, env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True
+        )
         self.stopped = False
 
     @property
@@ -149,10 +150,28 @@ class Stack:
 
     def start_redis(self) -> None:
         assert self.redis_port is not None
-        self.redis = Process("redis", [
-            REDIS_SERVER, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--appendonly", "yes",
-            "--appendfsync", "always", "--dir", str(self.root), "--save", "", "--protected-mode", "yes",
-        ], self.env, self.root)
+        self.redis = Process(
+            "redis",
+            [
+                REDIS_SERVER,
+                "--port",
+                str(self.redis_port),
+                "--bind",
+                "127.0.0.1",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--dir",
+                str(self.root),
+                "--save",
+                "",
+                "--protected-mode",
+                "yes",
+            ],
+            self.env,
+            self.root,
+        )
         import redis
 
         client = redis.Redis(port=self.redis_port, socket_connect_timeout=1)
@@ -167,10 +186,25 @@ class Stack:
     def start_worker(self, concurrency: int = 1, **env: str) -> Process:
         """A `headforge worker` on both queues; `env` overrides the stack's environment for it alone."""
         self._names += 1
-        worker = Process(f"worker{self._names}", [
-            sys.executable, "-m", "headforge", "worker", "--queue", "cpu", "--queue", "gpu",
-            "--concurrency", str(concurrency), "--hostname", f"w{self._names}@%h",
-        ], {**self.env, **env}, self.root)
+        worker = Process(
+            f"worker{self._names}",
+            [
+                sys.executable,
+                "-m",
+                "headforge",
+                "worker",
+                "--queue",
+                "cpu",
+                "--queue",
+                "gpu",
+                "--concurrency",
+                str(concurrency),
+                "--hostname",
+                f"w{self._names}@%h",
+            ],
+            {**self.env, **env},
+            self.root,
+        )
         self.workers.append(worker)
         return worker
 
@@ -191,11 +225,29 @@ class Stack:
 
     def start_api(self) -> None:
         if self.server == "headforge":
-            argv = [sys.executable, "-m", "headforge.service.server", "--host", "127.0.0.1",
-                    "--port", str(self.api_port)]
+            argv = [
+                sys.executable,
+                "-m",
+                "headforge.service.server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.api_port),
+            ]
         else:
-            argv = [sys.executable, "-m", "uvicorn", "--factory", "headforge.service.app:app_from_env",
-                    "--host", "127.0.0.1", "--port", str(self.api_port), "--log-level", "warning"]
+            argv = [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--factory",
+                "headforge.service.app:app_from_env",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.api_port),
+                "--log-level",
+                "warning",
+            ]
         self.api = Process("api", argv, self.env, self.root)
         wait_until(self._healthy, 60, "the API to answer /healthz")
 
@@ -247,7 +299,12 @@ def write_keys_file(path: Path) -> Path:
     entries = [
         {"id": "alice", "sha256": hash_key(KEYS["alice"])},
         {"id": "bob", "sha256": hash_key(KEYS["bob"])},
-        {"id": "limited", "sha256": hash_key(KEYS["limited"]), "rate_limit_per_minute": 6, "rate_limit_burst": 2},
+        {
+            "id": "limited",
+            "sha256": hash_key(KEYS["limited"]),
+            "rate_limit_per_minute": 6,
+            "rate_limit_burst": 2,
+        },
         {"id": "capped", "sha256": hash_key(KEYS["capped"]), "max_queued": 1},
     ]
     path.write_text(json.dumps({"keys": entries}))
@@ -256,26 +313,28 @@ def write_keys_file(path: Path) -> Path:
 
 def base_env(root: Path, **overrides: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HEADFORGE_") or k == "HEADFORGE_HOME"}
-    env.update({
-        "HEADFORGE_DATA_DIR": str(root / "data"),
-        "HEADFORGE_JSON_LOGS": "1",
-        "HEADFORGE_THREADS": "1",
-        "OMP_NUM_THREADS": "1",
-        "HEADFORGE_LEASE_SECONDS": "4",
-        "HEADFORGE_SWEEP_INTERVAL": "1",
-        "HEADFORGE_REDISPATCH_AFTER": "120",
-        "HEADFORGE_TASK_SOFT_TIME_LIMIT": "240",
-        "HEADFORGE_TASK_TIME_LIMIT": "300",
-        "HEADFORGE_MAX_UPLOAD_BYTES": "3000000",
-        "HEADFORGE_MAX_IMAGE_PIXELS": "6000000",
-        "HEADFORGE_MAX_FILES_PER_JOB": "4",
-        "HEADFORGE_MAX_FILES_PER_BATCH": "40",
-        "HEADFORGE_RATE_LIMIT_PER_MINUTE": "6000",
-        "HEADFORGE_RATE_LIMIT_BURST": "1000",
-        "HEADFORGE_WEBHOOK_SECRET": "test-webhook-secret",
-        "HEADFORGE_WEBHOOK_ALLOW_PRIVATE": "1",
-        "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "HEADFORGE_DATA_DIR": str(root / "data"),
+            "HEADFORGE_JSON_LOGS": "1",
+            "HEADFORGE_THREADS": "1",
+            "OMP_NUM_THREADS": "1",
+            "HEADFORGE_LEASE_SECONDS": "4",
+            "HEADFORGE_SWEEP_INTERVAL": "1",
+            "HEADFORGE_REDISPATCH_AFTER": "120",
+            "HEADFORGE_TASK_SOFT_TIME_LIMIT": "240",
+            "HEADFORGE_TASK_TIME_LIMIT": "300",
+            "HEADFORGE_MAX_UPLOAD_BYTES": "3000000",
+            "HEADFORGE_MAX_IMAGE_PIXELS": "6000000",
+            "HEADFORGE_MAX_FILES_PER_JOB": "4",
+            "HEADFORGE_MAX_FILES_PER_BATCH": "40",
+            "HEADFORGE_RATE_LIMIT_PER_MINUTE": "6000",
+            "HEADFORGE_RATE_LIMIT_BURST": "1000",
+            "HEADFORGE_WEBHOOK_SECRET": "test-webhook-secret",
+            "HEADFORGE_WEBHOOK_ALLOW_PRIVATE": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     env.update(overrides)
     return env
 
@@ -288,8 +347,9 @@ def make_stack(root: Path, *, redis: bool, auth: bool = True, server: str = "uvi
         overrides["HEADFORGE_REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
     if auth:
         overrides["HEADFORGE_API_KEYS_FILE"] = str(write_keys_file(root / "keys.json"))
-    return Stack(root=root, env=base_env(root, **overrides), redis_port=redis_port, api_port=free_port(),
-                 server=server)
+    return Stack(
+        root=root, env=base_env(root, **overrides), redis_port=redis_port, api_port=free_port(), server=server
+    )
 
 
 def require_redis() -> None:
@@ -394,10 +454,15 @@ def moto_server(log_dir: Path, bucket: str) -> Iterator[str]:
     except ImportError:
         missing("boto3 and moto[server] are needed (pip install -e '.[dev]')")
     port = free_port()
-    server = Process("moto", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                     {**os.environ}, log_dir)
+    server = Process(
+        "moto",
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        {**os.environ},
+        log_dir,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
+
         def up() -> bool:
             if not server.alive:
                 raise RuntimeError(f"moto_server exited:\n{server.tail()}")
@@ -407,8 +472,13 @@ def moto_server(log_dir: Path, bucket: str) -> Iterator[str]:
                 return False
 
         wait_until(up, 60, "moto_server")
-        boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="test",
-                     aws_secret_access_key="test").create_bucket(Bucket=bucket)
+        boto3.client(
+            "s3",
+            endpoint_url=url,
+            region_name="us-east-1",
+            aws_access_key_id="test",
+            aws_secret_access_key="test",
+        ).create_bucket(Bucket=bucket)
         yield url
     finally:
         server.stop()

@@ -52,14 +52,19 @@ def stack(tmp_path_factory: pytest.TempPathFactory, flame_asset: Path) -> Iterat
 @pytest.fixture(scope="module")
 def flame_job(stack: Stack) -> dict[str, Any]:
     with stack.client() as client:
-        job = wait_job(client, client.submit([("astronaut.jpg", astronaut_jpeg())], pipeline="flame", **FAST_OPTIONS)["id"])
+        job = wait_job(
+            client,
+            client.submit([("astronaut.jpg", astronaut_jpeg())], pipeline="flame", **FAST_OPTIONS)["id"],
+        )
     assert job["status"] == "succeeded", job["error"]
     assert {"h0.glb", "h0_splats.ply", "h0_splats_binding.npz"} <= {a["name"] for a in job["artifacts"]}
     return job
 
 
 def _http(stack: Stack) -> httpx.Client:
-    return httpx.Client(base_url=stack.base_url, headers={"Authorization": f"Bearer {KEYS['alice']}"}, timeout=180)
+    return httpx.Client(
+        base_url=stack.base_url, headers={"Authorization": f"Bearer {KEYS['alice']}"}, timeout=180
+    )
 
 
 def _animate(http: httpx.Client, job_id: str, body: object, wait: int = 0) -> httpx.Response:
@@ -122,7 +127,9 @@ def test_animation_job_writes_bound_frames(
         centres = np.einsum("nk,nkc->nc", binding.barycentrics.astype(np.float64), corners)
         means = _vertices(frames[f"f{index:04d}_h0_splats.ply"])
         np.testing.assert_allclose(means, centres + binding.offsets[:, None] * normal, atol=1e-5)
-    moved = np.linalg.norm(_vertices(frames["f0001_h0_splats.ply"]) - _vertices(frames["f0000_h0_splats.ply"]), axis=1)
+    moved = np.linalg.norm(
+        _vertices(frames["f0001_h0_splats.ply"]) - _vertices(frames["f0000_h0_splats.ply"]), axis=1
+    )
     assert moved.max() > 1e-3  # the expression moved the splats by millimetres
 
 
@@ -153,12 +160,16 @@ def test_bad_sequences_are_refused(
 
 def test_jobs_without_flame_heads_are_refused(stack: Stack, flame_job: dict[str, Any]) -> None:
     with stack.client() as client:
-        facemesh = wait_job(client, client.submit([("astronaut.jpg", astronaut_jpeg())], **FAST_OPTIONS)["id"])
+        facemesh = wait_job(
+            client, client.submit([("astronaut.jpg", astronaut_jpeg())], **FAST_OPTIONS)["id"]
+        )
     assert facemesh["status"] == "succeeded", facemesh["error"]
     frames = {"frames": [{"expression": [0.0] * 16}]}
     with _http(stack) as http:
         response = _animate(http, facemesh["id"], frames)
-        assert response.status_code == 422 and response.json()["error"]["code"] == "not_animatable", response.text
+        assert response.status_code == 422 and response.json()["error"]["code"] == "not_animatable", (
+            response.text
+        )
         missing = _animate(http, "job_000000000000000000000000", frames)
         assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
         other = httpx.post(f"{stack.base_url}/v1/jobs/{flame_job['id']}/animate", json=frames, timeout=30,

@@ -47,9 +47,13 @@ def test_openapi_references_the_contract_models(redis_stack: Stack) -> None:
     assert _refs(_json_schema(paths["/v1/batches/{batch_id}"]["get"], "200")) == {"Batch"}
     assert _refs(_json_schema(paths["/v1/models"]["get"], "200")) == {"ModelsListing"}
     assert _refs(_json_schema(paths["/v1/retopology"]["post"], "202")) == {"JobAccepted", "Job"}
-    for path, method, status in (("/v1/jobs", "post", "413"), ("/v1/jobs", "post", "401"),
-                                 ("/v1/jobs/{job_id}", "get", "404"), ("/v1/batches/{batch_id}", "get", "404"),
-                                 ("/readyz", "get", "503")):
+    for path, method, status in (
+        ("/v1/jobs", "post", "413"),
+        ("/v1/jobs", "post", "401"),
+        ("/v1/jobs/{job_id}", "get", "404"),
+        ("/v1/batches/{batch_id}", "get", "404"),
+        ("/readyz", "get", "503"),
+    ):
         assert _refs(_json_schema(paths[path][method], status)) == {"ErrorEnvelope"}, (path, method, status)
     # The published schemas are the models' own fields, not an untyped object.
     assert set(components["Job"]["properties"]) == set(Job.model_fields)
@@ -68,8 +72,9 @@ def test_real_bodies_validate_against_the_contracts(redis_stack: Stack) -> None:
         assert parsed.result is not None and parsed.result["heads"]
         assert parsed.artifacts and all(a.url.endswith(a.name) for a in parsed.artifacts)
         JobList.model_validate(client.http.get("/v1/jobs").json())
-        batch = client.submit_batch([("a.jpg", astronaut_jpeg(256)), ("b.jpg", astronaut_jpeg(224))],
-                                    **FAST_OPTIONS)
+        batch = client.submit_batch(
+            [("a.jpg", astronaut_jpeg(256)), ("b.jpg", astronaut_jpeg(224))], **FAST_OPTIONS
+        )
         BatchAccepted.model_validate(batch)
         Batch.model_validate(client.http.get(f"/v1/batches/{batch['id']}").json())
         ModelsListing.model_validate(client.http.get("/v1/models").json())

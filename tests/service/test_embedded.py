@@ -34,7 +34,9 @@ def served(tmp_path: Path) -> Iterator[tuple[str, Process]]:
     port = free_port()
     env = base_env(tmp_path)
     env.pop("HEADFORGE_WEBHOOK_ALLOW_PRIVATE")
-    server = Process("serve", [sys.executable, "-m", "headforge", "serve", "--port", str(port)], env, tmp_path)
+    server = Process(
+        "serve", [sys.executable, "-m", "headforge", "serve", "--port", str(port)], env, tmp_path
+    )
     url = f"http://127.0.0.1:{port}"
 
     def ready() -> bool:
@@ -57,8 +59,12 @@ def test_serve_without_configuration(served: tuple[str, Process], tmp_path: Path
     url, server = served
     assert "authentication is OFF" in server.log_path.read_text()
     assert not (tmp_path / "dump.rdb").exists()
-    response = httpx.post(f"{url}/v1/jobs?wait=60", files=[("images", ("me.jpg", astronaut_jpeg(320), "image/jpeg"))],
-                          data={"texture_size": "512", "splats": "500"}, timeout=90)
+    response = httpx.post(
+        f"{url}/v1/jobs?wait=60",
+        files=[("images", ("me.jpg", astronaut_jpeg(320), "image/jpeg"))],
+        data={"texture_size": "512", "splats": "500"},
+        timeout=90,
+    )
     assert response.status_code == 200, response.text
     job = response.json()
     assert job["status"] == "succeeded"
@@ -69,8 +75,11 @@ def test_serve_without_configuration(served: tuple[str, Process], tmp_path: Path
     assert len(trimesh.load(tmp_path / "h0.glb", force="mesh").vertices) >= 468
     assert (tmp_path / "data" / "broker.sqlite").is_file() and (tmp_path / "data" / "state.sqlite").is_file()
 
-    refused = httpx.post(f"{url}/v1/jobs", files=[("images", ("me.jpg", astronaut_jpeg(224), "image/jpeg"))],
-                         data={"webhook_url": "http://127.0.0.1:9/hook"})
+    refused = httpx.post(
+        f"{url}/v1/jobs",
+        files=[("images", ("me.jpg", astronaut_jpeg(224), "image/jpeg"))],
+        data={"webhook_url": "http://127.0.0.1:9/hook"},
+    )
     assert refused.status_code == 422 and refused.json()["error"]["code"] == "webhook_url_refused"
 
 

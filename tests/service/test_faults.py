@@ -67,7 +67,10 @@ def test_kill9_worker_mid_job_completes_exactly_once(
     # Exactly one attempt's files are stored, and they are the recorded ones.
     stored = _stored_files(stack, job_id)
     assert len(stored) == len(job["artifacts"])
-    assert len({p.relative_to(stack.root / "data" / "artifacts" / "jobs" / job_id).parts[0] for p in stored}) == 1
+    assert (
+        len({p.relative_to(stack.root / "data" / "artifacts" / "jobs" / job_id).parts[0] for p in stored})
+        == 1
+    )
     wait_until(lambda: receiver.for_job(job_id), 30, "the webhook")
     assert len(receiver.for_job(job_id)) == 1  # one completion, one notification
 
@@ -95,16 +98,29 @@ def test_restart_api_and_redis_loses_nothing(fault_stack: Stack, receiver: Webho
     # Phase 1, no worker yet: every accepted job is certainly still queued through both restarts.
     # The first job is slow, so that phase 2 can restart the API while it certainly runs.
     with stack.client() as client:
-        slow = client.submit([(f"s{i}.jpg", astronaut_jpeg(640 - 16 * i)) for i in range(4)],
-                             webhook_url=receiver.url, **SLOW_JOB)["id"]
-        ids = [slow] + [client.submit([(f"{i}.jpg", astronaut_jpeg(400 + 16 * i))], webhook_url=receiver.url,
-                                      texture_size=1024, splats=5000)["id"] for i in range(4)]
+        slow = client.submit(
+            [(f"s{i}.jpg", astronaut_jpeg(640 - 16 * i)) for i in range(4)],
+            webhook_url=receiver.url,
+            **SLOW_JOB,
+        )["id"]
+        ids = [slow] + [
+            client.submit(
+                [(f"{i}.jpg", astronaut_jpeg(400 + 16 * i))],
+                webhook_url=receiver.url,
+                texture_size=1024,
+                splats=5000,
+            )["id"]
+            for i in range(4)
+        ]
     assert _positions(stack, ids) == list(range(len(ids)))  # submission order, nothing ahead of them
     stack.stop_api()
     stack.start_api()
     with stack.client() as client:
-        ids.append(client.submit([("late.jpg", astronaut_jpeg(360))], webhook_url=receiver.url,
-                                 texture_size=1024, splats=5000)["id"])
+        ids.append(
+            client.submit(
+                [("late.jpg", astronaut_jpeg(360))], webhook_url=receiver.url, texture_size=1024, splats=5000
+            )["id"]
+        )
     assert set(wait_until(lambda: _statuses(stack, ids), 60, "the API").values()) == {"queued"}
     assert _positions(stack, ids) == list(range(len(ids)))
 
@@ -129,7 +145,9 @@ def test_restart_api_and_redis_loses_nothing(fault_stack: Stack, receiver: Webho
     # restarts while some job runs.
     stack.start_worker()
     stack.wait_for_workers(1)
-    wait_until(lambda: (_statuses(stack, [slow]) or {}).get(slow) == "running", 120, "the slow job to start", 0.02)
+    wait_until(
+        lambda: (_statuses(stack, [slow]) or {}).get(slow) == "running", 120, "the slow job to start", 0.02
+    )
     stack.stop_api()
     stack.start_api()
     wait_until(lambda: "running" in (_statuses(stack, ids) or {}).values(), 120, "a job to run", 0.05)
@@ -147,26 +165,42 @@ def test_restart_api_and_redis_loses_nothing(fault_stack: Stack, receiver: Webho
     for job in jobs:  # exactly one attempt's files are stored, and they are the recorded ones
         stored = _stored_files(stack, job["id"])
         assert len(stored) == len(job["artifacts"])
-        assert len({p.relative_to(stack.root / "data" / "artifacts" / "jobs" / job["id"]).parts[0]
-                    for p in stored}) == 1
+        assert (
+            len(
+                {
+                    p.relative_to(stack.root / "data" / "artifacts" / "jobs" / job["id"]).parts[0]
+                    for p in stored
+                }
+            )
+            == 1
+        )
     assert len(jobs[0]["result"]["images"]) == 4  # the slow job, restarted around, complete
     wait_until(lambda: all(receiver.for_job(i) for i in ids), 60, "every webhook")
     assert all(len(receiver.for_job(i)) == 1 for i in ids)
 
 
-def test_a_webhook_whose_publish_was_lost_is_sent_by_the_sweeper(tmp_path: Path, receiver: WebhookReceiver) -> None:
+def test_a_webhook_whose_publish_was_lost_is_sent_by_the_sweeper(
+    tmp_path: Path, receiver: WebhookReceiver
+) -> None:
     """A worker that dies between finishing a job and publishing its webhook leaves the notification
     recorded as due with the job; the sweeper publishes it, and it is delivered once."""
     from headforge.service.jobs import Claim, JobStore, make_backend
     from headforge.service.settings import Settings
 
-    with running_stack(tmp_path / "stack", redis=True, worker_concurrency=1,
-                       HEADFORGE_WEBHOOK_REPUBLISH_AFTER="1") as stack:
+    with running_stack(
+        tmp_path / "stack", redis=True, worker_concurrency=1, HEADFORGE_WEBHOOK_REPUBLISH_AFTER="1"
+    ) as stack:
         settings = Settings(data_dir=tmp_path / "unused", redis_url=stack.env["HEADFORGE_REDIS_URL"])
         jobs = JobStore(make_backend(settings), settings)
         job_id = "job_lostwebhook0123456789ab"
-        jobs.create_job(job_id=job_id, owner="alice", options={"pipeline": "facemesh"}, inputs=[], queue="cpu",
-                        webhook_url=receiver.url)
+        jobs.create_job(
+            job_id=job_id,
+            owner="alice",
+            options={"pipeline": "facemesh"},
+            inputs=[],
+            queue="cpu",
+            webhook_url=receiver.url,
+        )
         claim = jobs.claim(job_id, {"host": "a-host-that-died", "pid": 1})
         assert isinstance(claim, Claim)
         # What the dead worker managed: the job is complete; nobody published its webhook.

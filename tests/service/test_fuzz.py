@@ -15,10 +15,26 @@ pytestmark = [pytest.mark.service, pytest.mark.timeout(600)]
 
 def test_schemathesis_finds_no_server_errors(redis_stack: Stack, tmp_path: Path) -> None:
     command = [
-        sys.executable, "-m", "schemathesis.cli", "run", f"{redis_stack.base_url}/openapi.json",
-        "--checks", "not_a_server_error", "--max-examples", "25", "--seed", "20261121",
-        "--header", f"Authorization: Bearer {KEYS['alice']}", "--request-timeout", "90",
-        "--workers", "1", "--no-shrink", "--suppress-health-check", "all",
+        sys.executable,
+        "-m",
+        "schemathesis.cli",
+        "run",
+        f"{redis_stack.base_url}/openapi.json",
+        "--checks",
+        "not_a_server_error",
+        "--max-examples",
+        "25",
+        "--seed",
+        "20261121",
+        "--header",
+        f"Authorization: Bearer {KEYS['alice']}",
+        "--request-timeout",
+        "90",
+        "--workers",
+        "1",
+        "--no-shrink",
+        "--suppress-health-check",
+        "all",
     ]
     run = subprocess.run(command, capture_output=True, text=True, timeout=540, cwd=tmp_path)
     output = run.stdout + run.stderr

@@ -44,9 +44,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """Redis and the API (no worker: accepted jobs stay queued), with the production server's
     read timeouts shortened, a 4 MB request limit, 20 MiB per file and 40 MP per image."""
     with running_stack(
-        tmp_path_factory.mktemp("hardening"), redis=True, server="headforge",
-        HEADFORGE_MAX_REQUEST_BYTES=str(MAX_REQUEST), HEADFORGE_MAX_UPLOAD_BYTES=str(MAX_UPLOAD),
-        HEADFORGE_MAX_IMAGE_PIXELS="40000000", HEADFORGE_HEADER_TIMEOUT="2", HEADFORGE_BODY_TIMEOUT="3",
+        tmp_path_factory.mktemp("hardening"),
+        redis=True,
+        server="headforge",
+        HEADFORGE_MAX_REQUEST_BYTES=str(MAX_REQUEST),
+        HEADFORGE_MAX_UPLOAD_BYTES=str(MAX_UPLOAD),
+        HEADFORGE_MAX_IMAGE_PIXELS="40000000",
+        HEADFORGE_HEADER_TIMEOUT="2",
+        HEADFORGE_BODY_TIMEOUT="3",
         HEADFORGE_MAX_QUEUED_PER_KEY="1000",
     ) as running:
         yield running
@@ -75,17 +80,24 @@ def _reset_peak(pid: int) -> None:
 # --------------------------------------------------------------------------- chunked uploads
 
 
-def _chunked_upload(port: int, headers: dict[str, str], total: int, chunk: int = 64 * 1024) -> tuple[int, bytes]:
+def _chunked_upload(
+    port: int, headers: dict[str, str], total: int, chunk: int = 64 * 1024
+) -> tuple[int, bytes]:
     """POST a chunked multipart body of up to `total` bytes to /v1/jobs; return (bytes sent when the
     server answered or closed, the response bytes)."""
     boundary = "hfboundary"
     lines = [
-        "POST /v1/jobs HTTP/1.1", f"Host: 127.0.0.1:{port}", "Transfer-Encoding: chunked",
-        f"Content-Type: multipart/form-data; boundary={boundary}", *(f"{k}: {v}" for k, v in headers.items()),
+        "POST /v1/jobs HTTP/1.1",
+        f"Host: 127.0.0.1:{port}",
+        "Transfer-Encoding: chunked",
+        f"Content-Type: multipart/form-data; boundary={boundary}",
+        *(f"{k}: {v}" for k, v in headers.items()),
     ]
     head = ("\r\n".join(lines) + "\r\n\r\n").encode()
-    preamble = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"images\"; filename=\"a.jpg\"\r\n"
-                "Content-Type: image/jpeg\r\n\r\n").encode()
+    preamble = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="images"; filename="a.jpg"\r\n'
+        "Content-Type: image/jpeg\r\n\r\n"
+    ).encode()
     block = b"\xff" * chunk
     sent = 0
     response = b""
@@ -121,7 +133,7 @@ def _status_and_error(response: bytes) -> tuple[int, dict[str, Any]]:
     head, _, body = response.partition(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
     start = body.find(b"{")
-    return status, json.loads(body[start:body.rfind(b"}") + 1])["error"]
+    return status, json.loads(body[start : body.rfind(b"}") + 1])["error"]
 
 
 def test_chunked_upload_without_key_is_refused_before_the_body(stack: Stack) -> None:
@@ -161,8 +173,12 @@ def test_zip_bomb_is_refused_before_extraction(stack: Stack) -> None:
     pid = _api_pid(stack)
     _reset_peak(pid)
     before = _proc_kib(pid, "VmRSS")
-    response = httpx.post(f"{stack.base_url}/v1/batches", headers=_auth(), timeout=120,
-                          files={"archive": ("bomb.zip", bomb, "application/zip")})
+    response = httpx.post(
+        f"{stack.base_url}/v1/batches",
+        headers=_auth(),
+        timeout=120,
+        files={"archive": ("bomb.zip", bomb, "application/zip")},
+    )
     growth_mb = (_proc_kib(pid, "VmHWM") - before) / 1024
     assert response.status_code == 413, response.text
     error = response.json()["error"]
@@ -180,10 +196,14 @@ def test_zip_with_a_lying_entry_size_is_refused(stack: Stack) -> None:
     # Patch the declared uncompressed size (local header offset 22, central directory +24) to 100 bytes.
     local = data.find(b"PK\x03\x04")
     central = data.find(b"PK\x01\x02")
-    data[local + 22:local + 26] = (100).to_bytes(4, "little")
-    data[central + 24:central + 28] = (100).to_bytes(4, "little")
-    response = httpx.post(f"{stack.base_url}/v1/batches", headers=_auth(), timeout=60,
-                          files={"archive": ("lie.zip", bytes(data), "application/zip")})
+    data[local + 22 : local + 26] = (100).to_bytes(4, "little")
+    data[central + 24 : central + 28] = (100).to_bytes(4, "little")
+    response = httpx.post(
+        f"{stack.base_url}/v1/batches",
+        headers=_auth(),
+        timeout=60,
+        files={"archive": ("lie.zip", bytes(data), "application/zip")},
+    )
     assert response.status_code in (413, 415), response.text
     assert response.json()["error"]["code"] in ("file_too_large", "not_an_image")
 
@@ -217,9 +237,14 @@ def test_zip_entry_that_is_no_image_is_refused_at_its_first_block() -> None:
     from headforge.service.settings import Settings
 
     with pytest.raises(NotAnImageError) as caught:
-        _unzip(_zip_of({"a.jpg": astronaut_jpeg(64), "b.jpg": b"MZ" + bytes(5000)}), Settings(data_dir=Path("unused")))
+        _unzip(
+            _zip_of({"a.jpg": astronaut_jpeg(64), "b.jpg": b"MZ" + bytes(5000)}),
+            Settings(data_dir=Path("unused")),
+        )
     assert caught.value.details["filename"] == "b.jpg"
-    assert [u.filename for u in _unzip(_zip_of({"a.jpg": astronaut_jpeg(64)}), Settings(data_dir=Path("unused")))] == ["a.jpg"]
+    assert [
+        u.filename for u in _unzip(_zip_of({"a.jpg": astronaut_jpeg(64)}), Settings(data_dir=Path("unused")))
+    ] == ["a.jpg"]
 
 
 # --------------------------------------------------------------------------- large and lying images
@@ -239,8 +264,12 @@ def test_three_40mp_pngs_at_once_stay_under_1gb(stack: Stack) -> None:
     results: list[int] = []
 
     def send() -> None:
-        response = httpx.post(f"{stack.base_url}/v1/jobs", headers=_auth(), timeout=300,
-                              files={"images": ("big.png", png, "image/png")})
+        response = httpx.post(
+            f"{stack.base_url}/v1/jobs",
+            headers=_auth(),
+            timeout=300,
+            files={"images": ("big.png", png, "image/png")},
+        )
         results.append(response.status_code)
 
     threads = [threading.Thread(target=send) for _ in range(3)]
@@ -259,16 +288,20 @@ def _lying_jpeg(width: int, height: int) -> bytes:
     Image.new("RGB", (16, 16), (120, 80, 60)).save(buffer, "JPEG", quality=90)
     data = bytearray(buffer.getvalue())
     sof = data.find(b"\xff\xc0")
-    data[sof + 5:sof + 7] = height.to_bytes(2, "big")
-    data[sof + 7:sof + 9] = width.to_bytes(2, "big")
+    data[sof + 5 : sof + 7] = height.to_bytes(2, "big")
+    data[sof + 7 : sof + 9] = width.to_bytes(2, "big")
     return bytes(data)
 
 
 def test_jpeg_whose_data_ends_far_before_its_size_is_refused(stack: Stack) -> None:
     data = _lying_jpeg(6000, 6000)
     assert len(data) < 1000
-    response = httpx.post(f"{stack.base_url}/v1/jobs", headers=_auth(), timeout=60,
-                          files={"images": ("lie.jpg", data, "image/jpeg")})
+    response = httpx.post(
+        f"{stack.base_url}/v1/jobs",
+        headers=_auth(),
+        timeout=60,
+        files={"images": ("lie.jpg", data, "image/jpeg")},
+    )
     assert response.status_code == 400, response.text
     assert response.json()["error"]["code"] in ("truncated_image", "corrupt_image")
 
@@ -280,7 +313,11 @@ def test_gateway_check_refuses_the_lying_jpeg_and_accepts_real_ones() -> None:
         verify_image(_lying_jpeg(6000, 6000))
     # Legitimate extremes pass: a flat gray image (the fewest bits per block), progressive and
     # optimized, and a real photo.
-    for options in ({"quality": 95}, {"quality": 30, "optimize": True}, {"progressive": True, "optimize": True}):
+    for options in (
+        {"quality": 95},
+        {"quality": 30, "optimize": True},
+        {"progressive": True, "optimize": True},
+    ):
         buffer = io.BytesIO()
         Image.new("L", (2400, 1600), 128).save(buffer, "JPEG", **options)
         probe = verify_image(buffer.getvalue())
@@ -300,8 +337,12 @@ def test_concurrent_batches_with_one_idempotency_key_get_one_batch(stack: Stack)
     def send() -> None:
         files = [("images", (f"{i}.jpg", data, "image/jpeg")) for i, data in enumerate(images)]
         barrier.wait()
-        response = httpx.post(f"{stack.base_url}/v1/batches", timeout=120, files=files,
-                              headers={**_auth("bob"), "Idempotency-Key": key})
+        response = httpx.post(
+            f"{stack.base_url}/v1/batches",
+            timeout=120,
+            files=files,
+            headers={**_auth("bob"), "Idempotency-Key": key},
+        )
         answers.append((response.status_code, response.json()))
 
     threads = [threading.Thread(target=send) for _ in range(8)]
@@ -331,8 +372,12 @@ def test_batch_whose_key_is_reserved_but_not_recorded_gets_409_not_404(stack: St
     jobs = JobStore(make_backend(settings), settings)
     fingerprint = _fingerprint("batch", [Upload("0.jpg", image)], validate_options({}), None)
     assert jobs.reserve_idempotency("bob", key, fingerprint, "batch_not_recorded_yet") is None
-    response = httpx.post(f"{stack.base_url}/v1/batches", timeout=60, files={"images": ("0.jpg", image, "image/jpeg")},
-                          headers={**_auth("bob"), "Idempotency-Key": key})
+    response = httpx.post(
+        f"{stack.base_url}/v1/batches",
+        timeout=60,
+        files={"images": ("0.jpg", image, "image/jpeg")},
+        headers={**_auth("bob"), "Idempotency-Key": key},
+    )
     assert response.status_code == 409, response.text
     assert response.json()["error"]["code"] == "idempotency_in_progress"
     assert response.headers.get("retry-after")
@@ -368,10 +413,14 @@ def test_headers_trickled_slowly_are_cut_off(stack: Stack) -> None:
 
 def test_body_trickled_slowly_gets_408(stack: Stack) -> None:
     """A well-formed multipart body sent one byte every 0.2 s gets 408 from the body timeout (3 s here)."""
-    head = (f"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEYS['alice']}\r\n"
-            "Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n").encode()
-    preamble = (b"--b\r\nContent-Disposition: form-data; name=\"images\"; filename=\"a.jpg\"\r\n"
-                b"Content-Type: image/jpeg\r\n\r\n")
+    head = (
+        f"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEYS['alice']}\r\n"
+        "Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n"
+    ).encode()
+    preamble = (
+        b'--b\r\nContent-Disposition: form-data; name="images"; filename="a.jpg"\r\n'
+        b"Content-Type: image/jpeg\r\n\r\n"
+    )
     response = b""
     with socket.create_connection(("127.0.0.1", stack.api_port), timeout=5) as sock:
         sock.sendall(head + preamble)
@@ -397,12 +446,32 @@ def test_body_trickled_slowly_gets_408(stack: Stack) -> None:
 # --------------------------------------------------------------------------- webhooks
 
 
-@pytest.mark.parametrize("address", [
-    "192.0.0.8", "192.0.0.170", "192.0.0.9", "198.18.0.1", "100.64.0.1", "192.88.99.1", "240.0.0.1",
-    "[2001:db8::1]", "[64:ff9b:1::1]", "[2002:c000:0208::1]", "[2001:10::1]", "[100::1]", "[::ffff:192.0.0.8]",
-    "[3fff::1]", "[5f00::1]", "[2620:4f:8000::1]", "192.31.196.1", "192.52.193.1", "192.175.48.1", "[::808:808]",
-    "[fec0::1]",
-])
+@pytest.mark.parametrize(
+    "address",
+    [
+        "192.0.0.8",
+        "192.0.0.170",
+        "192.0.0.9",
+        "198.18.0.1",
+        "100.64.0.1",
+        "192.88.99.1",
+        "240.0.0.1",
+        "[2001:db8::1]",
+        "[64:ff9b:1::1]",
+        "[2002:c000:0208::1]",
+        "[2001:10::1]",
+        "[100::1]",
+        "[::ffff:192.0.0.8]",
+        "[3fff::1]",
+        "[5f00::1]",
+        "[2620:4f:8000::1]",
+        "192.31.196.1",
+        "192.52.193.1",
+        "192.175.48.1",
+        "[::808:808]",
+        "[fec0::1]",
+    ],
+)
 def test_webhook_targets_in_special_purpose_ranges_are_refused(address: str) -> None:
     with pytest.raises(WebhookRefusedError):
         check_webhook_url(f"https://{address}/hook", allow_private=False)
@@ -477,9 +546,14 @@ def disk_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     if probe.returncode != 0:
         pytest.skip(f"this machine refuses user/mount namespaces: {probe.stderr.strip()}")
     root = tmp_path_factory.mktemp("disk")
-    done = subprocess.run([unshare, "-rm", sys.executable, "-c", DISK_SCRIPT, str(root / "stack"),
-                           str(Path(__file__).parent)], capture_output=True, text=True, timeout=540, cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    done = subprocess.run(
+        [unshare, "-rm", sys.executable, "-c", DISK_SCRIPT, str(root / "stack"), str(Path(__file__).parent)],
+        capture_output=True,
+        text=True,
+        timeout=540,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     print(json.dumps(report, indent=1))

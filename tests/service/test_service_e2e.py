@@ -91,9 +91,13 @@ def _error(response: httpx.Response) -> dict[str, Any]:
     return dict(body["error"])
 
 
-def test_submit_poll_download_and_verify(redis_stack: Stack, receiver: WebhookReceiver, tmp_path: Path) -> None:
+def test_submit_poll_download_and_verify(
+    redis_stack: Stack, receiver: WebhookReceiver, tmp_path: Path
+) -> None:
     with redis_stack.client() as client:
-        accepted = client.submit([("astronaut.jpg", astronaut_jpeg())], webhook_url=receiver.url, **FAST_OPTIONS)
+        accepted = client.submit(
+            [("astronaut.jpg", astronaut_jpeg())], webhook_url=receiver.url, **FAST_OPTIONS
+        )
         assert set(accepted) == {"id", "status", "status_url"}
         assert accepted["status"] in ("queued", "running", "succeeded")
         seen: list[dict[str, Any]] = []
@@ -109,7 +113,15 @@ def test_submit_poll_download_and_verify(redis_stack: Stack, receiver: WebhookRe
         assert len(job["progress"]) >= 4 and all(value == 1.0 for value in job["progress"].values())
 
         names = {a["name"] for a in job["artifacts"]}
-        assert {"h0.glb", "h0.obj", "h0.mtl", "h0_texture.png", "h0_splats.ply", "preview.png", "result.json"} <= names
+        assert {
+            "h0.glb",
+            "h0.obj",
+            "h0.mtl",
+            "h0_texture.png",
+            "h0_splats.ply",
+            "preview.png",
+            "result.json",
+        } <= names
         media = {a["name"]: a["media_type"] for a in job["artifacts"]}
         assert media["h0.glb"] == "model/gltf-binary" and media["preview.png"] == "image/png"
 
@@ -131,7 +143,9 @@ def test_submit_poll_download_and_verify(redis_stack: Stack, receiver: WebhookRe
     assert len(deliveries) == 1
     headers = {k.lower(): v for k, v in deliveries[0]["headers"].items()}
     assert webhooks.verify(deliveries[0]["body"], "test-webhook-secret", headers["x-headforge-signature"])
-    assert not webhooks.verify(deliveries[0]["body"] + b" ", "test-webhook-secret", headers["x-headforge-signature"])
+    assert not webhooks.verify(
+        deliveries[0]["body"] + b" ", "test-webhook-secret", headers["x-headforge-signature"]
+    )
     assert headers["x-headforge-event"] == "job.succeeded"
     assert json.loads(deliveries[0]["body"])["job"]["status"] == "succeeded"
 
@@ -139,7 +153,9 @@ def test_submit_poll_download_and_verify(redis_stack: Stack, receiver: WebhookRe
 def test_wait_returns_the_finished_job_inline(redis_stack: Stack) -> None:
     with redis_stack.client() as client:
         response = client.http.post(
-            "/v1/jobs", params={"wait": 60}, files=[("images", ("a.jpg", astronaut_jpeg(256), "image/jpeg"))],
+            "/v1/jobs",
+            params={"wait": 60},
+            files=[("images", ("a.jpg", astronaut_jpeg(256), "image/jpeg"))],
             data={k: str(v) for k, v in FAST_OPTIONS.items()},
         )
         assert response.status_code == 200, response.text
@@ -180,7 +196,8 @@ def test_batch_of_twenty_photos(redis_stack: Stack) -> None:
         if batch["status"] != "finished":
             assert early.status_code == 409 and _error(early)["code"] == "job_not_finished"
         batch = wait_until(
-            lambda: (b := client.batch(accepted["id"]))["status"] == "finished" and b, 400, "the batch", 0.5)
+            lambda: (b := client.batch(accepted["id"]))["status"] == "finished" and b, 400, "the batch", 0.5
+        )
         assert batch["counts"]["succeeded"] == 20, batch
         assert batch["progress"] == 1.0
         archive = zipfile.ZipFile(io.BytesIO(client.batch_archive(accepted["id"])))
@@ -205,11 +222,16 @@ def test_batch_from_a_zip(redis_stack: Stack) -> None:
         archive.writestr("notes.txt", b"not an image, ignored")
         archive.writestr("__MACOSX/._one.jpg", b"resource fork, ignored")
     with redis_stack.client() as client:
-        accepted = client.submit_batch(archive=("photos.zip", buffer.getvalue()), outputs="glb", splats=0,
-                                       texture_size=512)
+        accepted = client.submit_batch(
+            archive=("photos.zip", buffer.getvalue()), outputs="glb", splats=0, texture_size=512
+        )
         assert len(accepted["jobs"]) == 2
-        batch = wait_until(lambda: (b := client.batch(accepted["id"]))["status"] == "finished" and b, 240,
-                           "the zip batch", 0.5)
+        batch = wait_until(
+            lambda: (b := client.batch(accepted["id"]))["status"] == "finished" and b,
+            240,
+            "the zip batch",
+            0.5,
+        )
         assert batch["counts"]["succeeded"] == 2
         assert sorted(j["filename"] for j in batch["jobs"]) == ["one.jpg", "two.png"]
 
@@ -252,9 +274,15 @@ def test_auth_and_isolation(redis_stack: Stack) -> None:
 
     with redis_stack.client("alice") as alice, redis_stack.client("bob") as bob:
         job = wait_job(alice, alice.submit([("a.jpg", astronaut_jpeg(224))], **FAST_OPTIONS)["id"])
-        batch = alice.submit_batch([("b.jpg", astronaut_jpeg(240))], splats=0, outputs="glb", texture_size=512)
-        for path in (f"/v1/jobs/{job['id']}", f"/v1/jobs/{job['id']}/artifacts/h0.glb",
-                     f"/v1/batches/{batch['id']}", f"/v1/batches/{batch['id']}/archive"):
+        batch = alice.submit_batch(
+            [("b.jpg", astronaut_jpeg(240))], splats=0, outputs="glb", texture_size=512
+        )
+        for path in (
+            f"/v1/jobs/{job['id']}",
+            f"/v1/jobs/{job['id']}/artifacts/h0.glb",
+            f"/v1/batches/{batch['id']}",
+            f"/v1/batches/{batch['id']}/archive",
+        ):
             response = bob.http.get(path)
             assert response.status_code == 404, path
             assert _error(response)["code"] == "not_found"
@@ -270,7 +298,9 @@ def test_rate_limit_and_queued_cap(redis_stack: Stack) -> None:
     with redis_stack.client("limited") as limited:
         statuses = []
         for _ in range(4):
-            response = limited.http.post("/v1/jobs", files=[("images", ("x.txt", b"not an image", "text/plain"))])
+            response = limited.http.post(
+                "/v1/jobs", files=[("images", ("x.txt", b"not an image", "text/plain"))]
+            )
             statuses.append(response.status_code)
             if response.status_code == 429:
                 error = _error(response)
@@ -302,7 +332,7 @@ def _corrupt_png() -> bytes:
     buffer = io.BytesIO()
     Image.open(io.BytesIO(astronaut_jpeg(224))).save(buffer, "PNG")
     data = bytearray(buffer.getvalue())
-    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)
     return bytes(data)
 
 
@@ -335,8 +365,9 @@ def test_request_shape_errors_use_the_same_error_body(redis_stack: Stack) -> Non
     with redis_stack.client() as client:
         no_images = client.http.post("/v1/jobs", data={"pipeline": "facemesh"})
         assert no_images.status_code == 422 and _error(no_images)["code"] == "invalid_option"
-        not_int = client.http.post("/v1/jobs", files=[("images", ("a.jpg", b"x", "image/jpeg"))],
-                                   data={"texture_size": "big"})
+        not_int = client.http.post(
+            "/v1/jobs", files=[("images", ("a.jpg", b"x", "image/jpeg"))], data={"texture_size": "big"}
+        )
         assert not_int.status_code == 422 and _error(not_int)["code"] == "invalid_option"
         long_wait = client.http.post("/v1/jobs?wait=999", files=[("images", ("a.jpg", b"x", "image/jpeg"))])
         assert long_wait.status_code == 422
@@ -352,8 +383,11 @@ def test_pipeline_unavailable(redis_stack: Stack) -> None:
         unavailable = [p["name"] for p in client.models()["pipelines"] if not p["available"]]
         if not unavailable:
             pytest.skip("every registered pipeline is available on this machine")
-        response = client.http.post("/v1/jobs", files=[("images", ("a.jpg", astronaut_jpeg(224), "image/jpeg"))],
-                                    data={"pipeline": unavailable[0]})
+        response = client.http.post(
+            "/v1/jobs",
+            files=[("images", ("a.jpg", astronaut_jpeg(224), "image/jpeg"))],
+            data={"pipeline": unavailable[0]},
+        )
         assert response.status_code == 422 and _error(response)["code"] == "pipeline_unavailable"
 
 
@@ -374,8 +408,12 @@ def test_cancel_a_queued_job(idle_stack: Stack, receiver: WebhookReceiver) -> No
     stack = idle_stack
     secret = stack.env["HEADFORGE_WEBHOOK_SECRET"]
     with stack.client() as client:
-        ids = [client.submit([(f"{i}.jpg", astronaut_jpeg(224 + 8 * i))], webhook_url=receiver.url,
-                             **FAST_OPTIONS)["id"] for i in range(3)]
+        ids = [
+            client.submit(
+                [(f"{i}.jpg", astronaut_jpeg(224 + 8 * i))], webhook_url=receiver.url, **FAST_OPTIONS
+            )["id"]
+            for i in range(3)
+        ]
         before = [client.job(i) for i in ids]
         assert [j["status"] for j in before] == ["queued"] * 3
         positions = [j["queue_position"] for j in before]
@@ -392,7 +430,9 @@ def test_cancel_a_queued_job(idle_stack: Stack, receiver: WebhookReceiver) -> No
 
         with stack.worker() as worker:
             finished = [wait_job(client, i) for i in (ids[0], ids[2])]
-            assert [j["status"] for j in finished] == ["succeeded", "succeeded"], [j["error"] for j in finished]
+            assert [j["status"] for j in finished] == ["succeeded", "succeeded"], [
+                j["error"] for j in finished
+            ]
             wait_until(lambda: all(receiver.for_job(i) for i in ids), 60, "a webhook for every job")
         # Messages are consumed in order, one at a time: the worker met the canceled job's message
         # before it ran the job after it, and refused it.
@@ -429,7 +469,9 @@ def test_wait_answers_202_when_the_job_is_not_done_in_time(idle_stack: Stack) ->
     with idle_stack.client() as client:
         started = time.monotonic()
         response = client.http.post(
-            "/v1/jobs", params={"wait": 1}, files=[("images", ("a.jpg", astronaut_jpeg(224), "image/jpeg"))],
+            "/v1/jobs",
+            params={"wait": 1},
+            files=[("images", ("a.jpg", astronaut_jpeg(224), "image/jpeg"))],
             data={k: str(v) for k, v in FAST_OPTIONS.items()},
         )
         waited = time.monotonic() - started
@@ -448,7 +490,9 @@ def test_wait_answers_202_when_the_job_is_not_done_in_time(idle_stack: Stack) ->
 TIMEOUT_JOB = {"texture_size": 4096, "splats": 1_000_000}
 
 
-def test_a_job_past_the_soft_time_limit_fails_with_job_timeout(idle_stack: Stack, receiver: WebhookReceiver) -> None:
+def test_a_job_past_the_soft_time_limit_fails_with_job_timeout(
+    idle_stack: Stack, receiver: WebhookReceiver
+) -> None:
     """The gateway cannot know how long a job will run: a worker whose soft time limit is 1 s fails it
     with the stable code `job_timeout`, and the webhook reports `job.failed`."""
     stack = idle_stack
@@ -480,11 +524,16 @@ def test_webhook_retries_with_backoff(redis_stack: Stack) -> None:
     receiver = WebhookReceiver(fail_first=2)
     try:
         with redis_stack.client() as client:
-            job = wait_job(client, client.submit([("a.jpg", astronaut_jpeg(240))], webhook_url=receiver.url,
-                                                 **FAST_OPTIONS)["id"])
+            job = wait_job(
+                client,
+                client.submit([("a.jpg", astronaut_jpeg(240))], webhook_url=receiver.url, **FAST_OPTIONS)[
+                    "id"
+                ],
+            )
         assert job["status"] == "succeeded", job["error"]
-        deliveries = wait_until(lambda: len(d := receiver.for_job(job["id"])) >= 3 and d, 60,
-                                "the third delivery")
+        deliveries = wait_until(
+            lambda: len(d := receiver.for_job(job["id"])) >= 3 and d, 60, "the third delivery"
+        )
     finally:
         receiver.close()
     assert [d["status"] for d in deliveries] == [500, 500, 204]
@@ -536,23 +585,54 @@ def test_submit_command_downloads_artifacts(redis_stack: Stack, tmp_path: Path) 
     photo = tmp_path / "me.jpg"
     photo.write_bytes(astronaut_jpeg(256))
     run = subprocess.run(
-        [sys.executable, "-m", "headforge", "submit", str(photo), "--server", redis_stack.base_url,
-         "--api-key", KEYS["alice"], "--wait", "-o", str(tmp_path / "out"), "--outputs", "glb,preview"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "headforge",
+            "submit",
+            str(photo),
+            "--server",
+            redis_stack.base_url,
+            "--api-key",
+            KEYS["alice"],
+            "--wait",
+            "-o",
+            str(tmp_path / "out"),
+            "--outputs",
+            "glb,preview",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert (tmp_path / "out" / "h0.glb").is_file() and (tmp_path / "out" / "result.json").is_file()
     assert not (tmp_path / "out" / "h0.obj").exists()
     bad = subprocess.run(
-        [sys.executable, "-m", "headforge", "submit", str(photo), "--server", redis_stack.base_url,
-         "--api-key", "hf_wrong"], capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "headforge",
+            "submit",
+            str(photo),
+            "--server",
+            redis_stack.base_url,
+            "--api-key",
+            "hf_wrong",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "unauthorized" in bad.stderr
 
 
 def test_models_load_once_per_worker_process(redis_stack: Stack) -> None:
     """Each pool process loads the networks once, after fork; jobs never load them again."""
     with redis_stack.client() as client:
-        ids = [client.submit([(f"{i}.jpg", astronaut_jpeg(224 + 8 * i))], **FAST_OPTIONS)["id"] for i in range(5)]
+        ids = [
+            client.submit([(f"{i}.jpg", astronaut_jpeg(224 + 8 * i))], **FAST_OPTIONS)["id"] for i in range(5)
+        ]
         assert all(wait_job(client, job_id)["status"] == "succeeded" for job_id in ids)
     (worker,) = redis_stack.workers
     loads = []

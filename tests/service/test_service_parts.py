@@ -40,8 +40,12 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     require_redis()
     root = tmp_path_factory.mktemp("redis-unit")
     port = free_port()
-    server = Process("redis", ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                               "--dir", str(root)], dict(os.environ), root)
+    server = Process(
+        "redis",
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(root)],
+        dict(os.environ),
+        root,
+    )
     import redis
 
     client = redis.Redis(port=port)
@@ -78,8 +82,13 @@ def _settings(tmp_path: Path, **overrides: Any) -> Settings:
 
 
 def _job(jobs: JobStore, job_id: str = "job_1", owner: str = "alice") -> dict[str, Any]:
-    return jobs.create_job(job_id=job_id, owner=owner, options={"pipeline": "facemesh"},
-                           inputs=[{"key": "inputs/x", "filename": "x.jpg"}], queue="cpu")
+    return jobs.create_job(
+        job_id=job_id,
+        owner=owner,
+        options={"pipeline": "facemesh"},
+        inputs=[{"key": "inputs/x", "filename": "x.jpg"}],
+        queue="cpu",
+    )
 
 
 A = {"host": "host-a", "pid": os.getpid()}
@@ -94,7 +103,9 @@ def test_only_one_claim_wins_and_only_the_holder_completes(backend: StateBackend
     assert isinstance(first, Claim) and first.job["status"] == "running" and first.job["attempts"] == 1
     assert jobs.claim("job_1", B) == "busy"  # a duplicate delivery while the lease is live
     assert not jobs.complete("job_1", "not-the-token", artifacts=[], result_key=None, timings_ms={})
-    assert jobs.complete("job_1", first.token, artifacts=[{"name": "a"}], result_key="k", timings_ms={"x": 1.0})
+    assert jobs.complete(
+        "job_1", first.token, artifacts=[{"name": "a"}], result_key="k", timings_ms={"x": 1.0}
+    )
     assert not jobs.complete("job_1", first.token, artifacts=[], result_key=None, timings_ms={})
     assert jobs.claim("job_1", B) == "succeeded"  # redelivery after success is a no-op
     done = jobs.get("job_1") or {}
@@ -152,7 +163,9 @@ def test_transient_failure_requeues_the_job_with_a_delay(backend: StateBackend, 
     assert not jobs.release("job_1", "not-the-token", delay=4.0, now=start)
     assert jobs.release("job_1", first.token, delay=4.0, now=start)  # a live lease: only its holder may
     doc = jobs.get("job_1") or {}
-    assert doc["status"] == "queued" and doc["lease"] is None and doc["attempts"] == 1 and doc["requeues"] == 1
+    assert (
+        doc["status"] == "queued" and doc["lease"] is None and doc["attempts"] == 1 and doc["requeues"] == 1
+    )
     assert doc["redispatch_due"] == start + 4.0 + 100.0
     assert jobs.due_for_dispatch(start + 103.0) == [] and jobs.due_for_dispatch(start + 105.0) == ["job_1"]
     assert jobs.queue_position(doc) == 0
@@ -215,7 +228,7 @@ from pathlib import Path
 from headforge.service.jobs import Claim, JobStore, indexes
 from headforge.service.settings import Settings
 from headforge.service.state import SqliteState
-jobs = JobStore(SqliteState(Path({str(tmp_path / 'race.sqlite')!r}), indexer=indexes),
+jobs = JobStore(SqliteState(Path({str(tmp_path / "race.sqlite")!r}), indexer=indexes),
                 Settings(data_dir=Path('.'), lease_seconds=60))
 while not Path({str(go)!r}).exists():
     time.sleep(0.005)
@@ -226,8 +239,12 @@ sys.stdin.read()  # hold the leases until the test has every answer
     jobs = JobStore(SqliteState(tmp_path / "race.sqlite", indexer=indexes), _settings(tmp_path))
     for i in range(30):
         _job(jobs, f"job_{i}")
-    racers = [subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                               text=True) for _ in range(4)]
+    racers = [
+        subprocess.Popen(
+            [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(4)
+    ]
     try:
         go.touch()
         outputs = [racer.stdout.readline().strip() for racer in racers if racer.stdout is not None]
@@ -260,8 +277,13 @@ def test_s3_store_against_a_moto_server(tmp_path: Path) -> None:
     import boto3
 
     with moto_server(tmp_path, "heads") as url:
-        client = boto3.client("s3", endpoint_url=url, region_name="us-east-1",
-                              aws_access_key_id="test", aws_secret_access_key="test")
+        client = boto3.client(
+            "s3",
+            endpoint_url=url,
+            region_name="us-east-1",
+            aws_access_key_id="test",
+            aws_secret_access_key="test",
+        )
         store = S3ArtifactStore("heads", prefix="prod", client=client)
         store.ping()
         store.put_bytes("jobs/j1/a/result.json", b'{"ok": true}')
@@ -299,8 +321,14 @@ def test_webhook_signature_and_url_policy() -> None:
     header = sign(body, "s3cret")
     assert header.startswith("sha256=") and len(header) == 7 + 64
     assert verify(body, "s3cret", header) and not verify(body, "other", header)
-    for url in ("http://127.0.0.1/hook", "http://localhost:8080/x", "http://10.1.2.3/", "http://[::1]/",
-                "http://169.254.169.254/latest/meta-data", "http://192.168.0.10/"):
+    for url in (
+        "http://127.0.0.1/hook",
+        "http://localhost:8080/x",
+        "http://10.1.2.3/",
+        "http://[::1]/",
+        "http://169.254.169.254/latest/meta-data",
+        "http://192.168.0.10/",
+    ):
         with pytest.raises(WebhookRefusedError):
             check_webhook_url(url, allow_private=False)
     for url in ("ftp://example.com/", "not a url", "http://user:pw@example.com/", "http:///nohost"):
@@ -310,7 +338,9 @@ def test_webhook_signature_and_url_policy() -> None:
     assert check_webhook_url("https://93.184.215.14/hook", allow_private=False)  # a public literal address
 
 
-def test_retention_removes_only_jobs_finished_before_the_cutoff(backend: StateBackend, tmp_path: Path) -> None:
+def test_retention_removes_only_jobs_finished_before_the_cutoff(
+    backend: StateBackend, tmp_path: Path
+) -> None:
     from headforge.service.tasks import remove_job
 
     jobs = JobStore(backend, _settings(tmp_path, lease_seconds=30))
@@ -321,21 +351,31 @@ def test_retention_removes_only_jobs_finished_before_the_cutoff(backend: StateBa
     claim = jobs.claim("job_old", A)
     assert isinstance(claim, Claim)
     store.put_bytes("jobs/job_old/a/h0.glb", b"glb")
-    assert jobs.complete("job_old", claim.token, artifacts=[{"name": "h0.glb"}], result_key=None, timings_ms={})
+    assert jobs.complete(
+        "job_old", claim.token, artifacts=[{"name": "h0.glb"}], result_key=None, timings_ms={}
+    )
 
     assert jobs.finished_before(time.time() - 3600) == []  # finished just now: inside any TTL
     expired = jobs.finished_before(time.time() + 1)
     assert expired == ["job_old"]  # a queued job never expires, however old
     for job_id in expired:
         remove_job(jobs, store, job_id)
-    assert jobs.get("job_old") is None and store.list("jobs/job_old") == [] and store.list("inputs/job_old") == []
-    assert jobs.get("job_queued") is not None and store.list("inputs/job_queued") == ["inputs/job_queued/0.jpg"]
+    assert (
+        jobs.get("job_old") is None
+        and store.list("jobs/job_old") == []
+        and store.list("inputs/job_old") == []
+    )
+    assert jobs.get("job_queued") is not None and store.list("inputs/job_queued") == [
+        "inputs/job_queued/0.jpg"
+    ]
 
 
 # --------------------------------------------------------------------------- Celery configuration
 
 
-def test_celery_app_has_the_documented_production_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_celery_app_has_the_documented_production_settings(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """What docs/service.md promises of the Celery app, built from the environment as a worker builds it."""
     from celery import Celery
 
@@ -351,7 +391,11 @@ def test_celery_app_has_the_documented_production_settings(monkeypatch: pytest.M
     embedded_app = make_celery(Settings(data_dir=tmp_path / "embedded"))
     for celery in (redis_app, embedded_app):
         conf = celery.conf
-        assert (conf.task_serializer, conf.result_serializer, conf.event_serializer) == ("json", "json", "json")
+        assert (conf.task_serializer, conf.result_serializer, conf.event_serializer) == (
+            "json",
+            "json",
+            "json",
+        )
         assert list(conf.accept_content) == ["json"]
         assert conf.task_acks_late is True and conf.task_reject_on_worker_lost is True
         assert conf.worker_prefetch_multiplier == 1
@@ -379,10 +423,18 @@ def test_celery_app_has_the_documented_production_settings(monkeypatch: pytest.M
     assert job_task.serializer == "json"
 
 
-def test_queue_routes_send_each_pipeline_to_its_device(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_queue_routes_send_each_pipeline_to_its_device(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     defaults = Settings(data_dir=tmp_path)
     assert [defaults.queue_for(p) for p in ("facemesh", "flame", "vggheads", "kaolrm", "topos", "other")] == [
-        "cpu", "cpu", "gpu", "gpu", "gpu", "cpu"]
+        "cpu",
+        "cpu",
+        "gpu",
+        "gpu",
+        "gpu",
+        "cpu",
+    ]
     monkeypatch.setenv("HEADFORGE_QUEUE_ROUTES", "facemesh=gpu, topos=cpu")
     routed = Settings.from_env()
     assert routed.queue_for("facemesh") == "gpu" and routed.queue_for("topos") == "cpu"
@@ -409,8 +461,13 @@ def test_dispatch_publishes_json_carrying_only_the_job_id(redis_url: str, tmp_pa
     state = RedisState(broker_url, indexer=indexes, prefix=f"t{time.monotonic_ns()}")
     try:
         jobs = JobStore(state, settings)
-        jobs.create_job(job_id="job_gpu", owner="alice", options={"pipeline": "vggheads"},
-                        inputs=[{"key": "inputs/job_gpu/0.jpg", "filename": "x.jpg"}], queue="gpu")
+        jobs.create_job(
+            job_id="job_gpu",
+            owner="alice",
+            options={"pipeline": "vggheads"},
+            inputs=[{"key": "inputs/job_gpu/0.jpg", "filename": "x.jpg"}],
+            queue="gpu",
+        )
         dispatch(celery, jobs, "job_gpu", "gpu")
         assert raw.llen("cpu") == 0
         messages = raw.lrange("gpu", 0, -1)
@@ -446,9 +503,13 @@ def test_sweep_removes_expired_jobs_artifacts_and_finished_batches(
     monkeypatch.setenv("HEADFORGE_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("HEADFORGE_LEASE_SECONDS", str(LONG_LEASE))
     monkeypatch.setenv("HEADFORGE_JOB_TTL_SECONDS", "3600")
-    ctx = _ProcessContext(retry_seconds=2.0)  # the sweeper's own context: settings and stores from the environment
+    ctx = _ProcessContext(
+        retry_seconds=2.0
+    )  # the sweeper's own context: settings and stores from the environment
     ctx.jobs.backend.close()
-    ctx.jobs = JobStore(backend, ctx.settings)  # this test's backend (a prefix of its own on the shared Redis)
+    ctx.jobs = JobStore(
+        backend, ctx.settings
+    )  # this test's backend (a prefix of its own on the shared Redis)
     jobs, store = ctx.jobs, ctx.store
     assert isinstance(store, LocalArtifactStore) and store.root == tmp_path / "data" / "artifacts"
 
@@ -460,28 +521,41 @@ def test_sweep_removes_expired_jobs_artifacts_and_finished_batches(
         claim = jobs.claim(job_id, A)
         assert isinstance(claim, Claim)
         store.put_bytes(f"jobs/{job_id}/{claim.token}/h0.glb", b"glb")
-        assert jobs.complete(job_id, claim.token, artifacts=[{"name": "h0.glb"}], result_key=None, timings_ms={})
+        assert jobs.complete(
+            job_id, claim.token, artifacts=[{"name": "h0.glb"}], result_key=None, timings_ms={}
+        )
 
     for job_id in ("job_ok", "job_bad", "job_canceled", "job_b_ok", "job_waiting", "job_busy"):
         add(job_id)
     finish("job_ok")
     finish("job_b_ok")
     bad = jobs.claim("job_bad", A)
-    assert isinstance(bad, Claim) and jobs.fail("job_bad", bad.token, {"code": "no_face", "message": "", "details": {}})
+    assert isinstance(bad, Claim) and jobs.fail(
+        "job_bad", bad.token, {"code": "no_face", "message": "", "details": {}}
+    )
     assert (jobs.cancel("job_canceled") or {})["status"] == "canceled"
     jobs.mark_dispatched("job_waiting")  # published, so the sweeper has no reason to publish it again
     busy = jobs.claim("job_busy", A)  # a live lease (another host's worker)
     assert isinstance(busy, Claim)
     store.put_bytes(f"jobs/job_busy/{busy.token}/partial.bin", b"...")
     jobs.create_batch(batch_id="batch_done", owner="alice", job_ids=["job_ok", "job_bad"], names=["a", "b"])
-    jobs.create_batch(batch_id="batch_waiting", owner="alice", job_ids=["job_b_ok", "job_waiting"], names=["a", "b"])
+    jobs.create_batch(
+        batch_id="batch_waiting", owner="alice", job_ids=["job_b_ok", "job_waiting"], names=["a", "b"]
+    )
     jobs.create_batch(batch_id="batch_busy", owner="alice", job_ids=["job_busy"], names=["a"])
     everything = store.list("")
 
     def batches() -> set[str]:
-        return {b for b in ("batch_done", "batch_waiting", "batch_busy") if backend.get("batch", b) is not None}
+        return {
+            b for b in ("batch_done", "batch_waiting", "batch_busy") if backend.get("batch", b) is not None
+        }
 
-    assert sweep(ctx, "w1@test") == {"requeued": 0, "redispatched": 0, "webhooks": 0, "expired": 0}  # all inside the TTL
+    assert sweep(ctx, "w1@test") == {
+        "requeued": 0,
+        "redispatched": 0,
+        "webhooks": 0,
+        "expired": 0,
+    }  # all inside the TTL
     assert store.list("") == everything and len(batches()) == 3
 
     ctx.settings = replace(ctx.settings, job_ttl_seconds=0)
@@ -543,9 +617,14 @@ def test_a_real_worker_registers_under_the_queues_it_consumes(redis_url: str, tm
     with redis.Redis.from_url(url) as raw:
         raw.flushdb()
     jobs = JobStore(RedisState(url, indexer=indexes), _settings(tmp_path, redis_url=url))
-    worker = Process("worker-gpu", [sys.executable, "-m", "headforge", "worker", "--queue", "gpu",
-                                    "--hostname", "gpu-only@%h"], base_env(tmp_path, HEADFORGE_REDIS_URL=url), tmp_path)
+    worker = Process(
+        "worker-gpu",
+        [sys.executable, "-m", "headforge", "worker", "--queue", "gpu", "--hostname", "gpu-only@%h"],
+        base_env(tmp_path, HEADFORGE_REDIS_URL=url),
+        tmp_path,
+    )
     try:
+
         def registered() -> bool:
             if not worker.alive:
                 raise RuntimeError(worker.tail())
@@ -563,7 +642,9 @@ def test_a_webhook_attempt_is_made_once(backend: StateBackend, tmp_path: Path) -
     """Two copies of one delivery attempt (the original and a sweeper's republish) send it once, and a
     delivered event is never sent again; a finished job's webhook starts out due."""
     jobs = JobStore(backend, _settings(tmp_path))
-    jobs.create_job(job_id="job_w", owner="alice", options={}, inputs=[], queue="cpu", webhook_url="http://hook.test/")
+    jobs.create_job(
+        job_id="job_w", owner="alice", options={}, inputs=[], queue="cpu", webhook_url="http://hook.test/"
+    )
     claim = jobs.claim("job_w", A)
     assert isinstance(claim, Claim)
     assert jobs.complete("job_w", claim.token, artifacts=[], result_key=None, timings_ms={}, now=1000.0)
@@ -573,12 +654,16 @@ def test_a_webhook_attempt_is_made_once(backend: StateBackend, tmp_path: Path) -
     assert jobs.webhooks_due(1029.0) == [] and jobs.webhooks_due(1030.0) == ["job_w"]  # in flight, then due
     assert jobs.take_due_webhook("job_w", now=1100.0, before=1030.0) == ("job.succeeded", 2, "cpu")
     assert jobs.take_due_webhook("job_w", now=1101.0, before=1030.0) is None  # one sweeper takes it
-    jobs.set_webhook_state("job_w", {"event": "job.succeeded", "attempts": 2, "delivered": True, "due_at": None})
+    jobs.set_webhook_state(
+        "job_w", {"event": "job.succeeded", "attempts": 2, "delivered": True, "due_at": None}
+    )
     assert not jobs.start_webhook_attempt("job_w", "job.succeeded", 3, due_again_at=1200.0)
     assert jobs.webhooks_due(float("inf")) == []
 
     # A cancel records its webhook as due too, so a gateway that fails to publish it loses nothing.
-    jobs.create_job(job_id="job_c", owner="alice", options={}, inputs=[], queue="gpu", webhook_url="http://hook.test/")
+    jobs.create_job(
+        job_id="job_c", owner="alice", options={}, inputs=[], queue="gpu", webhook_url="http://hook.test/"
+    )
     assert (jobs.cancel("job_c") or {})["status"] == "canceled"
     assert jobs.webhooks_due(float("inf")) == ["job_c"]
     assert jobs.take_due_webhook("job_c", now=time.time(), before=float("inf")) == ("job.canceled", 1, "gpu")

@@ -209,12 +209,21 @@ def _drop(sock: socket.socket) -> None:
 
 def s3_answer(status: int, code: str) -> bytes:
     """A whole S3 error response, as a server under load or in trouble sends it."""
-    body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
-            f"<Message>canned {code} from the test proxy</Message><RequestId>r1</RequestId></Error>").encode()
-    reason = {403: "Forbidden", 404: "Not Found", 500: "Internal Server Error", 501: "Not Implemented",
-              503: "Service Unavailable"}[status]
-    return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/xml\r\nContent-Length: {len(body)}\r\n"
-            "Connection: close\r\n\r\n").encode() + body
+    body = (
+        f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
+        f"<Message>canned {code} from the test proxy</Message><RequestId>r1</RequestId></Error>"
+    ).encode()
+    reason = {
+        403: "Forbidden",
+        404: "Not Found",
+        500: "Internal Server Error",
+        501: "Not Implemented",
+        503: "Service Unavailable",
+    }[status]
+    return (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/xml\r\nContent-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode() + body
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -239,9 +248,14 @@ def _s3_client(boto3: Any, url: str) -> Any:
     """A boto3 client with test credentials and one retry, so an outage is reported quickly."""
     from botocore.config import Config
 
-    return boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="test",
-                        aws_secret_access_key=SECRET,
-                        config=Config(retries={"mode": "standard", "total_max_attempts": 2}))
+    return boto3.client(
+        "s3",
+        endpoint_url=url,
+        region_name="us-east-1",
+        aws_access_key_id="test",
+        aws_secret_access_key=SECRET,
+        config=Config(retries={"mode": "standard", "total_max_attempts": 2}),
+    )
 
 
 def _store(url: str, prefix: str) -> S3ArtifactStore:
@@ -315,19 +329,23 @@ def test_s3_outage_is_transient_on_every_call(proxy: TcpProxy, tmp_path: Path, c
     assert store.delete_prefix("jobs/j1") == 2 and store.list("jobs") == []
 
 
-@pytest.mark.parametrize(("status", "code"), [(503, "SlowDown"), (503, "ServiceUnavailable"),
-                                              (500, "InternalError")])
-def test_s3_throttling_and_server_errors_are_transient(proxy: TcpProxy, tmp_path: Path, status: int,
-                                                       code: str) -> None:
+@pytest.mark.parametrize(
+    ("status", "code"), [(503, "SlowDown"), (503, "ServiceUnavailable"), (500, "InternalError")]
+)
+def test_s3_throttling_and_server_errors_are_transient(
+    proxy: TcpProxy, tmp_path: Path, status: int, code: str
+) -> None:
     """A throttling or 5xx answer (after boto3's own retry) is `service_unavailable` with the S3 code
     and status in its details, also through `upload_file`, which boto3 wraps in its own error."""
     store = _store(proxy.url, f"answer-{code}")
     source = tmp_path / "mesh.glb"
     source.write_bytes(os.urandom(20_000))
     proxy.answer(s3_answer(status, code))
-    calls = [("put_object", lambda: store.put_bytes("jobs/j2/a/x.json", b"{}")),
-             ("upload_file", lambda: store.put_file("jobs/j2/a/x.glb", source)),
-             ("get_object", lambda: store.get_bytes("jobs/j2/a/x.json"))]
+    calls = [
+        ("put_object", lambda: store.put_bytes("jobs/j2/a/x.json", b"{}")),
+        ("upload_file", lambda: store.put_file("jobs/j2/a/x.glb", source)),
+        ("get_object", lambda: store.get_bytes("jobs/j2/a/x.json")),
+    ]
     for operation, call in calls:
         with pytest.raises(ServiceUnavailableError) as caught:
             call()
@@ -421,8 +439,13 @@ def test_full_local_disk_is_transient_other_os_errors_are_not(tmp_path: Path) ->
     probe = subprocess.run([unshare, "-rm", "true"], capture_output=True, text=True)
     if probe.returncode != 0:
         pytest.skip(f"this machine refuses user/mount namespaces: {probe.stderr.strip()}")
-    done = subprocess.run([unshare, "-rm", sys.executable, "-c", DISK_FULL_SCRIPT, str(mountpoint)],
-                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    done = subprocess.run(
+        [unshare, "-rm", sys.executable, "-c", DISK_FULL_SCRIPT, str(mountpoint)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.strip().splitlines()[-1])
     full = report["full"]
@@ -445,12 +468,21 @@ def s3_stack(root: Path, endpoint: str) -> Iterator[Stack]:
     machine to fit several failed attempts into the outage before the test reopens the proxy."""
     no_config = root / "no-aws-config"
     with running_stack(
-        root, redis=True,
-        HEADFORGE_S3_BUCKET=BUCKET, HEADFORGE_S3_PREFIX="stack", HEADFORGE_S3_ENDPOINT_URL=endpoint,
-        HEADFORGE_S3_REGION="us-east-1", AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY=SECRET,
-        AWS_CONFIG_FILE=str(no_config), AWS_SHARED_CREDENTIALS_FILE=str(no_config),
-        AWS_EC2_METADATA_DISABLED="true", AWS_RETRY_MODE="standard", AWS_MAX_ATTEMPTS="2",
-        HEADFORGE_LEASE_SECONDS="600", HEADFORGE_MAX_ATTEMPTS="6",
+        root,
+        redis=True,
+        HEADFORGE_S3_BUCKET=BUCKET,
+        HEADFORGE_S3_PREFIX="stack",
+        HEADFORGE_S3_ENDPOINT_URL=endpoint,
+        HEADFORGE_S3_REGION="us-east-1",
+        AWS_ACCESS_KEY_ID="test",
+        AWS_SECRET_ACCESS_KEY=SECRET,
+        AWS_CONFIG_FILE=str(no_config),
+        AWS_SHARED_CREDENTIALS_FILE=str(no_config),
+        AWS_EC2_METADATA_DISABLED="true",
+        AWS_RETRY_MODE="standard",
+        AWS_MAX_ATTEMPTS="2",
+        HEADFORGE_LEASE_SECONDS="600",
+        HEADFORGE_MAX_ATTEMPTS="6",
     ) as stack:
         yield stack
 
@@ -472,14 +504,18 @@ def _moto_keys(moto_url: str, prefix: str) -> list[str]:
     """Every key under `prefix`, read from moto directly (not through the proxy)."""
     import boto3
 
-    pages = _s3_client(boto3, moto_url).get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    pages = (
+        _s3_client(boto3, moto_url).get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    )
     return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
 
 
 @pytest.mark.service
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_s3_outage_requeues_the_job_and_it_succeeds_after(proxy: TcpProxy, moto_url: str, tmp_path: Path) -> None:
+def test_s3_outage_requeues_the_job_and_it_succeeds_after(
+    proxy: TcpProxy, moto_url: str, tmp_path: Path
+) -> None:
     """The gateway stores the upload, then S3 goes away before any worker runs: the job's attempt
     fails transiently and goes back to the queue (not failed), /readyz names the store, a submit is
     refused with 503; once S3 is back the job succeeds and its artifacts download intact."""
@@ -499,18 +535,28 @@ def test_s3_outage_requeues_the_job_and_it_succeeds_after(proxy: TcpProxy, moto_
         assert error["code"] == "service_unavailable" and "store" in error["message"]
         assert set(error["details"]["failed"]) == {"store"}
         assert BUCKET in error["details"]["failed"]["store"] and SECRET not in down.text
-        refused = httpx.post(f"{stack.base_url}/v1/jobs", files={"images": ("b.jpg", photo, "image/jpeg")},
-                             headers={"Authorization": f"Bearer {KEYS['alice']}"}, timeout=120)
+        refused = httpx.post(
+            f"{stack.base_url}/v1/jobs",
+            files={"images": ("b.jpg", photo, "image/jpeg")},
+            headers={"Authorization": f"Bearer {KEYS['alice']}"},
+            timeout=120,
+        )
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "service_unavailable"
-        assert refused.headers["Retry-After"] == "5" and refused.json()["error"]["details"]["operation"] == "put_object"
+        assert (
+            refused.headers["Retry-After"] == "5"
+            and refused.json()["error"]["details"]["operation"] == "put_object"
+        )
         with stack.client() as client:
             assert [job["id"] for job in client.jobs()] == [job_id]  # the refused submit left no job
 
         worker = stack.start_worker()
         job = wait_until(lambda: _queued_after_an_attempt(stack, job_id), 180, "a transient retry", 0.05)
         assert job["error"] is None and job["artifacts"] == []
-        wait_until(lambda: "transient error, retrying" in worker.log_path.read_text(errors="replace"), 60,
-                   "the worker to log the retry")
+        wait_until(
+            lambda: "transient error, retrying" in worker.log_path.read_text(errors="replace"),
+            60,
+            "the worker to log the retry",
+        )
         assert "the S3 artifact store is unavailable" in worker.log_path.read_text(errors="replace")
 
         proxy.open()
@@ -538,7 +584,9 @@ def test_s3_outage_requeues_the_job_and_it_succeeds_after(proxy: TcpProxy, moto_
 @pytest.mark.service
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_a_batch_cut_off_by_an_s3_outage_leaves_no_job(proxy: TcpProxy, moto_url: str, tmp_path: Path) -> None:
+def test_a_batch_cut_off_by_an_s3_outage_leaves_no_job(
+    proxy: TcpProxy, moto_url: str, tmp_path: Path
+) -> None:
     """S3 goes away after the first upload of a batch is stored: the submit answers 503 and records no
     job, so nothing runs without its batch and a retried submit cannot duplicate work."""
     with s3_stack(tmp_path / "stack", proxy.url) as stack:
@@ -547,12 +595,16 @@ def test_a_batch_cut_off_by_an_s3_outage_leaves_no_job(proxy: TcpProxy, moto_url
         before = set(_moto_keys(moto_url, "stack/inputs/"))  # the bucket is shared by this module's tests
         proxy.close_after(len(photos[0][1]) + 16 * 1024)  # the first PUT with its headers, not the second
         response = httpx.post(
-            f"{stack.base_url}/v1/batches", files=[("images", (name, data, "image/jpeg")) for name, data in photos],
-            headers={"Authorization": f"Bearer {KEYS['alice']}"}, timeout=120,
+            f"{stack.base_url}/v1/batches",
+            files=[("images", (name, data, "image/jpeg")) for name, data in photos],
+            headers={"Authorization": f"Bearer {KEYS['alice']}"},
+            timeout=120,
         )
         assert response.status_code == 503, response.text
         assert response.json()["error"]["code"] == "service_unavailable"
-        assert len(set(_moto_keys(moto_url, "stack/inputs/")) - before) == 1  # the premise: the cut came after one upload
+        assert (
+            len(set(_moto_keys(moto_url, "stack/inputs/")) - before) == 1
+        )  # the premise: the cut came after one upload
         proxy.open()
         with stack.client() as client:
             assert client.jobs() == []

@@ -28,8 +28,12 @@ from headforge.service.views import public_batch
 router = APIRouter(tags=["batches"])
 
 
-@router.post("/v1/batches", status_code=202, summary="Submit many images (or one zip) as a batch of jobs",
-             responses=documented(400, 401, 409, 413, 415, 422, 429, 503))
+@router.post(
+    "/v1/batches",
+    status_code=202,
+    summary="Submit many images (or one zip) as a batch of jobs",
+    responses=documented(400, 401, 409, 413, 415, 422, 429, 503),
+)
 async def submit_batch(
     state: State,
     principal: CurrentPrincipal,
@@ -54,31 +58,47 @@ async def submit_batch(
     if not uploads:
         raise InvalidOptionError("send images in `images` or a zip in `archive`")
     if len(uploads) > settings.max_files_per_batch:
-        raise TooManyFilesError(f"{len(uploads)} images; the limit is {settings.max_files_per_batch}",
-                                details={"files": len(uploads), "max_files": settings.max_files_per_batch})
+        raise TooManyFilesError(
+            f"{len(uploads)} images; the limit is {settings.max_files_per_batch}",
+            details={"files": len(uploads), "max_files": settings.max_files_per_batch},
+        )
     if options.get("subject"):
-        raise InvalidOptionError("subject=true applies to one job's photos (POST /v1/jobs), not to a batch",
-                                 details={"option": "subject"})
+        raise InvalidOptionError(
+            "subject=true applies to one job's photos (POST /v1/jobs), not to a batch",
+            details={"option": "subject"},
+        )
     batch_id, existed = await run_in_threadpool(
-        submit, state, principal, uploads, options, webhook_url or None, idempotency_key, batch=True)
+        submit, state, principal, uploads, options, webhook_url or None, idempotency_key, batch=True
+    )
     batch = await recorded_batch(state, principal, batch_id, existed)
     response.headers["Location"] = f"/v1/batches/{batch_id}"
-    return BatchAccepted(id=batch_id, status="running", status_url=f"/v1/batches/{batch_id}",
-                         jobs=batch["job_ids"])
+    return BatchAccepted(
+        id=batch_id, status="running", status_url=f"/v1/batches/{batch_id}", jobs=batch["job_ids"]
+    )
 
 
-@router.get("/v1/batches/{batch_id}", summary="Counts and progress of a batch",
-            response_model=Batch, response_model_exclude_unset=True, responses=documented(401, 404))
+@router.get(
+    "/v1/batches/{batch_id}",
+    summary="Counts and progress of a batch",
+    response_model=Batch,
+    response_model_exclude_unset=True,
+    responses=documented(401, 404),
+)
 def get_batch(batch_id: str, state: State, principal: CurrentPrincipal) -> Batch:
     # exclude_unset: a deleted job's entry has only id, filename and status, as `public_batch` writes it.
     batch = state.jobs.get_batch_for(principal.owner, batch_id)
     return Batch.model_validate(public_batch(batch, state.jobs.get_many(batch["job_ids"])))
 
 
-@router.get("/v1/batches/{batch_id}/archive", summary="One zip with every artifact of a finished batch",
-            response_class=Response, responses={
-                200: {"content": {"application/zip": {}}, "description": "The batch's artifacts"},
-                **documented(401, 404, 409)})
+@router.get(
+    "/v1/batches/{batch_id}/archive",
+    summary="One zip with every artifact of a finished batch",
+    response_class=Response,
+    responses={
+        200: {"content": {"application/zip": {}}, "description": "The batch's artifacts"},
+        **documented(401, 404, 409),
+    },
+)
 def get_batch_archive(batch_id: str, state: State, principal: CurrentPrincipal) -> Response:
     batch = state.jobs.get_batch_for(principal.owner, batch_id)
     docs = state.jobs.get_many(batch["job_ids"])
@@ -105,14 +125,23 @@ def get_batch_archive(batch_id: str, state: State, principal: CurrentPrincipal) 
             while block := spool.read(1024 * 1024):
                 yield block
 
-    return StreamingResponse(stream(), media_type="application/zip", headers={
-        "Content-Length": str(size),
-        "Content-Disposition": f'attachment; filename="{batch_id}.zip"',
-    })
+    return StreamingResponse(
+        stream(),
+        media_type="application/zip",
+        headers={
+            "Content-Length": str(size),
+            "Content-Disposition": f'attachment; filename="{batch_id}.zip"',
+        },
+    )
 
 
-@router.delete("/v1/batches/{batch_id}", summary="Cancel or remove every job of a batch", status_code=204,
-               response_class=Response, responses=documented(401, 404, 429, 503))
+@router.delete(
+    "/v1/batches/{batch_id}",
+    summary="Cancel or remove every job of a batch",
+    status_code=204,
+    response_class=Response,
+    responses=documented(401, 404, 429, 503),
+)
 def delete_batch(batch_id: str, state: State, principal: CurrentPrincipal) -> Response:
     check_rate(state.jobs.backend, principal)
     batch = state.jobs.get_batch_for(principal.owner, batch_id)

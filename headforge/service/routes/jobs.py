@@ -34,14 +34,19 @@ def accepted(state: ServiceState, job_id: str, response: Response) -> JobAccepte
     doc = state.jobs.get(job_id)
     response.headers["Location"] = f"/v1/jobs/{job_id}"
     return JobAccepted.model_validate(
-        {"id": job_id, "status": doc["status"] if doc else QUEUED, "status_url": f"/v1/jobs/{job_id}"})
+        {"id": job_id, "status": doc["status"] if doc else QUEUED, "status_url": f"/v1/jobs/{job_id}"}
+    )
 
 
 @router.post(
-    "/v1/jobs", status_code=202, summary="Submit one or more images as one job",
+    "/v1/jobs",
+    status_code=202,
+    summary="Submit one or more images as one job",
     response_model=JobAccepted | Job,
-    responses={200: {"model": Job, "description": "With `wait`: the job finished in time"},
-               **documented(400, 401, 409, 413, 415, 422, 429, 503)},
+    responses={
+        200: {"model": Job, "description": "With `wait`: the job finished in time"},
+        **documented(400, 401, 409, 413, 415, 422, 429, 503),
+    },
 )
 async def submit_job(
     state: State,
@@ -64,7 +69,8 @@ async def submit_job(
         )
     uploads = await run_in_threadpool(read_uploads, images, settings)
     job_id, _existed = await run_in_threadpool(
-        submit, state, principal, uploads, options, webhook_url or None, idempotency_key, batch=False)
+        submit, state, principal, uploads, options, webhook_url or None, idempotency_key, batch=False
+    )
     if wait:
         doc = await wait_finished(state, job_id, float(wait))
         if doc is not None:
@@ -76,21 +82,30 @@ async def submit_job(
 
 @router.get("/v1/jobs", summary="This key's recent jobs, newest first", responses=documented(401, 422))
 def list_jobs(
-    state: State, principal: CurrentPrincipal, limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    state: State,
+    principal: CurrentPrincipal,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> JobList:
     docs = state.jobs.list_for(principal.owner, limit)
     return JobList(jobs=[Job.model_validate(public_job(d, state.jobs)) for d in docs])
 
 
-@router.get("/v1/jobs/{job_id}", summary="Status, progress, timings, errors, artifacts and result",
-            responses=documented(401, 404))
+@router.get(
+    "/v1/jobs/{job_id}",
+    summary="Status, progress, timings, errors, artifacts and result",
+    responses=documented(401, 404),
+)
 def get_job(job_id: str, state: State, principal: CurrentPrincipal) -> Job:
     doc = state.jobs.get_for(principal.owner, job_id)
     return Job.model_validate(public_job(doc, state.jobs, state.store, include_result=True))
 
 
-@router.get("/v1/jobs/{job_id}/artifacts/{name:path}", summary="Download one artifact",
-            response_class=Response, responses=documented(401, 404, 409))
+@router.get(
+    "/v1/jobs/{job_id}/artifacts/{name:path}",
+    summary="Download one artifact",
+    response_class=Response,
+    responses=documented(401, 404, 409),
+)
 def get_artifact(job_id: str, name: str, state: State, principal: CurrentPrincipal) -> Response:
     doc = state.jobs.get_for(principal.owner, job_id)
     if doc["status"] != SUCCEEDED:
@@ -104,11 +119,17 @@ def get_artifact(job_id: str, name: str, state: State, principal: CurrentPrincip
     path = state.store.local_path(artifact["key"])
     filename = PurePosixPath(name).name
     if path is not None:
-        return FileResponse(path, media_type=artifact["media_type"], filename=filename, headers=headers,
-                            content_disposition_type="inline")
+        return FileResponse(
+            path,
+            media_type=artifact["media_type"],
+            filename=filename,
+            headers=headers,
+            content_disposition_type="inline",
+        )
     headers["Content-Length"] = str(artifact["size"])
-    return StreamingResponse(state.store.iter_chunks(artifact["key"]), media_type=artifact["media_type"],
-                             headers=headers)
+    return StreamingResponse(
+        state.store.iter_chunks(artifact["key"]), media_type=artifact["media_type"], headers=headers
+    )
 
 
 def _notify_canceled(state: ServiceState, doc: dict[str, Any]) -> None:
@@ -134,10 +155,14 @@ def remove_job_files(state: ServiceState, job_id: str) -> None:
 
 
 @router.delete(
-    "/v1/jobs/{job_id}", summary="Cancel a queued or running job; remove a finished one",
-    status_code=200, response_model=Job,
-    responses={204: {"description": "The finished job and its files were removed"},
-               **documented(401, 404, 429, 503)},
+    "/v1/jobs/{job_id}",
+    summary="Cancel a queued or running job; remove a finished one",
+    status_code=200,
+    response_model=Job,
+    responses={
+        204: {"description": "The finished job and its files were removed"},
+        **documented(401, 404, 429, 503),
+    },
 )
 def delete_job(job_id: str, state: State, principal: CurrentPrincipal) -> Job | Response:
     check_rate(state.jobs.backend, principal)

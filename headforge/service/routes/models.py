@@ -28,8 +28,16 @@ def describe_models() -> dict[str, Any]:
             reason = pipeline_missing_reason(name)
         except Exception as error:  # a broken optional pipeline must not break the listing
             reason = f"{type(error).__name__}: {error}"
-        pipelines.append({"name": name, "description": entry.description, "available": reason is None,
-                          "reason": reason, "queue": entry.queue, "networks": list(entry.networks)})
+        pipelines.append(
+            {
+                "name": name,
+                "description": entry.description,
+                "available": reason is None,
+                "reason": reason,
+                "queue": entry.queue,
+                "networks": list(entry.networks),
+            }
+        )
     from headforge.export.repository import read_entry
     from headforge.models.pull import DEFAULT_VERSION
 
@@ -37,26 +45,37 @@ def describe_models() -> dict[str, Any]:
     for name in DEFAULT_NETWORK_NAMES:
         model = read_entry(name, DEFAULT_VERSION)
         manifest = model.manifest if model is not None else {}
-        models.append({
-            "name": name,
-            "version": DEFAULT_VERSION,
-            "available": bool(model is not None and model.model_path.is_file()),
-            "sha256": manifest.get("model_sha256"),
-        })
+        models.append(
+            {
+                "name": name,
+                "version": DEFAULT_VERSION,
+                "available": bool(model is not None and model.model_path.is_file()),
+                "sha256": manifest.get("model_sha256"),
+            }
+        )
     from headforge.templates import list_templates
 
     return {"pipelines": pipelines, "models": models, "templates": list_templates()}
 
 
-@router.get("/v1/models", summary="Pipelines and model versions, and whether each is available",
-            responses=documented(401))
+@router.get(
+    "/v1/models",
+    summary="Pipelines and model versions, and whether each is available",
+    responses=documented(401),
+)
 def list_models(_principal: CurrentPrincipal) -> ModelsListing:
     return ModelsListing.model_validate(describe_models())
 
 
-@router.get("/v1/schemas/result", summary="JSON Schema of result.json", response_class=Response,
-            responses={200: {"content": {"application/schema+json": {}}, "description": "The JSON Schema"},
-                       **documented(404)})
+@router.get(
+    "/v1/schemas/result",
+    summary="JSON Schema of result.json",
+    response_class=Response,
+    responses={
+        200: {"content": {"application/schema+json": {}}, "description": "The JSON Schema"},
+        **documented(404),
+    },
+)
 def result_schema() -> Response:
     if not RESULT_SCHEMA.is_file():
         raise NotFoundError("the result schema is not installed")

@@ -25,13 +25,20 @@ def healthz() -> Health:
     return Health(status="ok")
 
 
-@router.get("/readyz", summary="Readiness: job store, artifact store and broker reachable",
-            response_model=Ready, responses=documented(503))
+@router.get(
+    "/readyz",
+    summary="Readiness: job store, artifact store and broker reachable",
+    response_model=Ready,
+    responses=documented(503),
+)
 def readyz(state: State) -> Ready | JSONResponse:
     checks: dict[str, str] = {}
     failures: dict[str, str] = {}
-    for name, probe in (("state", state.jobs.backend.ping), ("store", state.store.ping),
-                        ("broker", lambda: _ping_broker(state.celery))):
+    for name, probe in (
+        ("state", state.jobs.backend.ping),
+        ("store", state.store.ping),
+        ("broker", lambda: _ping_broker(state.celery)),
+    ):
         try:
             probe()
             checks[name] = "ok"
@@ -39,8 +46,11 @@ def readyz(state: State) -> Ready | JSONResponse:
             failures[name] = str(getattr(error, "message", error))
     if failures:
         names = ", ".join(sorted(failures))
-        return error_response(ServiceUnavailableError(
-            f"not ready: {names} unreachable", details={"failed": failures, "ok": checks}))
+        return error_response(
+            ServiceUnavailableError(
+                f"not ready: {names} unreachable", details={"failed": failures, "ok": checks}
+            )
+        )
     return Ready(status="ready", checks=checks, workers=state.jobs.live_workers())
 
 
