@@ -19,7 +19,6 @@ that would weigh over `MAX_ANIMATION_BYTES`), `file_too_large` (413: a body over
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
@@ -43,9 +42,9 @@ from headforge.service.celery_app import dispatch
 from headforge.service.contracts import Job, JobAccepted
 from headforge.service.deps import CurrentPrincipal, State
 from headforge.service.http_errors import documented
-from headforge.service.jobs import QUEUED, RUNNING, SUCCEEDED, TERMINAL, new_id
+from headforge.service.jobs import QUEUED, RUNNING, SUCCEEDED, new_id
 from headforge.service.ratelimit import check_rate
-from headforge.service.views import public_job
+from headforge.service.submission import job_answer
 
 if TYPE_CHECKING:
     from headforge.service.jobs import Claim
@@ -89,26 +88,7 @@ async def submit_animation(
         raise InvalidSequenceError(f"the body is not JSON: {error}") from None
     plan = await run_in_threadpool(_plan, state, principal.owner, job_id, document)
     animation_id = await run_in_threadpool(_create, state, principal, plan)
-    if wait:
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            doc = await run_in_threadpool(state.jobs.get, animation_id)
-            if doc is not None and doc["status"] in TERMINAL:
-                public = await run_in_threadpool(
-                    public_job, doc, state.jobs, state.store, include_result=True
-                )
-                response.status_code = 200
-                return Job.model_validate(public)
-            await asyncio.sleep(0.05)
-    doc = state.jobs.get(animation_id)
-    response.headers["Location"] = f"/v1/jobs/{animation_id}"
-    return JobAccepted.model_validate(
-        {
-            "id": animation_id,
-            "status": doc["status"] if doc else QUEUED,
-            "status_url": f"/v1/jobs/{animation_id}",
-        }
-    )
+    return await job_answer(state, animation_id, wait, response)
 
 
 async def _read_body(request: Request) -> bytes:

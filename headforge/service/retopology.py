@@ -9,11 +9,9 @@ the output, `DELETE` to cancel.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import re
-import time
 from pathlib import PurePosixPath
 from typing import Annotated, Any
 
@@ -26,9 +24,9 @@ from headforge.service.celery_app import dispatch
 from headforge.service.contracts import Job, JobAccepted
 from headforge.service.deps import CurrentPrincipal, ServiceState, State
 from headforge.service.http_errors import documented
-from headforge.service.jobs import QUEUED, TERMINAL, new_id
+from headforge.service.jobs import new_id
 from headforge.service.ratelimit import check_rate
-from headforge.service.views import public_job
+from headforge.service.submission import job_answer
 
 log = logging.getLogger("headforge.api")
 router = APIRouter(tags=["retopology"])
@@ -80,20 +78,7 @@ async def submit_retopology(
     )
     check_declared_size(data, filename, TARGET_SUFFIXES)
     job_id = await run_in_threadpool(_create, state, principal, filename, data, options)
-    if wait:
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            doc = await run_in_threadpool(state.jobs.get, job_id)
-            if doc is not None and doc["status"] in TERMINAL:
-                body = await run_in_threadpool(public_job, doc, state.jobs, state.store, include_result=True)
-                response.status_code = 200
-                return Job.model_validate(body)
-            await asyncio.sleep(0.05)
-    doc = state.jobs.get(job_id)
-    response.headers["Location"] = f"/v1/jobs/{job_id}"
-    return JobAccepted.model_validate(
-        {"id": job_id, "status": doc["status"] if doc else QUEUED, "status_url": f"/v1/jobs/{job_id}"}
-    )
+    return await job_answer(state, job_id, wait, response)
 
 
 def _safe_name(name: str | None) -> str:

@@ -9,16 +9,19 @@ import logging
 import time
 from typing import Any
 
+from fastapi import Response
 from fastapi.concurrency import run_in_threadpool
 
 from headforge.errors import IdempotencyInProgressError, InvalidOptionError, NotFoundError
 from headforge.service import webhooks
 from headforge.service.auth import Principal
 from headforge.service.celery_app import dispatch
+from headforge.service.contracts import Job, JobAccepted
 from headforge.service.deps import ServiceState
-from headforge.service.jobs import TERMINAL, new_id
+from headforge.service.jobs import QUEUED, TERMINAL, new_id
 from headforge.service.store import store_os_error
 from headforge.service.uploads import Upload, fingerprint, validate_image, validate_options
+from headforge.service.views import public_job
 
 log = logging.getLogger("headforge.api")
 
@@ -184,3 +187,24 @@ async def wait_finished(state: ServiceState, job_id: str, seconds: float) -> dic
     finally:
         if subscription is not None:
             await subscription.aclose()
+
+
+def accepted(state: ServiceState, job_id: str, response: Response) -> JobAccepted:
+    """The 202 body of a job taken on, with its `Location`."""
+    doc = state.jobs.get(job_id)
+    response.headers["Location"] = f"/v1/jobs/{job_id}"
+    return JobAccepted.model_validate(
+        {"id": job_id, "status": doc["status"] if doc else QUEUED, "status_url": f"/v1/jobs/{job_id}"}
+    )
+
+
+async def job_answer(state: ServiceState, job_id: str, wait: int, response: Response) -> JobAccepted | Job:
+    """What a submit answers: with `wait`, the finished job (200) if it finishes in time; else the
+    202 `JobAccepted`."""
+    if wait:
+        doc = await wait_finished(state, job_id, float(wait))
+        if doc is not None:
+            body = await run_in_threadpool(public_job, doc, state.jobs, state.store, include_result=True)
+            response.status_code = 200
+            return Job.model_validate(body)
+    return await run_in_threadpool(accepted, state, job_id, response)

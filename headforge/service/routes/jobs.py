@@ -20,22 +20,13 @@ from headforge.service.http_errors import documented
 from headforge.service.jobs import CANCELED, QUEUED, RUNNING, SUCCEEDED
 from headforge.service.ratelimit import check_rate
 from headforge.service.store import store_os_error
-from headforge.service.submission import submit, wait_finished
+from headforge.service.submission import job_answer, submit
 from headforge.service.uploads import read_uploads
 from headforge.service.views import public_job
 
 log = logging.getLogger("headforge.api")
 router = APIRouter(tags=["jobs"])
 MAX_WAIT_SECONDS = 60
-
-
-def accepted(state: ServiceState, job_id: str, response: Response) -> JobAccepted:
-    """The 202 body of a job taken on, with its `Location`."""
-    doc = state.jobs.get(job_id)
-    response.headers["Location"] = f"/v1/jobs/{job_id}"
-    return JobAccepted.model_validate(
-        {"id": job_id, "status": doc["status"] if doc else QUEUED, "status_url": f"/v1/jobs/{job_id}"}
-    )
 
 
 @router.post(
@@ -71,13 +62,7 @@ async def submit_job(
     job_id, _existed = await run_in_threadpool(
         submit, state, principal, uploads, options, webhook_url or None, idempotency_key, batch=False
     )
-    if wait:
-        doc = await wait_finished(state, job_id, float(wait))
-        if doc is not None:
-            body = await run_in_threadpool(public_job, doc, state.jobs, state.store, include_result=True)
-            response.status_code = 200
-            return Job.model_validate(body)
-    return accepted(state, job_id, response)
+    return await job_answer(state, job_id, wait, response)
 
 
 @router.get("/v1/jobs", summary="This key's recent jobs, newest first", responses=documented(401, 422))
