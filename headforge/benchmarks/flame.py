@@ -11,12 +11,11 @@ values), and `flame_asset` says which.
 
 from __future__ import annotations
 
-import statistics
-import time
 from typing import Any
 
 import numpy as np
 
+from headforge.benchmarks.timing import median_ms
 from headforge.models.flame_import import (
     NUM_EXPRESSION_TOTAL,
     NUM_FACES,
@@ -140,15 +139,6 @@ def _stage_heads(landmarks: np.ndarray) -> list[Head]:
     ]
 
 
-def _median_ms(function: Any, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(times)
-
-
 def run(quick: bool) -> dict[str, Any]:
     """Fit ms per head (batched, one at a time, and the pipeline's batched fit stage), residuals and
     vertex error; Adam as reference."""
@@ -162,20 +152,30 @@ def run(quick: bool) -> dict[str, Any]:
     landmarks, true_vertices = _heads(model, count, seed=1)
     settings = FitSettings(landmark_sigma_m=0.001)
     fit_flame(model, landmarks[:2], settings)  # warm-up
-    batched_ms = _median_ms(lambda: fit_flame(model, landmarks, settings), repeats) / count
+    batched_ms = median_ms(lambda: fit_flame(model, landmarks, settings), repeats, warmup=False) / count
     single_ms = (
-        _median_ms(lambda: [fit_flame(model, landmarks[i : i + 1], settings) for i in range(count)], repeats)
+        median_ms(
+            lambda: [fit_flame(model, landmarks[i : i + 1], settings) for i in range(count)],
+            repeats,
+            warmup=False,
+        )
         / count
     )
     heads = _stage_heads(landmarks)  # refilled by each repeat
-    stage_ms = _median_ms(lambda: fit_flame_heads(heads, (1024, 1024, 3), model, settings), repeats) / count
+    stage_ms = (
+        median_ms(lambda: fit_flame_heads(heads, (1024, 1024, 3), model, settings), repeats, warmup=False)
+        / count
+    )
     fits = fit_flame(model, landmarks, settings)
     z = np.stack([np.concatenate([fit.shape, fit.expression]) for fit in fits])
     vertices = model.vertices(z, np.stack([fit.jaw_pose for fit in fits]))
     steps = ADAM_STEPS // 2 if quick else ADAM_STEPS
     adam_residuals: list[np.ndarray] = []
     adam_ms = (
-        _median_ms(lambda: adam_residuals.append(_adam_fit(model, landmarks, settings, steps)), 1) / count
+        median_ms(
+            lambda: adam_residuals.append(_adam_fit(model, landmarks, settings, steps)), 1, warmup=False
+        )
+        / count
     )
     return {
         "flame_fit_ms_per_head": round(batched_ms, 2),

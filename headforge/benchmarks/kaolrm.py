@@ -14,16 +14,15 @@ cores, for tests.
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from headforge.benchmarks.timing import cpu_session, median_ms
 from headforge.models.kaolrm import IMAGE_SIZE, PRETRAIN_FOCAL, SYNTH_FOCAL, KaoLRM, KaoLRMConfig
 
 THREADS = 2
@@ -42,26 +41,6 @@ QUICK_CONFIG = KaoLRMConfig(
     encoder_depth=2,
     encoder_num_heads=4,
 )
-
-
-def _median_ms(run: Callable[[], object], repeats: int) -> float:
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return 1000.0 * statistics.median(times)
-
-
-def _session(path: Path) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = THREADS
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def seeded_model(config: KaoLRMConfig, seed: int = 0) -> KaoLRM:
@@ -108,7 +87,10 @@ def run(quick: bool, config: KaoLRMConfig | None = None) -> dict[str, Any]:
         result["kaolrm_export_s"] = round(time.perf_counter() - started, 1)
         result["kaolrm_image_parity_max_abs"] = image_export.max_abs_error
         result["kaolrm_gaussians_parity_max_abs"] = gaussian_export.max_abs_error
-        image_session, gaussian_session = _session(image_export.path), _session(gaussian_export.path)
+        image_session, gaussian_session = (
+            cpu_session(image_export.path, THREADS),
+            cpu_session(gaussian_export.path, THREADS),
+        )
         for heads in BATCHES:
             x, p, q = images[:heads], planes[:heads], points[:heads]
             tx, tp, tq = torch.from_numpy(x), torch.from_numpy(p), torch.from_numpy(q)
@@ -128,10 +110,10 @@ def run(quick: bool, config: KaoLRMConfig | None = None) -> dict[str, Any]:
                 gaussian_session.run(None, {"planes": p, "points": q})
 
             timings = {
-                "image_eager": _median_ms(eager_image, repeats) / heads,
-                "image_ort": _median_ms(ort_image, repeats) / heads,
-                "gaussians_eager": _median_ms(eager_gaussians, repeats) / heads,
-                "gaussians_ort": _median_ms(ort_gaussians, repeats) / heads,
+                "image_eager": median_ms(eager_image, repeats) / heads,
+                "image_ort": median_ms(ort_image, repeats) / heads,
+                "gaussians_eager": median_ms(eager_gaussians, repeats) / heads,
+                "gaussians_ort": median_ms(ort_gaussians, repeats) / heads,
             }
             eager = timings["image_eager"] + timings["gaussians_eager"]
             ort = timings["image_ort"] + timings["gaussians_ort"]

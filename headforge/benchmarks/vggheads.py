@@ -13,40 +13,19 @@ Quick mode: S only, batch 1, fewer repeats. The full run builds S, M and L (seve
 
 from __future__ import annotations
 
-import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from headforge.benchmarks.timing import cpu_session, median_ms
 from headforge.export.onnx import export_onnx
 from headforge.models import vggheads as vh
 
 THREADS = 2
 GOAL_RATIO = 0.7
-
-
-def _median_ms(run: Any, repeats: int) -> float:
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return 1000.0 * statistics.median(times)
-
-
-def _session(path: Path) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = THREADS
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _variant(variant: str, batches: tuple[int, ...], repeats: int, folder: Path) -> dict[str, Any]:
@@ -55,7 +34,7 @@ def _variant(variant: str, batches: tuple[int, ...], repeats: int, folder: Path)
     model = vh.seeded_random(variant, seed=0).fuse().eval()
     dense = DenseVGGHeads(model)
     exported = export_onnx(dense, EXPORT_SPEC, folder / f"vggheads_{variant}.onnx", samples=parity_samples())
-    session = _session(exported.path)
+    session = cpu_session(exported.path, THREADS)
     canvas = parity_samples()[0][:1]
     result: dict[str, Any] = {f"vggheads_{variant}_parity_max_abs": exported.max_abs_error}
     for batch in batches:
@@ -69,8 +48,8 @@ def _variant(variant: str, batches: tuple[int, ...], repeats: int, folder: Path)
         def ort(x: np.ndarray = x) -> None:
             session.run(None, {"input": x})
 
-        eager_ms = _median_ms(eager, repeats) / batch
-        ort_ms = _median_ms(ort, repeats) / batch
+        eager_ms = median_ms(eager, repeats) / batch
+        ort_ms = median_ms(ort, repeats) / batch
         key = f"vggheads_{variant}_b{batch}"
         result[f"{key}_eager_ms_per_image"] = round(eager_ms, 1)
         result[f"{key}_ort_ms_per_image"] = round(ort_ms, 1)
@@ -97,8 +76,8 @@ def _head_sources(onnx_path: Path, quick: bool) -> dict[str, Any]:
         for _, rgb in photos:
             find_heads(rgb, networks)
 
-    vgg_ms = _median_ms(vgg, repeats) / len(photos)
-    facemesh_ms = _median_ms(facemesh, repeats) / len(photos)
+    vgg_ms = median_ms(vgg, repeats) / len(photos)
+    facemesh_ms = median_ms(facemesh, repeats) / len(photos)
     return {
         "vggheads_photos": len(photos),
         "vggheads_s_head_source_ms_per_photo": round(vgg_ms, 1),
